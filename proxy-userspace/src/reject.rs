@@ -21,17 +21,20 @@ pub enum RejectReason {
     NoUpstream,
     /// The listener was at `max_connections`.
     OverLimit,
+    /// The client closed or reset before sending a complete CONNECT (port probes, TCP health checks).
+    Closed,
 }
 
 impl RejectReason {
     /// Every reason, in the order the stats JSON lists them.
-    pub const ALL: [RejectReason; 6] = [
+    pub const ALL: [RejectReason; 7] = [
         RejectReason::Malformed,
         RejectReason::BadProtocol,
         RejectReason::TooLarge,
         RejectReason::ConnectTimeout,
         RejectReason::NoUpstream,
         RejectReason::OverLimit,
+        RejectReason::Closed,
     ];
 
     /// The stats and access-log key for this reason.
@@ -43,6 +46,7 @@ impl RejectReason {
             RejectReason::ConnectTimeout => "connect_timeout",
             RejectReason::NoUpstream => "no_upstream",
             RejectReason::OverLimit => "over_limit",
+            RejectReason::Closed => "closed",
         }
     }
 }

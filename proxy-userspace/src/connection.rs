@@ -1,0 +1,127 @@
+//! One client connection from accept to close, top to bottom in [`serve`].
+
+mod read_connect;
+mod refuse;
+
+use crate::access_log::Entry;
+use crate::balance::SelectKey;
+use crate::dataplane::{CloseReason, Flow, FlowEnd};
+use crate::listener::ListenerContext;
+use crate::mqtt;
+use crate::proxy_protocol;
+use crate::reject::RejectReason;
+use read_connect::{ReadConnectError, read_connect};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Serves one accepted client: read CONNECT → choose broker → connect → hand to the data plane.
+///
+/// `_active` is taken by the accept loop, so `max_connections` counts this connection at once.
+pub async fn serve(ctx: Arc<ListenerContext>, _active: ActiveConnection, mut client: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
+    let _ = client.set_nodelay(ctx.config.tcp_nodelay);
+    let log = |client_id: Option<&str>, broker: Option<SocketAddr>, end: Option<FlowEnd>, close: &str| {
+        ctx.access_log.write(&Entry {
+            client: peer,
+            client_id,
+            listener: &ctx.config.name,
+            broker,
+            path: ctx.dataplane.path().as_str(),
+            bytes_to_broker: end.map_or(0, |e| e.bytes_to_broker),
+            bytes_to_client: end.map_or(0, |e| e.bytes_to_client),
+            duration: started.elapsed(),
+            close,
+        })
+    };
+
+    // 1. Read one complete CONNECT, within connect_packet_timeout.
+    let deadline = started + ctx.config.connect_packet_timeout;
+    let read = tokio::time::timeout_at(deadline, read_connect(&mut client, ctx.config.max_connect_size)).await;
+    let (packet, connect) = match read {
+        Ok(Ok(read)) => read,
+        Ok(Err(ReadConnectError::Closed)) => {
+            ctx.count(|c| c.reject(RejectReason::Closed));
+            return log(None, None, None, RejectReason::Closed.as_str());
+        }
+        Ok(Err(ReadConnectError::Invalid(error))) => {
+            let reason = error.reject_reason();
+            tracing::debug!(client = %peer, "refused: {error}");
+            refuse::refuse(&ctx, client, reason, error.connack()).await;
+            return log(None, None, None, reason.as_str());
+        }
+        Err(_elapsed) => {
+            refuse::refuse(&ctx, client, RejectReason::ConnectTimeout, None).await;
+            return log(None, None, None, RejectReason::ConnectTimeout.as_str());
+        }
+    };
+    let client_id = Some(connect.client_id.as_str());
+
+    // 2. Choose a broker and connect, trying the next choice on failure.
+    let key = SelectKey { source_ip: peer.ip(), client_id: &connect.client_id };
+    let mut broker = match ctx.upstream.connect(&key, ctx.config.tcp_nodelay).await {
+        Ok(connected) => connected,
+        Err(error) => {
+            tracing::warn!(client = %peer, upstream = %ctx.upstream.config.name, "no broker: {error}");
+            let connack = mqtt::server_unavailable(connect.version);
+            refuse::refuse(&ctx, client, RejectReason::NoUpstream, Some(connack)).await;
+            return log(client_id, None, None, RejectReason::NoUpstream.as_str());
+        }
+    };
+    let server = broker.server.server().clone();
+    let broker_addr = broker.stream.peer_addr().ok();
+
+    // 3. The PROXY header (if on) and the CONNECT, unchanged.
+    let local = client.local_addr().unwrap_or(peer);
+    let mut preamble = proxy_protocol::header(ctx.upstream.config.proxy_protocol, peer, local);
+    preamble.extend_from_slice(&packet);
+    if let Err(error) = broker.stream.write_all(&preamble).await {
+        tracing::warn!(client = %peer, broker = ?broker_addr, "writing the CONNECT failed: {error}");
+        return log(client_id, broker_addr, None, CloseReason::BrokerError.as_str());
+    }
+    server.bytes.add(crate::stats::Direction::ToBroker, packet.len() as u64);
+    ctx.bytes.add(crate::stats::Direction::ToBroker, packet.len() as u64);
+
+    // 4. Hand the pair to the data plane until both sides are done.
+    ctx.count(|c| {
+        c.handled.fetch_add(1, Relaxed);
+    });
+    server.total.fetch_add(1, Relaxed);
+    let flow = Flow {
+        client,
+        broker: broker.stream,
+        idle_timeout: ctx.config.idle_timeout,
+        buffer_size: ctx.config.buffer_size,
+        meters: vec![Arc::clone(&ctx.bytes), Arc::clone(&server.bytes)],
+    };
+    let mut end = ctx.dataplane.run(flow).await;
+    end.bytes_to_broker += packet.len() as u64;
+    log(client_id, broker_addr, Some(end), end.reason.as_str());
+}
+
+/// Counts a connection as active on its listener and globally for as long as it lives.
+#[derive(Debug)]
+pub struct ActiveConnection {
+    ctx: Arc<ListenerContext>,
+}
+
+impl ActiveConnection {
+    /// Starts counting one connection.
+    pub fn track(ctx: &Arc<ListenerContext>) -> Self {
+        ctx.count(|c| {
+            c.active.fetch_add(1, Relaxed);
+        });
+        ActiveConnection { ctx: Arc::clone(ctx) }
+    }
+}
+
+impl Drop for ActiveConnection {
+    fn drop(&mut self) {
+        self.ctx.count(|c| {
+            c.active.fetch_sub(1, Relaxed);
+        });
+    }
+}

@@ -1,0 +1,105 @@
+//! Data planes: what moves the bytes of an established client ↔ broker pair.
+//!
+//! The connection code does everything up to a connected broker socket and then hands the pair
+//! to a [`DataPlane`]. Today that is the userspace copy path; the in-kernel sockmap splice plugs in
+//! behind the same trait and asks, through [`DataPlane::connect_handling`], to have the CONNECT
+//! left in the client socket for the kernel to forward.
+
+mod userspace;
+
+pub use userspace::UserspaceCopy;
+
+use crate::stats::ByteMeter;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+/// How the connection code must treat the CONNECT before the hand-over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectHandling {
+    /// Read exactly the CONNECT's bytes from the client and write them to the broker.
+    Consume,
+    /// Only peek at the CONNECT; the data plane forwards it with everything behind it.
+    Peek,
+}
+
+/// Which data path carried a flow; shown in stats and the access log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataPath {
+    Userspace,
+    Ebpf,
+}
+
+impl DataPath {
+    /// The name used in stats and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataPath::Userspace => "userspace",
+            DataPath::Ebpf => "ebpf",
+        }
+    }
+}
+
+/// A connected pair and the limits that apply to it.
+#[derive(Debug)]
+pub struct Flow {
+    pub client: TcpStream,
+    pub broker: TcpStream,
+    /// Close both sides when nothing moved either way for this long.
+    pub idle_timeout: Duration,
+    /// Per-direction buffer of the userspace copy path.
+    pub buffer_size: usize,
+    /// Meters (server, listener, …) that every moved byte is added to.
+    pub meters: Vec<Arc<ByteMeter>>,
+}
+
+/// How a flow ended, for the access log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Both sides closed; the client's FIN came first.
+    ClientClosed,
+    /// Both sides closed; the broker's FIN came first.
+    BrokerClosed,
+    /// Reset or error on the client side.
+    ClientError,
+    /// Reset or error on the broker side.
+    BrokerError,
+    /// Nothing moved for `idle_timeout`.
+    Idle,
+}
+
+impl CloseReason {
+    /// The name used in the access log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::BrokerClosed => "broker_closed",
+            CloseReason::ClientError => "client_error",
+            CloseReason::BrokerError => "broker_error",
+            CloseReason::Idle => "idle_timeout",
+        }
+    }
+}
+
+/// The totals of a finished flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowEnd {
+    pub bytes_to_broker: u64,
+    pub bytes_to_client: u64,
+    pub reason: CloseReason,
+}
+
+/// The future a data plane returns for one flow.
+pub type FlowFuture = Pin<Box<dyn Future<Output = FlowEnd> + Send>>;
+
+/// Moves the bytes of established pairs until both sides are done.
+pub trait DataPlane: Send + Sync + 'static {
+    /// Which path this is.
+    fn path(&self) -> DataPath;
+    /// Whether the connection code reads the CONNECT or leaves it in the socket.
+    fn connect_handling(&self) -> ConnectHandling;
+    /// Runs one flow to its end.
+    fn run(&self, flow: Flow) -> FlowFuture;
+}

@@ -1,0 +1,138 @@
+//! The userspace copy path: two buffers per flow, read → write, FIN propagated per direction.
+//!
+//! Backpressure is TCP's own: while a write to one side is blocked the other side is not read,
+//! so its receive window closes; nothing is buffered beyond `buffer_size` per direction.
+
+use super::{CloseReason, ConnectHandling, DataPath, DataPlane, Flow, FlowEnd, FlowFuture};
+use crate::stats::{ByteMeter, Direction};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+/// The data plane that copies through the daemon; works everywhere, needs no privilege.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UserspaceCopy;
+
+impl DataPlane for UserspaceCopy {
+    fn path(&self) -> DataPath {
+        DataPath::Userspace
+    }
+
+    fn connect_handling(&self) -> ConnectHandling {
+        ConnectHandling::Consume
+    }
+
+    fn run(&self, flow: Flow) -> FlowFuture {
+        Box::pin(copy_flow(flow))
+    }
+}
+
+/// Which side failed, for the close reason.
+enum Failure {
+    Read,
+    Write,
+}
+
+async fn copy_flow(mut flow: Flow) -> FlowEnd {
+    let progress = Progress { started: Instant::now(), last_activity_ms: AtomicU64::new(0), moved: Default::default() };
+    let (client_read, client_write) = flow.client.split();
+    let (broker_read, broker_write) = flow.broker.split();
+    let (meters, size) = (&flow.meters, flow.buffer_size);
+    let up = copy_direction(client_read, broker_write, size, Direction::ToBroker, meters, &progress);
+    let down = copy_direction(broker_read, client_write, size, Direction::ToClient, meters, &progress);
+    tokio::pin!(up, down);
+
+    let (mut up_done, mut down_done) = (false, false);
+    let mut first_fin = None;
+    let idle = flow.idle_timeout;
+    let mut idle_deadline = progress.started + idle;
+    let reason = loop {
+        tokio::select! {
+            result = &mut up, if !up_done => match result {
+                Ok(()) => {
+                    up_done = true;
+                    first_fin.get_or_insert(CloseReason::ClientClosed);
+                }
+                Err(Failure::Read) => break CloseReason::ClientError,
+                Err(Failure::Write) => break CloseReason::BrokerError,
+            },
+            result = &mut down, if !down_done => match result {
+                Ok(()) => {
+                    down_done = true;
+                    first_fin.get_or_insert(CloseReason::BrokerClosed);
+                }
+                Err(Failure::Read) => break CloseReason::BrokerError,
+                Err(Failure::Write) => break CloseReason::ClientError,
+            },
+            _ = tokio::time::sleep_until(idle_deadline) => {
+                let last = progress.last_activity();
+                if last + idle <= Instant::now() {
+                    break CloseReason::Idle;
+                }
+                idle_deadline = last + idle;
+            }
+        }
+        if up_done && down_done {
+            break first_fin.unwrap_or(CloseReason::ClientClosed);
+        }
+    };
+    FlowEnd {
+        bytes_to_broker: progress.moved[0].load(Relaxed),
+        bytes_to_client: progress.moved[1].load(Relaxed),
+        reason,
+    }
+}
+
+/// What both directions of one flow share: bytes moved and when anything last moved.
+struct Progress {
+    started: Instant,
+    last_activity_ms: AtomicU64,
+    /// Indexed by direction: 0 to the broker, 1 to the client.
+    moved: [AtomicU64; 2],
+}
+
+impl Progress {
+    fn record(&self, dir: Direction, n: u64) {
+        self.moved[dir as usize].fetch_add(n, Relaxed);
+        self.last_activity_ms.store(self.started.elapsed().as_millis() as u64, Relaxed);
+    }
+
+    fn last_activity(&self) -> Instant {
+        self.started + Duration::from_millis(self.last_activity_ms.load(Relaxed))
+    }
+}
+
+/// Copies one direction until EOF (then shuts the writer's send side) or an error.
+async fn copy_direction<R, W>(
+    mut reader: R,
+    mut writer: W,
+    buffer_size: usize,
+    dir: Direction,
+    meters: &[Arc<ByteMeter>],
+    progress: &Progress,
+) -> Result<(), Failure>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; buffer_size];
+    loop {
+        let n = match reader.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(_) => return Err(Failure::Read),
+        };
+        if writer.write_all(&buf[..n]).await.is_err() {
+            return Err(Failure::Write);
+        }
+        progress.record(dir, n as u64);
+        for meter in meters {
+            meter.add(dir, n as u64);
+        }
+    }
+    // Half-close: the other direction keeps flowing.
+    let _ = writer.shutdown().await;
+    Ok(())
+}

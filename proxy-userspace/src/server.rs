@@ -1,0 +1,194 @@
+//! Start-up: turn a [`Config`] into bound listeners, upstreams, a data plane and the stats endpoint.
+
+use crate::access_log::AccessLog;
+use crate::config::{Config, DataplaneMode};
+use crate::dataplane::{DataPlane, UserspaceCopy};
+use crate::listener::{ListenerContext, accept_loop};
+use crate::stats::{ConnectionCounters, serve_stats};
+use crate::upstream::{Resolve, SystemResolver, Upstream};
+use anyhow::{Context, bail};
+use serde_json::{Map, Value, json};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// Knobs that are not configuration: what tests and embedders swap out.
+#[derive(Clone)]
+pub struct Options {
+    /// How server host names are resolved.
+    pub resolver: Arc<dyn Resolve>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { resolver: Arc::new(SystemResolver) }
+    }
+}
+
+/// The data plane in use, and why it was chosen.
+#[derive(Debug, Clone)]
+struct DataplaneChoice {
+    plane: Arc<dyn DataPlane>,
+    requested: DataplaneMode,
+    reason: String,
+}
+
+/// A running proxy. Dropping it (or [`Running::shutdown`]) stops accepting; flows already handed
+/// to a data plane end with the runtime.
+pub struct Running {
+    listeners: Vec<(String, SocketAddr)>,
+    stats_addr: Option<SocketAddr>,
+    snapshot: Arc<dyn Fn() -> Value + Send + Sync>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// The bound address of the listener called `name` (useful with port 0).
+    pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
+    }
+
+    /// The bound address of the stats endpoint, if it is on.
+    pub fn stats_addr(&self) -> Option<SocketAddr> {
+        self.stats_addr
+    }
+
+    /// The same JSON `GET /stats` returns.
+    pub fn stats(&self) -> Value {
+        (self.snapshot)()
+    }
+
+    /// Stops accepting connections and serving stats.
+    pub fn shutdown(self) {}
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Starts everything `config` describes with the default [`Options`].
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    start_with(config, Options::default()).await
+}
+
+/// Starts everything `config` describes; binds fail fast with the address in the error.
+pub async fn start_with(config: Config, options: Options) -> anyhow::Result<Running> {
+    let started = Instant::now();
+    let dataplane = choose_dataplane(config.dataplane.mode)?;
+    tracing::info!(mode = dataplane.plane.path().as_str(), "data path: {}", dataplane.reason);
+    let access_log = Arc::new(AccessLog::open(&config.log.access).context("opening the access log")?);
+    let global = Arc::new(ConnectionCounters::default());
+    let mut tasks = Vec::new();
+
+    let mut upstreams: Vec<Arc<Upstream>> = Vec::new();
+    for upstream_config in &config.upstreams {
+        let upstream = Arc::new(Upstream::new(upstream_config.clone(), options.resolver.clone()));
+        upstream.resolve_all().await;
+        tasks.push(tokio::spawn(upstream.clone().keep_resolving()));
+        upstreams.push(upstream);
+    }
+
+    let mut contexts = Vec::new();
+    let mut bound = Vec::new();
+    for listener_config in &config.listeners {
+        let Some(upstream) = upstreams.iter().find(|u| u.config.name == listener_config.upstream) else {
+            bail!("listener {:?}: no upstream named {:?}", listener_config.name, listener_config.upstream);
+        };
+        let socket = TcpListener::bind(listener_config.listen)
+            .await
+            .with_context(|| format!("listener {:?}: cannot listen on {}", listener_config.name, listener_config.listen))?;
+        let addr = socket.local_addr()?;
+        tracing::info!(listener = %listener_config.name, %addr, upstream = %upstream.config.name, "listening");
+        let ctx = Arc::new(ListenerContext {
+            config: listener_config.clone(),
+            upstream: upstream.clone(),
+            dataplane: dataplane.plane.clone(),
+            counters: ConnectionCounters::default(),
+            bytes: Arc::default(),
+            global: global.clone(),
+            access_log: access_log.clone(),
+        });
+        bound.push((listener_config.name.clone(), addr));
+        contexts.push(ctx.clone());
+        tasks.push(tokio::spawn(accept_loop(socket, ctx)));
+    }
+
+    let snapshot: Arc<dyn Fn() -> Value + Send + Sync> = {
+        let (global, contexts, upstreams) = (global.clone(), contexts.clone(), upstreams.clone());
+        Arc::new(move || stats_json(started, &dataplane, &global, &contexts, &upstreams))
+    };
+
+    let stats_addr = match config.stats.listen {
+        Some(listen) => {
+            let socket = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("stats: cannot listen on {listen}"))?;
+            let addr = socket.local_addr()?;
+            tracing::info!(%addr, "stats at http://{addr}/stats");
+            tasks.push(tokio::spawn(serve_stats(socket, snapshot.clone())));
+            Some(addr)
+        }
+        None => None,
+    };
+    Ok(Running { listeners: bound, stats_addr, snapshot, tasks })
+}
+
+fn choose_dataplane(mode: DataplaneMode) -> anyhow::Result<DataplaneChoice> {
+    let userspace = |reason: &str| DataplaneChoice {
+        plane: Arc::new(UserspaceCopy),
+        requested: mode,
+        reason: reason.to_string(),
+    };
+    match mode {
+        DataplaneMode::Userspace => Ok(userspace("dataplane.mode = \"userspace\"")),
+        DataplaneMode::Auto => Ok(userspace(
+            "userspace copy (dataplane.mode = \"auto\"; this version has no in-kernel splice yet)",
+        )),
+        DataplaneMode::Ebpf => bail!(
+            "dataplane.mode = \"ebpf\": this version has no in-kernel splice yet; use \"auto\" or \"userspace\""
+        ),
+    }
+}
+
+fn stats_json(
+    started: Instant,
+    dataplane: &DataplaneChoice,
+    global: &ConnectionCounters,
+    contexts: &[Arc<ListenerContext>],
+    upstreams: &[Arc<Upstream>],
+) -> Value {
+    let listeners: Map<String, Value> = contexts
+        .iter()
+        .map(|ctx| {
+            let mut entry = ctx.counters.to_json();
+            entry["kind"] = json!("tcp");
+            entry["listen"] = json!(ctx.config.listen.to_string());
+            entry["upstream"] = json!(ctx.config.upstream);
+            entry["data_path"] = json!(ctx.dataplane.path().as_str());
+            entry["bytes_from_clients"] = json!(ctx.bytes.to_broker.load(Relaxed));
+            entry["bytes_to_clients"] = json!(ctx.bytes.to_client.load(Relaxed));
+            (ctx.config.name.clone(), entry)
+        })
+        .collect();
+    let upstreams: Map<String, Value> =
+        upstreams.iter().map(|u| (u.config.name.clone(), u.to_json())).collect();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_secs": started.elapsed().as_secs(),
+        "dataplane": {
+            "mode": dataplane.plane.path().as_str(),
+            "requested": format!("{:?}", dataplane.requested).to_lowercase(),
+            "reason": dataplane.reason,
+        },
+        "connections": global.to_json(),
+        "listeners": listeners,
+        "upstreams": upstreams,
+    })
+}

@@ -8,6 +8,8 @@
 //! more than `max_size` bytes: [`frame_connect`] looks at the fixed header only and says how
 //! many bytes the CONNECT spans, then [`parse_connect`] validates the whole packet.
 
+#![warn(missing_docs)]
+
 mod connack;
 mod connect;
 mod wire;

@@ -80,9 +80,17 @@ impl fmt::Display for ProtocolVersion {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Framing {
     /// At least `needed` more bytes are required before anything more can be said.
-    Incomplete { needed: usize },
+    Incomplete {
+        /// A lower bound, so the caller can wait for data without over-reading.
+        needed: usize,
+    },
     /// The whole CONNECT is `total_len` bytes (fixed header included); `header_len` of them are the fixed header.
-    Complete { header_len: usize, total_len: usize },
+    Complete {
+        /// Where the variable header starts.
+        header_len: usize,
+        /// How many bytes to buffer before calling [`parse_connect`].
+        total_len: usize,
+    },
 }
 
 /// The last will a client registered, kept small: enough to log and to reason about sessions.
@@ -97,10 +105,13 @@ pub struct Will {
 /// The parts of a CONNECT that balancing, logging and rewriting need.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Connect {
+    /// The dialect of every later packet, and of any CONNACK the proxy sends.
     pub version: ProtocolVersion,
     /// May be empty: the broker then assigns one (or refuses, which is its call, not ours).
     pub client_id: String,
+    /// For balancing by tenant and for access logs.
     pub username: Option<String>,
+    /// Seconds; bounds how long an idle client may look dead before the broker drops it.
     pub keep_alive: u16,
     /// "Clean session" in 3.x, "clean start" in 5.0: the same bit.
     pub clean_start: bool,
@@ -117,19 +128,30 @@ pub struct Connect {
     pub packet_len: usize,
 }
 
-/// A field of the CONNECT, to say precisely where a packet went wrong.
+/// A field of the CONNECT, so errors say where a packet went wrong, in CONNECT order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Field {
+    /// `MQTT` or `MQIsdp`, length-prefixed.
     ProtocolName,
+    /// The byte after the protocol name.
     ProtocolLevel,
+    /// The flags byte.
     ConnectFlags,
+    /// Two bytes, big-endian.
     KeepAlive,
+    /// MQTT 5 CONNECT properties.
     Properties,
+    /// The first payload field.
     ClientId,
+    /// MQTT 5 will properties.
     WillProperties,
+    /// Present with the will flag.
     WillTopic,
+    /// Present with the will flag.
     WillPayload,
+    /// Present with the user name flag.
     Username,
+    /// Present with the password flag.
     Password,
 }
 
@@ -154,6 +176,7 @@ impl fmt::Display for Field {
 /// Why an MQTT string was rejected; both make the packet malformed per the specification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StringProblem {
+    /// Includes encoded surrogates and over-long forms, which MQTT forbids too.
     InvalidUtf8,
     /// MQTT strings must not contain U+0000.
     ContainsNull,
@@ -168,59 +191,126 @@ impl fmt::Display for StringProblem {
     }
 }
 
-/// Why a CONNECT was refused.
+/// Why a CONNECT was refused, one variant per cause so logs and tests can be precise.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConnectError {
+    /// Not MQTT, or a client skipping CONNECT: nothing can be forwarded.
     #[error("first packet is not a CONNECT (packet type {packet_type})")]
-    NotConnect { packet_type: u8 },
+    NotConnect {
+        /// The high nibble of the first byte.
+        packet_type: u8,
+    },
+    /// CONNECT's fixed-header flags are reserved and must be 0.
     #[error("CONNECT fixed header has reserved flags {flags:#06b}, must be 0")]
-    BadHeaderFlags { flags: u8 },
+    BadHeaderFlags {
+        /// The low nibble of the first byte.
+        flags: u8,
+    },
+    /// A remaining length on five or more bytes; the packet cannot be framed.
     #[error("CONNECT remaining length is longer than 4 bytes")]
     MalformedRemainingLength,
+    /// Refused before buffering, so a client cannot make the proxy hold large packets.
     #[error("CONNECT of {size} bytes exceeds the {max} byte limit")]
     TooLarge {
+        /// The announced total length, fixed header included.
         size: usize,
+        /// The configured limit.
         max: usize,
         /// Known when the bytes read so far revealed it; decides whether a CONNACK can be sent.
         version: Option<ProtocolVersion>,
     },
+    /// [`parse_connect`] got fewer bytes than the fixed header announces: a caller bug, or
+    /// a connection that closed mid-packet.
     #[error("buffer holds only part of the CONNECT ({needed} more bytes needed)")]
-    PacketIncomplete { needed: usize },
+    PacketIncomplete {
+        /// At least this many more bytes were expected.
+        needed: usize,
+    },
+    /// A field runs past the remaining length.
     #[error("CONNECT truncated: {field} runs past the end of the packet")]
-    Truncated { field: Field },
+    Truncated {
+        /// The first field that did not fit.
+        field: Field,
+    },
+    /// Not an MQTT client at all (or a dialect no broker here speaks).
     #[error("unknown protocol name {:?}", String::from_utf8_lossy(name))]
-    UnknownProtocol { name: Vec<u8> },
+    UnknownProtocol {
+        /// The name as sent, for logs.
+        name: Vec<u8>,
+    },
+    /// An MQTT client of a version the brokers do not speak; it may retry with another.
     #[error("unsupported protocol level {level} for protocol name {protocol}")]
-    UnsupportedLevel { protocol: &'static str, level: u8 },
+    UnsupportedLevel {
+        /// `MQTT` or `MQIsdp`.
+        protocol: &'static str,
+        /// The level byte as sent.
+        level: u8,
+    },
+    /// Connect flags bit 0 is reserved and must be 0.
     #[error("reserved connect flag is set")]
     ReservedFlagSet,
+    /// QoS 3 does not exist.
     #[error("will QoS 3 is invalid")]
     InvalidWillQos,
+    /// Will QoS and will retain must be 0 when there is no will.
     #[error("will QoS or will retain set without the will flag")]
     WillFlagsWithoutWill,
+    /// Forbidden in 3.1 and 3.1.1; MQTT 5 allows it.
     #[error("password flag set without the user name flag")]
     PasswordWithoutUsername,
+    /// A property block length on five or more bytes.
     #[error("{field} length is longer than 4 bytes")]
-    MalformedPropertyLength { field: Field },
+    MalformedPropertyLength {
+        /// Which property block.
+        field: Field,
+    },
+    /// An identifier MQTT 5 does not define for this block.
     #[error("{field}: property {id:#04x} is not allowed here")]
-    InvalidProperty { field: Field, id: u8 },
+    InvalidProperty {
+        /// Which property block.
+        field: Field,
+        /// The identifier's first byte.
+        id: u8,
+    },
+    /// Only user properties may repeat.
     #[error("{field}: property {id:#04x} appears more than once")]
-    DuplicateProperty { field: Field, id: u8 },
+    DuplicateProperty {
+        /// Which property block.
+        field: Field,
+        /// The repeated identifier.
+        id: u8,
+    },
+    /// A property value does not fit in its block, though the block fits in the packet.
     #[error("{field}: property {id:#04x} runs past the end of the property block")]
-    PropertyTruncated { field: Field, id: u8 },
+    PropertyTruncated {
+        /// Which property block.
+        field: Field,
+        /// The property that overran.
+        id: u8,
+    },
+    /// Kept apart from other bad strings because MQTT 5 clients get a CONNACK for it.
     #[error("client identifier {problem}")]
     InvalidClientId {
         /// Decides the CONNACK: MQTT 5 has a reason code for it, 3.x has none that fits.
         version: ProtocolVersion,
+        /// What is wrong with it.
         problem: StringProblem,
     },
+    /// A bad will topic, user name or string property.
     #[error("{field} {problem}")]
     InvalidString {
+        /// Where the string was.
         field: Field,
+        /// What is wrong with it.
         problem: StringProblem,
     },
+    /// Bytes inside the remaining length that no flag accounts for: the client and the
+    /// proxy disagree on the layout, so neither can be trusted.
     #[error("{count} unexpected bytes after the last CONNECT field")]
-    ExtraBytes { count: usize },
+    ExtraBytes {
+        /// How many.
+        count: usize,
+    },
 }
 
 impl ConnectError {

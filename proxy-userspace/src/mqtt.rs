@@ -3,9 +3,22 @@
 //! The proxy only needs the first packet of a connection: enough of it to pick a broker
 //! (protocol version, client identifier) and to refuse bad input with the right CONNACK.
 //! Everything after the CONNECT is forwarded untouched.
+//!
+//! Reading a connection goes in two steps so a hostile client cannot make the proxy buffer
+//! more than `max_size` bytes: [`frame_connect`] looks at the fixed header only and says how
+//! many bytes the CONNECT spans, then [`parse_connect`] validates the whole packet.
+
+#![warn(missing_docs)]
 
 mod connack;
 mod connect;
+mod wire;
 
-pub use connack::connack;
-pub use connect::{Connect, ConnectError, Framing, ProtocolVersion, frame_connect, parse_connect, sniff_version};
+pub use connack::{
+    Connack, V3_SERVER_UNAVAILABLE, V3_UNACCEPTABLE_PROTOCOL_VERSION, V5_MALFORMED_PACKET,
+    V5_PACKET_TOO_LARGE, V5_SERVER_UNAVAILABLE, connack, server_unavailable,
+};
+pub use connect::{
+    Connect, ConnectError, Field, Framing, ProtocolVersion, StringProblem, Will, frame_connect,
+    parse_connect, sniff_version,
+};

@@ -626,3 +626,98 @@ fn client_id_hash_ignores_the_address_and_empty_ids_fall_back_to_it() {
     }
     assert!(seen.iter().all(|&s| s));
 }
+
+// ---------------------------------------------------------------- golden data
+//
+// Recorded once (XXH3-64, 1000 points per unit of weight) and asserted forever: a failure here
+// means an upgrade would move clients between brokers and drop their sessions. Do not re-record
+// without treating it as a breaking change.
+
+fn golden_servers() -> Vec<ServerSpec> {
+    (0..5)
+        .map(|i| spec(&format!("mqtt-{i}.broker.svc:1883"), 1))
+        .collect()
+}
+
+#[test]
+fn golden_hash_function_is_xxh3_64() {
+    // The published XXH3-64 value for empty input, seed 0: pins the algorithm itself.
+    assert_eq!(xxhash_rust::xxh3::xxh3_64(b""), 0x2d06_8005_38d3_94c2);
+    assert_eq!(ring::hash_client_id("client-0"), 0x33b4_e191_2be6_4d62);
+    assert_eq!(
+        ring::hash_ip("10.0.0.1".parse().unwrap()),
+        0x83cf_f27f_7da3_9d96
+    );
+    assert_eq!(
+        ring::hash_ip("::ffff:10.0.0.1".parse().unwrap()),
+        0x83cf_f27f_7da3_9d96
+    );
+    assert_eq!(
+        ring::hash_ip("2001:db8::1".parse().unwrap()),
+        0x275c_8fa5_8c2d_19a0
+    );
+    assert_eq!(ring::POINTS_PER_WEIGHT, 1000);
+    assert_eq!(ring::points_for_weight(3), 3000);
+    assert_eq!(ring::points_for_weight(1_000_000), 100_000);
+}
+
+#[test]
+fn golden_client_id_selection() {
+    const GOLDEN: [(&str, usize); 20] = [
+        ("client-0", 2),
+        ("client-1", 2),
+        ("client-99999", 3),
+        ("sensor-42", 1),
+        ("sensor-43", 3),
+        ("mosquitto_pub_1234", 3),
+        ("paho/4f2c9a1e", 2),
+        ("dev:eu-west:0001", 2),
+        ("dev:eu-west:0002", 0),
+        ("thermostat.kitchen", 1),
+        ("thermostat.bedroom", 3),
+        ("a", 4),
+        ("Z", 2),
+        ("ÄÖÜ-umlaut-client", 0),
+        ("emqx_bench_sub_1_100", 2),
+        ("emqx_bench_sub_1_101", 4),
+        ("00000000-0000-0000-0000-000000000000", 0),
+        ("6ba7b810-9dad-11d1-80b4-00c04fd430c8", 0),
+        ("truck/7/telemetry", 4),
+        (
+            "gateway-with-a-rather-long-client-identifier-that-exceeds-64-bytes-01",
+            4,
+        ),
+    ];
+    let b = Balancer::new(BalanceMethod::ClientId, &golden_servers());
+    for (id, want) in GOLDEN {
+        assert_eq!(
+            b.select(&key_for(id), &all, &idle),
+            Some(want),
+            "client id {id:?}"
+        );
+    }
+}
+
+#[test]
+fn golden_ip_hash_selection() {
+    const GOLDEN: [(&str, usize); 10] = [
+        ("10.0.0.1", 3),
+        ("10.0.0.2", 0),
+        ("192.168.1.17", 1),
+        ("203.0.113.250", 3),
+        ("255.255.255.255", 2),
+        ("0.0.0.0", 1),
+        ("2001:db8::1", 2),
+        ("2001:db8:1:2:3:4:5:6", 4),
+        ("fe80::1c2d:3e4f:5a6b:7c8d", 3),
+        ("::1", 0),
+    ];
+    let b = Balancer::new(BalanceMethod::IpHash, &golden_servers());
+    for (ip, want) in GOLDEN {
+        let k = SelectKey {
+            source_ip: ip.parse().unwrap(),
+            client_id: "ignored",
+        };
+        assert_eq!(b.select(&k, &all, &idle), Some(want), "address {ip}");
+    }
+}

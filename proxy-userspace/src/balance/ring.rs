@@ -20,8 +20,8 @@ use xxhash_rust::xxh3::xxh3_64;
 pub const POINTS_PER_WEIGHT: u32 = 1000;
 
 /// Upper bound on one server's points (a weight of 100, 1.2 MB), so a typo like `weight = 100000`
-/// cannot make the ring huge; hashing treats larger weights as 100. The cap is per server, so it never depends on the other servers and does
-/// not break the minimal-remap property.
+/// cannot make the ring huge; hashing treats larger weights as 100. The cap is per server, so it
+/// never depends on the other servers and does not break the minimal-remap property.
 pub const MAX_POINTS: u32 = POINTS_PER_WEIGHT * 100;
 
 /// Sorted ring points and, in parallel, the server index owning each point.

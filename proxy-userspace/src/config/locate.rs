@@ -86,8 +86,8 @@ mod tests {
         assert_eq!(line_column(text, 5), (1, 6));
         assert_eq!(line_column(text, 6), (2, 1));
         assert_eq!(line_column(text, 13), (3, 1));
-        assert_eq!(line_column(text, text.len() - 1), (4, 7));
-        assert_eq!(line_column(text, 1000), (4, 8));
+        assert_eq!(line_column(text, text.len() - 1), (4, 8));
+        assert_eq!(line_column(text, 1000), (4, 9));
     }
 
     #[test]

@@ -7,6 +7,17 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod locate;
+mod raw;
+pub mod units;
+mod validate;
+
+pub use validate::{
+    DEFAULT_BUFFER_SIZE, DEFAULT_CONNECT_PACKET_TIMEOUT, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_FAIL_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECT_SIZE, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_RESOLVE_INTERVAL, DEFAULT_STATS_LISTEN,
+};
+
 /// The whole, validated configuration of one mqsplice process.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -140,26 +151,118 @@ pub struct ListenerConfig {
 }
 
 /// A configuration that could not be read or is not valid; the message names the key path and line.
-#[derive(Debug, thiserror::Error)]
+///
+/// The parts are kept apart too, so callers (and tests) need not parse the message to point at
+/// the mistake.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct ConfigError {
+    /// The whole, operator-facing text: `key.path (line N): reason`.
     pub message: String,
+    key_path: Option<String>,
+    line: Option<usize>,
+    column: Option<usize>,
+    reason: String,
+}
+
+impl ConfigError {
+    fn new(
+        key_path: Option<String>,
+        line: Option<usize>,
+        column: Option<usize>,
+        reason: String,
+    ) -> Self {
+        let place = match (line, column) {
+            (Some(l), Some(c)) => Some(format!("line {l}, column {c}")),
+            (Some(l), None) => Some(format!("line {l}")),
+            _ => None,
+        };
+        let message = match (&key_path, place) {
+            (Some(path), Some(place)) => format!("{path} ({place}): {reason}"),
+            (Some(path), None) => format!("{path}: {reason}"),
+            (None, Some(place)) => format!("{place}: {reason}"),
+            (None, None) => reason.clone(),
+        };
+        ConfigError {
+            message,
+            key_path,
+            line,
+            column,
+            reason,
+        }
+    }
+
+    /// A syntax or type error from the toml crate: its span gives line and column, and the
+    /// spanned document tree (when the syntax is fine) gives the key path.
+    fn from_toml(text: &str, error: &toml::de::Error) -> Self {
+        let reason = error
+            .message()
+            .trim_end()
+            .replace("expected i64", "expected an integer");
+        let Some(span) = error.span() else {
+            return ConfigError::new(None, None, None, reason);
+        };
+        let (line, column) = locate::line_column(text, span.start);
+        let mut key_path = locate::key_path_at(text, span.start);
+        // serde reports a missing key at the table that lacks it; name the key itself.
+        if let Some(missing) = reason
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split('`').next())
+        {
+            key_path = Some(match key_path {
+                Some(table) => format!("{table}.{missing}"),
+                None => missing.to_owned(),
+            });
+        }
+        ConfigError::new(key_path, Some(line), Some(column), reason)
+    }
+
+    fn from_invalid(text: &str, invalid: validate::Invalid) -> Self {
+        let line = invalid
+            .span
+            .map(|span| locate::line_column(text, span.start).0);
+        ConfigError::new(Some(invalid.path), line, None, invalid.reason)
+    }
+
+    /// 1-based line of the offending key or value, so an editor can jump there; `None` when the
+    /// mistake is something missing from the whole file (or the file could not be read).
+    pub fn line(&self) -> Option<usize> {
+        self.line
+    }
+
+    /// 1-based column, known for syntax and type errors reported by the TOML parser.
+    pub fn column(&self) -> Option<usize> {
+        self.column
+    }
+
+    /// Dotted key path such as `upstream[0].servers[1].weight`, stable across edits that move lines.
+    pub fn key_path(&self) -> Option<&str> {
+        self.key_path.as_deref()
+    }
+
+    /// The reason alone, without the location prefix.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
 }
 
 impl Config {
-    /// Parses and validates a TOML document.
+    /// Parses and validates a TOML document; the first mistake found is returned.
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
-        let _ = text;
-        Err(ConfigError { message: "not implemented".into() })
+        let raw: raw::RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::from_toml(text, &e))?;
+        validate::validate(&raw).map_err(|e| ConfigError::from_invalid(text, e))
     }
 
     /// Reads, parses and validates a TOML file; errors name the file.
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            message: format!("{}: {e}", path.display()),
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(None, None, None, format!("{}: {e}", path.display()))
         })?;
-        Config::from_toml_str(&text).map_err(|e| ConfigError {
-            message: format!("{}: {}", path.display(), e.message),
+        Config::from_toml_str(&text).map_err(|mut e| {
+            e.message = format!("{}: {}", path.display(), e.message);
+            e
         })
     }
 }
+

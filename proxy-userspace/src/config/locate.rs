@@ -19,12 +19,13 @@ pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// The key path of the innermost key or value whose span contains `offset`, if the document parses.
+/// The key path of the innermost key or value whose span contains `offset`.
 ///
 /// serde's errors from the toml crate carry a span but not the path; re-parsing into the spanned
-/// document tree recovers it without wrapping the deserializer.
+/// document tree recovers it without wrapping the deserializer. The parse is the recovering one,
+/// so a syntax error still gets the path of whatever the parser made of its surroundings.
 pub fn key_path_at(text: &str, offset: usize) -> Option<String> {
-    let doc = DeTable::parse(text).ok()?;
+    let (doc, _errors) = DeTable::parse_recoverable(text);
     let mut best: Option<(usize, String)> = None;
     walk_table(doc.get_ref(), "", offset, &mut best);
     best.map(|(_, path)| path)
@@ -99,6 +100,7 @@ mod tests {
         assert_eq!(at("name").as_deref(), Some("upstream[0].name"));
         assert_eq!(at("\"h:1\"").as_deref(), Some("upstream[0].servers[0].addr"));
         assert_eq!(at("0 }").as_deref(), Some("upstream[0].servers[1].weight"));
-        assert_eq!(key_path_at("a = [", 0), None);
+        assert_eq!(key_path_at("a = 1", 4).as_deref(), Some("a"));
+        assert_eq!(key_path_at("a = 1\n\n", 7), None);
     }
 }

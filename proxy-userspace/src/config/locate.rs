@@ -46,7 +46,12 @@ fn consider(span: Range<usize>, path: &str, offset: usize, best: &mut Option<(us
     }
 }
 
-fn walk_table(table: &DeTable<'_>, prefix: &str, offset: usize, best: &mut Option<(usize, String)>) {
+fn walk_table(
+    table: &DeTable<'_>,
+    prefix: &str,
+    offset: usize,
+    best: &mut Option<(usize, String)>,
+) {
     for (key, value) in table.iter() {
         let path = if prefix.is_empty() {
             key.get_ref().to_string()
@@ -98,7 +103,10 @@ mod tests {
         assert_eq!(at("listen").as_deref(), Some("stats.listen"));
         assert_eq!(at("\"x\"").as_deref(), Some("stats.listen"));
         assert_eq!(at("name").as_deref(), Some("upstream[0].name"));
-        assert_eq!(at("\"h:1\"").as_deref(), Some("upstream[0].servers[0].addr"));
+        assert_eq!(
+            at("\"h:1\"").as_deref(),
+            Some("upstream[0].servers[0].addr")
+        );
         assert_eq!(at("0 }").as_deref(), Some("upstream[0].servers[1].weight"));
         assert_eq!(key_path_at("a = 1", 4).as_deref(), Some("a"));
         assert_eq!(key_path_at("a = 1\n\n", 7), None);

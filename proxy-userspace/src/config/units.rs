@@ -62,7 +62,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         let unit = &s[unit_start..i];
         if unit.is_empty() {
             return Err(if i < bytes.len() && bytes[i] == b'.' {
-                format!("invalid duration {text:?}: fractions are not supported (use e.g. \"1500ms\")")
+                format!(
+                    "invalid duration {text:?}: fractions are not supported (use e.g. \"1500ms\")"
+                )
             } else {
                 format!("invalid duration {text:?}: missing unit after {number}")
             });
@@ -98,7 +100,10 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     if s.starts_with('-') {
         return Err(format!("negative size {text:?}"));
     }
-    let digits_end = s.bytes().position(|b| !b.is_ascii_digit()).unwrap_or(s.len());
+    let digits_end = s
+        .bytes()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(s.len());
     if digits_end == 0 {
         return Err(format!("invalid size {text:?}: expected a number first"));
     }

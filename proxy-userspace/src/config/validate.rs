@@ -12,8 +12,8 @@ use toml::Spanned;
 use super::raw::{NumOrStr, RawConfig, RawListener, RawServer, RawUpstream};
 use super::units::{parse_duration, parse_size};
 use super::{
-    AccessLog, BalanceMethod, Config, DataplaneConfig, DataplaneMode, ListenerConfig,
-    ListenerKind, LogConfig, ProxyProtocol, ServerConfig, StatsConfig, UpstreamConfig,
+    AccessLog, BalanceMethod, Config, DataplaneConfig, DataplaneMode, ListenerConfig, ListenerKind,
+    LogConfig, ProxyProtocol, ServerConfig, StatsConfig, UpstreamConfig,
 };
 
 /// Default of `stats.listen`.
@@ -194,7 +194,9 @@ pub fn check_server_addr(value: &str) -> Result<(), String> {
     }
     if let Some(inner) = host.strip_prefix('[') {
         let Some(ip) = inner.strip_suffix(']') else {
-            return Err(format!("server address {value:?}: malformed brackets; {hint}"));
+            return Err(format!(
+                "server address {value:?}: malformed brackets; {hint}"
+            ));
         };
         return ip
             .parse::<Ipv6Addr>()
@@ -309,7 +311,12 @@ fn server(raw: &RawServer, path: &str) -> Result<ServerConfig, Invalid> {
         check_server_addr(a).map(|()| a.clone())
     })?;
     let weight = field(&raw.weight, &format!("{path}.weight"), 1, weight_value)?;
-    let max_fails = field(&raw.max_fails, &format!("{path}.max_fails"), 1, max_fails_value)?;
+    let max_fails = field(
+        &raw.max_fails,
+        &format!("{path}.max_fails"),
+        1,
+        max_fails_value,
+    )?;
     let fail_timeout = field(
         &raw.fail_timeout,
         &format!("{path}.fail_timeout"),
@@ -590,15 +597,25 @@ mod tests {
     #[test]
     fn enums() {
         assert_eq!(parse_dataplane_mode("ebpf"), Ok(DataplaneMode::Ebpf));
-        assert_eq!(parse_dataplane_mode("userspace"), Ok(DataplaneMode::Userspace));
+        assert_eq!(
+            parse_dataplane_mode("userspace"),
+            Ok(DataplaneMode::Userspace)
+        );
         let e = parse_dataplane_mode("kernel").unwrap_err();
         assert!(e.contains("auto, ebpf, userspace"), "{e}");
         assert_eq!(parse_balance("least_conn"), Ok(BalanceMethod::LeastConn));
         assert_eq!(parse_balance("ip_hash"), Ok(BalanceMethod::IpHash));
         let e = parse_balance("hash").unwrap_err();
-        assert!(e.contains("round_robin, least_conn, ip_hash, client_id"), "{e}");
+        assert!(
+            e.contains("round_robin, least_conn, ip_hash, client_id"),
+            "{e}"
+        );
         assert_eq!(parse_proxy_protocol("v2"), Ok(ProxyProtocol::V2));
-        assert!(parse_proxy_protocol("on").unwrap_err().contains("off, v1, v2"));
+        assert!(
+            parse_proxy_protocol("on")
+                .unwrap_err()
+                .contains("off, v1, v2")
+        );
         assert_eq!(parse_listener_kind("tcp"), Ok(ListenerKind::Tcp));
         for kind in ["tls", "ws", "wss"] {
             assert_eq!(
@@ -606,7 +623,11 @@ mod tests {
                 format!("listener kind \"{kind}\" is not supported yet")
             );
         }
-        assert!(parse_listener_kind("udp").unwrap_err().contains("expected one of: tcp"));
+        assert!(
+            parse_listener_kind("udp")
+                .unwrap_err()
+                .contains("expected one of: tcp")
+        );
         assert!(parse_listener_kind("TCP").is_err());
     }
 
@@ -618,14 +639,23 @@ mod tests {
             parse_access_log("/var/log/mqsplice.log"),
             Ok(AccessLog::File("/var/log/mqsplice.log".into()))
         );
-        assert_eq!(parse_access_log("stdout"), Ok(AccessLog::File("stdout".into())));
+        assert_eq!(
+            parse_access_log("stdout"),
+            Ok(AccessLog::File("stdout".into()))
+        );
         assert!(parse_access_log("").is_err());
     }
 
     #[test]
     fn listen_addresses() {
-        assert_eq!(parse_listen_addr("0.0.0.0:1883"), Ok("0.0.0.0:1883".parse().unwrap()));
-        assert_eq!(parse_listen_addr("[::1]:1883"), Ok("[::1]:1883".parse().unwrap()));
+        assert_eq!(
+            parse_listen_addr("0.0.0.0:1883"),
+            Ok("0.0.0.0:1883".parse().unwrap())
+        );
+        assert_eq!(
+            parse_listen_addr("[::1]:1883"),
+            Ok("[::1]:1883".parse().unwrap())
+        );
         assert!(parse_listen_addr("localhost:1883").is_err());
         assert!(parse_listen_addr("0.0.0.0").is_err());
         assert!(parse_listen_addr("0.0.0.0:70000").is_err());
@@ -671,11 +701,25 @@ mod tests {
 
     #[test]
     fn durations_and_sizes() {
-        assert_eq!(duration_value(&NumOrStr::Int(30)), Ok(Duration::from_secs(30)));
+        assert_eq!(
+            duration_value(&NumOrStr::Int(30)),
+            Ok(Duration::from_secs(30))
+        );
         assert_eq!(duration_value(&s("1m30s")), Ok(Duration::from_secs(90)));
-        assert!(duration_value(&NumOrStr::Int(-1)).unwrap_err().contains("negative"));
-        assert_eq!(positive_duration(&s("500ms")), Ok(Duration::from_millis(500)));
-        assert!(positive_duration(&NumOrStr::Int(0)).unwrap_err().contains("greater than 0"));
+        assert!(
+            duration_value(&NumOrStr::Int(-1))
+                .unwrap_err()
+                .contains("negative")
+        );
+        assert_eq!(
+            positive_duration(&s("500ms")),
+            Ok(Duration::from_millis(500))
+        );
+        assert!(
+            positive_duration(&NumOrStr::Int(0))
+                .unwrap_err()
+                .contains("greater than 0")
+        );
         assert!(positive_duration(&s("0s")).is_err());
         assert!(positive_duration(&s("0")).is_err());
 
@@ -685,7 +729,11 @@ mod tests {
         let e = size_in_range(&s("1023"), 1024, 1 << 24).unwrap_err();
         assert!(e.contains("between 1KiB and 16MiB"), "{e}");
         assert!(size_in_range(&s("17M"), 1024, 1 << 24).is_err());
-        assert!(size_in_range(&NumOrStr::Int(-5), 0, 10).unwrap_err().contains("negative"));
+        assert!(
+            size_in_range(&NumOrStr::Int(-5), 0, 10)
+                .unwrap_err()
+                .contains("negative")
+        );
         let e = size_in_range(&NumOrStr::Int(63), MIN_CONNECT_SIZE, MAX_CONNECT_SIZE).unwrap_err();
         assert!(e.contains("between 64 bytes and 256MiB"), "{e}");
         assert_eq!(
@@ -703,7 +751,11 @@ mod tests {
         assert_eq!(max_fails_value(&0), Ok(0));
         assert!(max_fails_value(&-1).is_err());
         assert_eq!(max_connections_value(&1), Ok(1));
-        assert!(max_connections_value(&0).unwrap_err().contains("at least 1"));
+        assert!(
+            max_connections_value(&0)
+                .unwrap_err()
+                .contains("at least 1")
+        );
     }
 
     #[test]

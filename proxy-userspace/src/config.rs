@@ -15,7 +15,8 @@ mod validate;
 pub use validate::{
     DEFAULT_BUFFER_SIZE, DEFAULT_CONNECT_PACKET_TIMEOUT, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_FAIL_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECT_SIZE, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_RESOLVE_INTERVAL, DEFAULT_STATS_LISTEN,
+    DEFAULT_RESOLVE_INTERVAL, DEFAULT_STATS_LISTEN, MAX_BUFFER_SIZE, MAX_CONNECT_SIZE,
+    MAX_DURATION, MIN_BUFFER_SIZE, MIN_CONNECT_SIZE,
 };
 
 /// The whole, validated configuration of one mqsplice process.
@@ -705,6 +706,12 @@ upstream = "emqx"
             "upstream[0].connect_timeout",
             3,
             "negative duration",
+        );
+        assert_err(
+            &listener_with("idle_timeout = \"99999999w\""),
+            "listener[0].idle_timeout",
+            9,
+            "must be at most 365d",
         );
         assert_err(
             &listener_with("idle_timeout = \"10y\""),

@@ -1,5 +1,7 @@
 //! The file as written: every optional key is an `Option`, every value keeps its span so that
 //! validation errors can point at a line. Unknown keys are refused here, by serde.
+//!
+//! Field names are the file's keys one for one; `docs/config-keys.md` documents them.
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -8,7 +10,9 @@ use toml::Spanned;
 /// (seconds or bytes); validation decides which strings are acceptable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NumOrStr {
+    /// A bare TOML integer: seconds or bytes.
     Int(i64),
+    /// A string, unit included, parsed during validation.
     Str(String),
 }
 

@@ -44,11 +44,18 @@ pub const MIN_CONNECT_SIZE: u64 = 64;
 /// Largest accepted `max_connect_size`: MQTT's largest packet.
 pub const MAX_CONNECT_SIZE: u64 = 256 * 1024 * 1024;
 
+/// Longest accepted duration: far beyond any sensible timeout, and short enough that adding it
+/// to `Instant::now()` can never overflow (which would panic in the proxy, not here).
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// A rule broken at a key: where (path, byte span in the file) and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invalid {
+    /// Dotted key path, e.g. `upstream[0].servers[1].weight`.
     pub path: String,
+    /// Byte range of the offending value in the file; `None` when something is missing entirely.
     pub span: Option<Range<usize>>,
+    /// Why, without the location.
     pub reason: String,
 }
 
@@ -238,11 +245,14 @@ pub fn duration_value(value: &NumOrStr) -> Result<Duration, String> {
     }
 }
 
-/// A duration for which zero would mean "never wait" or "spin", which is never what was meant.
+/// A duration for which zero would mean "never wait" or "spin", which is never what was meant;
+/// also capped at [`MAX_DURATION`].
 pub fn positive_duration(value: &NumOrStr) -> Result<Duration, String> {
     let d = duration_value(value)?;
     if d.is_zero() {
         Err("must be greater than 0".into())
+    } else if d > MAX_DURATION {
+        Err("must be at most 365d".into())
     } else {
         Ok(d)
     }
@@ -722,6 +732,17 @@ mod tests {
         );
         assert!(positive_duration(&s("0s")).is_err());
         assert!(positive_duration(&s("0")).is_err());
+        assert_eq!(positive_duration(&s("365d")), Ok(MAX_DURATION));
+        assert!(
+            positive_duration(&s("365d1ms"))
+                .unwrap_err()
+                .contains("at most 365d")
+        );
+        assert!(
+            positive_duration(&NumOrStr::Int(i64::MAX))
+                .unwrap_err()
+                .contains("at most")
+        );
 
         assert_eq!(size_in_range(&s("16KiB"), 1024, 1 << 24), Ok(16 * 1024));
         assert_eq!(size_in_range(&NumOrStr::Int(1024), 1024, 1 << 24), Ok(1024));

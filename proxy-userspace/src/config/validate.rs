@@ -1,0 +1,794 @@
+//! From the raw file to the plain structs: each rule is a small pure function, and the walk over
+//! the document only attaches the key path and span to whatever reason a rule gives.
+
+use std::collections::HashMap;
+use std::net::{Ipv6Addr, SocketAddr};
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::raw::{NumOrStr, RawConfig, RawListener, RawServer, RawUpstream};
+use super::units::{parse_duration, parse_size};
+use super::{
+    AccessLog, BalanceMethod, Config, DataplaneConfig, DataplaneMode, ListenerConfig, ListenerKind,
+    LogConfig, ProxyProtocol, ServerConfig, StatsConfig, UpstreamConfig,
+};
+
+/// Default of `stats.listen`.
+pub const DEFAULT_STATS_LISTEN: &str = "127.0.0.1:8888";
+/// Default of `upstream.connect_timeout` (NGINX's `proxy_connect_timeout`).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default of `upstream.resolve_interval`.
+pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+/// Default of `servers[].fail_timeout` (NGINX's).
+pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of `listener.connect_packet_timeout`.
+pub const DEFAULT_CONNECT_PACKET_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default of `listener.max_connect_size`.
+pub const DEFAULT_MAX_CONNECT_SIZE: usize = 64 * 1024;
+/// Default of `listener.idle_timeout` (NGINX's `proxy_timeout` is 10m).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default of `listener.buffer_size`.
+pub const DEFAULT_BUFFER_SIZE: usize = 16 * 1024;
+/// Default of `listener.max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+
+/// Smallest accepted `buffer_size`.
+pub const MIN_BUFFER_SIZE: u64 = 1024;
+/// Largest accepted `buffer_size`.
+pub const MAX_BUFFER_SIZE: u64 = 16 * 1024 * 1024;
+/// Smallest accepted `max_connect_size`: room for a CONNECT with a short client id.
+pub const MIN_CONNECT_SIZE: u64 = 64;
+/// Largest accepted `max_connect_size`: MQTT's largest packet.
+pub const MAX_CONNECT_SIZE: u64 = 256 * 1024 * 1024;
+
+/// Longest accepted duration: far beyond any sensible timeout, and short enough that adding it
+/// to `Instant::now()` can never overflow (which would panic in the proxy, not here).
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A rule broken at a key: where (path, byte span in the file) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// Dotted key path, e.g. `upstream[0].servers[1].weight`.
+    pub path: String,
+    /// Byte range of the offending value in the file; `None` when something is missing entirely.
+    pub span: Option<Range<usize>>,
+    /// Why, without the location.
+    pub reason: String,
+}
+
+impl Invalid {
+    fn at(path: impl Into<String>, span: Option<Range<usize>>, reason: impl Into<String>) -> Self {
+        Invalid {
+            path: path.into(),
+            span,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Applies `rule` to an optional spanned value, or returns `default` when the key is absent.
+fn field<T, U>(
+    value: &Option<Spanned<T>>,
+    path: &str,
+    default: U,
+    rule: impl FnOnce(&T) -> Result<U, String>,
+) -> Result<U, Invalid> {
+    match value {
+        None => Ok(default),
+        Some(v) => rule(v.get_ref()).map_err(|r| Invalid::at(path, Some(v.span()), r)),
+    }
+}
+
+/// Applies `rule` to a required spanned value.
+fn required<T, U>(
+    value: &Spanned<T>,
+    path: &str,
+    rule: impl FnOnce(&T) -> Result<U, String>,
+) -> Result<U, Invalid> {
+    rule(value.get_ref()).map_err(|r| Invalid::at(path, Some(value.span()), r))
+}
+
+fn one_of<T: Copy>(what: &str, value: &str, choices: &[(&str, T)]) -> Result<T, String> {
+    choices
+        .iter()
+        .find(|(name, _)| *name == value)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+            format!(
+                "unknown {what} {value:?}, expected one of: {}",
+                names.join(", ")
+            )
+        })
+}
+
+/// `dataplane.mode`.
+pub fn parse_dataplane_mode(value: &str) -> Result<DataplaneMode, String> {
+    one_of(
+        "dataplane mode",
+        value,
+        &[
+            ("auto", DataplaneMode::Auto),
+            ("ebpf", DataplaneMode::Ebpf),
+            ("userspace", DataplaneMode::Userspace),
+        ],
+    )
+}
+
+/// `upstream.balance`.
+pub fn parse_balance(value: &str) -> Result<BalanceMethod, String> {
+    one_of(
+        "balance method",
+        value,
+        &[
+            ("round_robin", BalanceMethod::RoundRobin),
+            ("least_conn", BalanceMethod::LeastConn),
+            ("ip_hash", BalanceMethod::IpHash),
+            ("client_id", BalanceMethod::ClientId),
+        ],
+    )
+}
+
+/// `upstream.proxy_protocol`.
+pub fn parse_proxy_protocol(value: &str) -> Result<ProxyProtocol, String> {
+    one_of(
+        "proxy_protocol",
+        value,
+        &[
+            ("off", ProxyProtocol::Off),
+            ("v1", ProxyProtocol::V1),
+            ("v2", ProxyProtocol::V2),
+        ],
+    )
+}
+
+/// `listener.kind`: the later kinds get their own message so nobody hunts for a typo.
+pub fn parse_listener_kind(value: &str) -> Result<ListenerKind, String> {
+    match value {
+        "tcp" => Ok(ListenerKind::Tcp),
+        "tls" | "ws" | "wss" => Err(format!("listener kind {value:?} is not supported yet")),
+        _ => Err(format!(
+            "unknown listener kind {value:?}, expected one of: tcp (tls, ws, wss are not supported yet)"
+        )),
+    }
+}
+
+/// `log.access`: `off`, `stderr`, or any other string as a file path.
+pub fn parse_access_log(value: &str) -> Result<AccessLog, String> {
+    match value {
+        "off" => Ok(AccessLog::Off),
+        "stderr" => Ok(AccessLog::Stderr),
+        "" => Err("empty access log; use \"off\", \"stderr\" or a file path".into()),
+        path => Ok(AccessLog::File(PathBuf::from(path))),
+    }
+}
+
+/// A listening address: an IP literal and a port, since a listener binds before any resolver runs.
+pub fn parse_listen_addr(value: &str) -> Result<SocketAddr, String> {
+    value.parse().map_err(|_| {
+        format!(
+            "{value:?} is not a socket address; write IP:port such as \"0.0.0.0:1883\" or \"[::]:1883\""
+        )
+    })
+}
+
+/// `stats.listen`: an address, or `off`.
+pub fn parse_stats_listen(value: &str) -> Result<Option<SocketAddr>, String> {
+    if value == "off" {
+        Ok(None)
+    } else {
+        parse_listen_addr(value).map(Some)
+    }
+}
+
+/// A server address: `host:port` or `[ipv6]:port`. Host names stay unresolved (resolved later),
+/// so only their shape is checked here.
+pub fn check_server_addr(value: &str) -> Result<(), String> {
+    let hint = "write host:port, e.g. \"emqx1.example:1883\" or \"[::1]:1883\"";
+    let Some((host, port)) = value.rsplit_once(':') else {
+        return Err(format!("server address {value:?} has no port; {hint}"));
+    };
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => {
+            return Err(format!(
+                "server address {value:?} has an invalid port {port:?} (1-65535)"
+            ));
+        }
+        Ok(_) => {}
+    }
+    if let Some(inner) = host.strip_prefix('[') {
+        let Some(ip) = inner.strip_suffix(']') else {
+            return Err(format!(
+                "server address {value:?}: malformed brackets; {hint}"
+            ));
+        };
+        return ip
+            .parse::<Ipv6Addr>()
+            .map(|_| ())
+            .map_err(|_| format!("server address {value:?}: {ip:?} is not an IPv6 address"));
+    }
+    if host.contains(':') {
+        return Err(format!(
+            "server address {value:?}: IPv6 addresses need brackets, e.g. \"[::1]:1883\""
+        ));
+    }
+    if host.is_empty() {
+        return Err(format!("server address {value:?} has no host; {hint}"));
+    }
+    let valid_label = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if host.len() > 253 || !name.split('.').all(valid_label) {
+        return Err(format!(
+            "server address {value:?}: {host:?} is not a valid host name or IP address"
+        ));
+    }
+    Ok(())
+}
+
+/// A duration key, written `"10s"`-style or as an integer number of seconds.
+pub fn duration_value(value: &NumOrStr) -> Result<Duration, String> {
+    match value {
+        NumOrStr::Int(n) if *n < 0 => Err(format!("negative duration {n}")),
+        NumOrStr::Int(n) => Ok(Duration::from_secs(n.unsigned_abs())),
+        NumOrStr::Str(s) => parse_duration(s),
+    }
+}
+
+/// A duration for which zero would mean "never wait" or "spin", which is never what was meant;
+/// also capped at [`MAX_DURATION`].
+pub fn positive_duration(value: &NumOrStr) -> Result<Duration, String> {
+    let d = duration_value(value)?;
+    if d.is_zero() {
+        Err("must be greater than 0".into())
+    } else if d > MAX_DURATION {
+        Err("must be at most 365d".into())
+    } else {
+        Ok(d)
+    }
+}
+
+/// A size key, written `"16KiB"`-style or as an integer number of bytes, within `[min, max]`.
+pub fn size_in_range(value: &NumOrStr, min: u64, max: u64) -> Result<usize, String> {
+    let bytes = match value {
+        NumOrStr::Int(n) if *n < 0 => return Err(format!("negative size {n}")),
+        NumOrStr::Int(n) => n.unsigned_abs(),
+        NumOrStr::Str(s) => parse_size(s)?,
+    };
+    if bytes < min || bytes > max {
+        return Err(format!(
+            "must be between {} and {} (got {bytes} bytes)",
+            human_size(min),
+            human_size(max)
+        ));
+    }
+    usize::try_from(bytes).map_err(|_| format!("{bytes} bytes does not fit in memory"))
+}
+
+fn human_size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}KiB", b >> 10),
+        b => format!("{b} bytes"),
+    }
+}
+
+/// `servers[].weight`.
+pub fn weight_value(value: &i64) -> Result<u32, String> {
+    match u32::try_from(*value) {
+        Ok(w) if w >= 1 => Ok(w),
+        _ if *value < 1 => Err("weight must be at least 1".into()),
+        _ => Err(format!("weight must be at most {}", u32::MAX)),
+    }
+}
+
+/// `servers[].max_fails`; 0 turns failure accounting off, as in NGINX.
+pub fn max_fails_value(value: &i64) -> Result<u32, String> {
+    u32::try_from(*value).map_err(|_| format!("max_fails must be between 0 and {}", u32::MAX))
+}
+
+/// `listener.max_connections`.
+pub fn max_connections_value(value: &i64) -> Result<usize, String> {
+    if *value < 1 {
+        return Err("max_connections must be at least 1".into());
+    }
+    usize::try_from(*value).map_err(|_| "max_connections is too large".into())
+}
+
+/// Whether two listening addresses would fight over the same port when bound.
+///
+/// Port 0 asks the kernel for a fresh port, so it never conflicts; a wildcard address of the same
+/// family conflicts with every address on that port.
+pub fn listen_conflict(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() == 0 || a.port() != b.port() || a.is_ipv4() != b.is_ipv4() {
+        return false;
+    }
+    a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified()
+}
+
+fn server(raw: &RawServer, path: &str) -> Result<ServerConfig, Invalid> {
+    let addr = required(&raw.addr, &format!("{path}.addr"), |a| {
+        check_server_addr(a).map(|()| a.clone())
+    })?;
+    let weight = field(&raw.weight, &format!("{path}.weight"), 1, weight_value)?;
+    let max_fails = field(
+        &raw.max_fails,
+        &format!("{path}.max_fails"),
+        1,
+        max_fails_value,
+    )?;
+    let fail_timeout = field(
+        &raw.fail_timeout,
+        &format!("{path}.fail_timeout"),
+        DEFAULT_FAIL_TIMEOUT,
+        positive_duration,
+    )?;
+    let down = raw.down.as_ref().is_some_and(|d| *d.get_ref());
+    let backup = raw.backup.as_ref().is_some_and(|b| *b.get_ref());
+    if down && backup {
+        let span = raw.backup.as_ref().map(Spanned::span);
+        return Err(Invalid::at(
+            format!("{path}.backup"),
+            span,
+            "a server cannot be both backup and down",
+        ));
+    }
+    Ok(ServerConfig {
+        addr,
+        weight,
+        max_fails,
+        fail_timeout,
+        down,
+        backup,
+    })
+}
+
+fn upstream(raw: &RawUpstream, path: &str) -> Result<UpstreamConfig, Invalid> {
+    let name = required(&raw.name, &format!("{path}.name"), |n| {
+        if n.is_empty() {
+            Err("upstream name must not be empty".to_string())
+        } else {
+            Ok(n.clone())
+        }
+    })?;
+    let balance = field(
+        &raw.balance,
+        &format!("{path}.balance"),
+        BalanceMethod::RoundRobin,
+        |s| parse_balance(s),
+    )?;
+    let proxy_protocol = field(
+        &raw.proxy_protocol,
+        &format!("{path}.proxy_protocol"),
+        ProxyProtocol::Off,
+        |s| parse_proxy_protocol(s),
+    )?;
+    let connect_timeout = field(
+        &raw.connect_timeout,
+        &format!("{path}.connect_timeout"),
+        DEFAULT_CONNECT_TIMEOUT,
+        positive_duration,
+    )?;
+    let resolve_interval = field(
+        &raw.resolve_interval,
+        &format!("{path}.resolve_interval"),
+        DEFAULT_RESOLVE_INTERVAL,
+        positive_duration,
+    )?;
+    let servers_path = format!("{path}.servers");
+    let servers_span = raw
+        .servers
+        .as_ref()
+        .map_or_else(|| raw.name.span(), Spanned::span);
+    let raw_servers = raw.servers.as_ref().map_or(&[][..], |s| &s.get_ref()[..]);
+    if raw_servers.is_empty() {
+        return Err(Invalid::at(
+            servers_path,
+            Some(servers_span),
+            format!("upstream {name:?} needs at least one server"),
+        ));
+    }
+    let servers = raw_servers
+        .iter()
+        .enumerate()
+        .map(|(j, s)| server(s, &format!("{servers_path}[{j}]")))
+        .collect::<Result<Vec<_>, _>>()?;
+    if servers.iter().all(|s| s.backup) {
+        return Err(Invalid::at(
+            servers_path,
+            Some(servers_span),
+            format!("every server of upstream {name:?} is a backup; at least one must be primary"),
+        ));
+    }
+    Ok(UpstreamConfig {
+        name,
+        balance,
+        proxy_protocol,
+        connect_timeout,
+        resolve_interval,
+        servers,
+    })
+}
+
+fn listener(raw: &RawListener, path: &str) -> Result<ListenerConfig, Invalid> {
+    let name = required(&raw.name, &format!("{path}.name"), |n| {
+        if n.is_empty() {
+            Err("listener name must not be empty".to_string())
+        } else {
+            Ok(n.clone())
+        }
+    })?;
+    let kind = required(&raw.kind, &format!("{path}.kind"), |k| {
+        parse_listener_kind(k)
+    })?;
+    let listen = required(&raw.listen, &format!("{path}.listen"), |l| {
+        parse_listen_addr(l)
+    })?;
+    let upstream = raw.upstream.get_ref().clone();
+    let connect_packet_timeout = field(
+        &raw.connect_packet_timeout,
+        &format!("{path}.connect_packet_timeout"),
+        DEFAULT_CONNECT_PACKET_TIMEOUT,
+        positive_duration,
+    )?;
+    let max_connect_size = field(
+        &raw.max_connect_size,
+        &format!("{path}.max_connect_size"),
+        DEFAULT_MAX_CONNECT_SIZE,
+        |v| size_in_range(v, MIN_CONNECT_SIZE, MAX_CONNECT_SIZE),
+    )?;
+    let idle_timeout = field(
+        &raw.idle_timeout,
+        &format!("{path}.idle_timeout"),
+        DEFAULT_IDLE_TIMEOUT,
+        positive_duration,
+    )?;
+    let tcp_nodelay = raw.tcp_nodelay.as_ref().is_none_or(|b| *b.get_ref());
+    let buffer_size = field(
+        &raw.buffer_size,
+        &format!("{path}.buffer_size"),
+        DEFAULT_BUFFER_SIZE,
+        |v| size_in_range(v, MIN_BUFFER_SIZE, MAX_BUFFER_SIZE),
+    )?;
+    let max_connections = field(
+        &raw.max_connections,
+        &format!("{path}.max_connections"),
+        DEFAULT_MAX_CONNECTIONS,
+        max_connections_value,
+    )?;
+    Ok(ListenerConfig {
+        name,
+        kind,
+        listen,
+        upstream,
+        connect_packet_timeout,
+        max_connect_size,
+        idle_timeout,
+        tcp_nodelay,
+        buffer_size,
+        max_connections,
+    })
+}
+
+/// Validates a whole raw document, first error wins (in file order within each section).
+pub fn validate(raw: &RawConfig) -> Result<Config, Invalid> {
+    let stats_listen = raw.stats.as_ref().and_then(|s| s.listen.as_ref());
+    let stats = StatsConfig {
+        listen: field(
+            &stats_listen.cloned(),
+            "stats.listen",
+            Some(DEFAULT_STATS_LISTEN.parse().expect("valid default")),
+            |s| parse_stats_listen(s),
+        )?,
+    };
+    let dataplane = DataplaneConfig {
+        mode: field(
+            &raw.dataplane.as_ref().and_then(|d| d.mode.clone()),
+            "dataplane.mode",
+            DataplaneMode::Auto,
+            |s| parse_dataplane_mode(s),
+        )?,
+    };
+    let log = LogConfig {
+        access: field(
+            &raw.log.as_ref().and_then(|l| l.access.clone()),
+            "log.access",
+            AccessLog::Stderr,
+            |s| parse_access_log(s),
+        )?,
+    };
+
+    if raw.upstream.is_empty() {
+        return Err(Invalid::at(
+            "upstream",
+            None,
+            "at least one [[upstream]] is required",
+        ));
+    }
+    let mut upstreams = Vec::with_capacity(raw.upstream.len());
+    let mut upstream_index: HashMap<String, usize> = HashMap::new();
+    for (i, raw_upstream) in raw.upstream.iter().enumerate() {
+        let path = format!("upstream[{i}]");
+        let up = upstream(raw_upstream, &path)?;
+        if let Some(first) = upstream_index.insert(up.name.clone(), i) {
+            return Err(Invalid::at(
+                format!("{path}.name"),
+                Some(raw_upstream.name.span()),
+                format!(
+                    "duplicate upstream name {:?} (already used by upstream[{first}])",
+                    up.name
+                ),
+            ));
+        }
+        upstreams.push(up);
+    }
+
+    if raw.listener.is_empty() {
+        return Err(Invalid::at(
+            "listener",
+            None,
+            "at least one [[listener]] is required",
+        ));
+    }
+    let mut listeners: Vec<ListenerConfig> = Vec::with_capacity(raw.listener.len());
+    for (i, raw_listener) in raw.listener.iter().enumerate() {
+        let path = format!("listener[{i}]");
+        let l = listener(raw_listener, &path)?;
+        if let Some(first) = listeners.iter().position(|o| o.name == l.name) {
+            return Err(Invalid::at(
+                format!("{path}.name"),
+                Some(raw_listener.name.span()),
+                format!(
+                    "duplicate listener name {:?} (already used by listener[{first}])",
+                    l.name
+                ),
+            ));
+        }
+        let clash = listeners
+            .iter()
+            .position(|o| listen_conflict(o.listen, l.listen))
+            .map(|first| format!("listener[{first}].listen ({})", listeners[first].listen))
+            .or_else(|| {
+                stats
+                    .listen
+                    .filter(|s| listen_conflict(*s, l.listen))
+                    .map(|s| format!("stats.listen ({s})"))
+            });
+        if let Some(other) = clash {
+            return Err(Invalid::at(
+                format!("{path}.listen"),
+                Some(raw_listener.listen.span()),
+                format!("listen address {} clashes with {other}", l.listen),
+            ));
+        }
+        if !upstream_index.contains_key(&l.upstream) {
+            let mut known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+            known.sort_unstable();
+            return Err(Invalid::at(
+                format!("{path}.upstream"),
+                Some(raw_listener.upstream.span()),
+                format!(
+                    "no upstream named {:?} (defined: {})",
+                    l.upstream,
+                    known.join(", ")
+                ),
+            ));
+        }
+        listeners.push(l);
+    }
+
+    Ok(Config {
+        stats,
+        dataplane,
+        log,
+        upstreams,
+        listeners,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &str) -> NumOrStr {
+        NumOrStr::Str(v.into())
+    }
+
+    #[test]
+    fn enums() {
+        assert_eq!(parse_dataplane_mode("ebpf"), Ok(DataplaneMode::Ebpf));
+        assert_eq!(
+            parse_dataplane_mode("userspace"),
+            Ok(DataplaneMode::Userspace)
+        );
+        let e = parse_dataplane_mode("kernel").unwrap_err();
+        assert!(e.contains("auto, ebpf, userspace"), "{e}");
+        assert_eq!(parse_balance("least_conn"), Ok(BalanceMethod::LeastConn));
+        assert_eq!(parse_balance("ip_hash"), Ok(BalanceMethod::IpHash));
+        let e = parse_balance("hash").unwrap_err();
+        assert!(
+            e.contains("round_robin, least_conn, ip_hash, client_id"),
+            "{e}"
+        );
+        assert_eq!(parse_proxy_protocol("v2"), Ok(ProxyProtocol::V2));
+        assert!(
+            parse_proxy_protocol("on")
+                .unwrap_err()
+                .contains("off, v1, v2")
+        );
+        assert_eq!(parse_listener_kind("tcp"), Ok(ListenerKind::Tcp));
+        for kind in ["tls", "ws", "wss"] {
+            assert_eq!(
+                parse_listener_kind(kind).unwrap_err(),
+                format!("listener kind \"{kind}\" is not supported yet")
+            );
+        }
+        assert!(
+            parse_listener_kind("udp")
+                .unwrap_err()
+                .contains("expected one of: tcp")
+        );
+        assert!(parse_listener_kind("TCP").is_err());
+    }
+
+    #[test]
+    fn access_log() {
+        assert_eq!(parse_access_log("off"), Ok(AccessLog::Off));
+        assert_eq!(parse_access_log("stderr"), Ok(AccessLog::Stderr));
+        assert_eq!(
+            parse_access_log("/var/log/mqsplice.log"),
+            Ok(AccessLog::File("/var/log/mqsplice.log".into()))
+        );
+        assert_eq!(
+            parse_access_log("stdout"),
+            Ok(AccessLog::File("stdout".into()))
+        );
+        assert!(parse_access_log("").is_err());
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(
+            parse_listen_addr("0.0.0.0:1883"),
+            Ok("0.0.0.0:1883".parse().unwrap())
+        );
+        assert_eq!(
+            parse_listen_addr("[::1]:1883"),
+            Ok("[::1]:1883".parse().unwrap())
+        );
+        assert!(parse_listen_addr("localhost:1883").is_err());
+        assert!(parse_listen_addr("0.0.0.0").is_err());
+        assert!(parse_listen_addr("0.0.0.0:70000").is_err());
+        assert_eq!(parse_stats_listen("off"), Ok(None));
+        assert_eq!(
+            parse_stats_listen("127.0.0.1:9"),
+            Ok(Some("127.0.0.1:9".parse().unwrap()))
+        );
+        assert!(parse_stats_listen("on").is_err());
+    }
+
+    #[test]
+    fn server_addresses() {
+        for ok in [
+            "emqx1.example:1883",
+            "127.0.0.1:18832",
+            "[::1]:1883",
+            "[2001:db8::5]:8883",
+            "emqx_1:1",
+            "emqx.example.:65535",
+        ] {
+            assert_eq!(check_server_addr(ok), Ok(()), "{ok}");
+        }
+        for (bad, needle) in [
+            ("emqx1", "no port"),
+            ("emqx1:", "invalid port"),
+            ("emqx1:0", "invalid port"),
+            ("emqx1:65536", "invalid port"),
+            ("emqx1:http", "invalid port"),
+            (":1883", "no host"),
+            ("::1:1883", "need brackets"),
+            ("[::1:1883", "brackets"),
+            ("[::1]x:1883", "brackets"),
+            ("[zz]:1883", "not an IPv6 address"),
+            ("bad host:1883", "not a valid host name"),
+            ("a..b:1883", "not a valid host name"),
+            ("-a:1883", "not a valid host name"),
+        ] {
+            let e = check_server_addr(bad).expect_err(bad);
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(
+            duration_value(&NumOrStr::Int(30)),
+            Ok(Duration::from_secs(30))
+        );
+        assert_eq!(duration_value(&s("1m30s")), Ok(Duration::from_secs(90)));
+        assert!(
+            duration_value(&NumOrStr::Int(-1))
+                .unwrap_err()
+                .contains("negative")
+        );
+        assert_eq!(
+            positive_duration(&s("500ms")),
+            Ok(Duration::from_millis(500))
+        );
+        assert!(
+            positive_duration(&NumOrStr::Int(0))
+                .unwrap_err()
+                .contains("greater than 0")
+        );
+        assert!(positive_duration(&s("0s")).is_err());
+        assert!(positive_duration(&s("0")).is_err());
+        assert_eq!(positive_duration(&s("365d")), Ok(MAX_DURATION));
+        assert!(
+            positive_duration(&s("365d1ms"))
+                .unwrap_err()
+                .contains("at most 365d")
+        );
+        assert!(
+            positive_duration(&NumOrStr::Int(i64::MAX))
+                .unwrap_err()
+                .contains("at most")
+        );
+
+        assert_eq!(size_in_range(&s("16KiB"), 1024, 1 << 24), Ok(16 * 1024));
+        assert_eq!(size_in_range(&NumOrStr::Int(1024), 1024, 1 << 24), Ok(1024));
+        assert_eq!(size_in_range(&s("16m"), 1024, 1 << 24), Ok(1 << 24));
+        let e = size_in_range(&s("1023"), 1024, 1 << 24).unwrap_err();
+        assert!(e.contains("between 1KiB and 16MiB"), "{e}");
+        assert!(size_in_range(&s("17M"), 1024, 1 << 24).is_err());
+        assert!(
+            size_in_range(&NumOrStr::Int(-5), 0, 10)
+                .unwrap_err()
+                .contains("negative")
+        );
+        let e = size_in_range(&NumOrStr::Int(63), MIN_CONNECT_SIZE, MAX_CONNECT_SIZE).unwrap_err();
+        assert!(e.contains("between 64 bytes and 256MiB"), "{e}");
+        assert_eq!(
+            size_in_range(&s("256MiB"), MIN_CONNECT_SIZE, MAX_CONNECT_SIZE),
+            Ok(256 << 20)
+        );
+    }
+
+    #[test]
+    fn integers() {
+        assert_eq!(weight_value(&1), Ok(1));
+        assert_eq!(weight_value(&0).unwrap_err(), "weight must be at least 1");
+        assert!(weight_value(&-3).is_err());
+        assert!(weight_value(&(1 << 40)).unwrap_err().contains("at most"));
+        assert_eq!(max_fails_value(&0), Ok(0));
+        assert!(max_fails_value(&-1).is_err());
+        assert_eq!(max_connections_value(&1), Ok(1));
+        assert!(
+            max_connections_value(&0)
+                .unwrap_err()
+                .contains("at least 1")
+        );
+    }
+
+    #[test]
+    fn listen_conflicts() {
+        let a = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        assert!(listen_conflict(a("0.0.0.0:1883"), a("0.0.0.0:1883")));
+        assert!(listen_conflict(a("0.0.0.0:1883"), a("127.0.0.1:1883")));
+        assert!(listen_conflict(a("127.0.0.1:1883"), a("0.0.0.0:1883")));
+        assert!(!listen_conflict(a("127.0.0.1:1883"), a("127.0.0.2:1883")));
+        assert!(!listen_conflict(a("0.0.0.0:1883"), a("0.0.0.0:1884")));
+        assert!(!listen_conflict(a("127.0.0.1:0"), a("127.0.0.1:0")));
+        assert!(!listen_conflict(a("0.0.0.0:1883"), a("[::1]:1883")));
+        assert!(listen_conflict(a("[::]:1883"), a("[::1]:1883")));
+    }
+}

@@ -13,7 +13,9 @@ pub struct AccessLog {
 
 impl std::fmt::Debug for AccessLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AccessLog").field("on", &self.sink.is_some()).finish()
+        f.debug_struct("AccessLog")
+            .field("on", &self.sink.is_some())
+            .finish()
     }
 }
 
@@ -39,11 +41,16 @@ impl AccessLog {
         let sink: Option<Box<dyn Write + Send>> = match config {
             AccessLogConfig::Off => None,
             AccessLogConfig::Stderr => Some(Box::new(std::io::stderr())),
-            AccessLogConfig::File(path) => {
-                Some(Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?))
-            }
+            AccessLogConfig::File(path) => Some(Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            )),
         };
-        Ok(AccessLog { sink: sink.map(Mutex::new) })
+        Ok(AccessLog {
+            sink: sink.map(Mutex::new),
+        })
     }
 
     /// Writes one line; a failing sink is ignored rather than taking connections down.
@@ -59,7 +66,9 @@ impl AccessLog {
 fn format_line(now: SystemTime, e: &Entry<'_>) -> String {
     let broker = e.broker.map_or_else(|| "-".to_string(), |b| b.to_string());
     // Debug formatting quotes and escapes the client id, so a hostile id cannot forge log lines.
-    let client_id = e.client_id.map_or_else(|| "-".to_string(), |id| format!("{id:?}"));
+    let client_id = e
+        .client_id
+        .map_or_else(|| "-".to_string(), |id| format!("{id:?}"));
     format!(
         "{} client={} client_id={} listener={} broker={} path={} bytes_to_broker={} bytes_to_client={} duration={:.3}s close={}\n",
         humantime::format_rfc3339_millis(now),

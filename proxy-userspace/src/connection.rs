@@ -21,26 +21,36 @@ use tokio::time::Instant;
 /// Serves one accepted client: read CONNECT → choose broker → connect → hand to the data plane.
 ///
 /// `_active` is taken by the accept loop, so `max_connections` counts this connection at once.
-pub async fn serve(ctx: Arc<ListenerContext>, _active: ActiveConnection, mut client: TcpStream, peer: SocketAddr) {
+pub async fn serve(
+    ctx: Arc<ListenerContext>,
+    _active: ActiveConnection,
+    mut client: TcpStream,
+    peer: SocketAddr,
+) {
     let started = Instant::now();
     let _ = client.set_nodelay(ctx.config.tcp_nodelay);
-    let log = |client_id: Option<&str>, broker: Option<SocketAddr>, end: Option<FlowEnd>, close: &str| {
-        ctx.access_log.write(&Entry {
-            client: peer,
-            client_id,
-            listener: &ctx.config.name,
-            broker,
-            path: ctx.dataplane.path().as_str(),
-            bytes_to_broker: end.map_or(0, |e| e.bytes_to_broker),
-            bytes_to_client: end.map_or(0, |e| e.bytes_to_client),
-            duration: started.elapsed(),
-            close,
-        })
-    };
+    let log =
+        |client_id: Option<&str>, broker: Option<SocketAddr>, end: Option<FlowEnd>, close: &str| {
+            ctx.access_log.write(&Entry {
+                client: peer,
+                client_id,
+                listener: &ctx.config.name,
+                broker,
+                path: ctx.dataplane.path().as_str(),
+                bytes_to_broker: end.map_or(0, |e| e.bytes_to_broker),
+                bytes_to_client: end.map_or(0, |e| e.bytes_to_client),
+                duration: started.elapsed(),
+                close,
+            })
+        };
 
     // 1. Read one complete CONNECT, within connect_packet_timeout.
     let deadline = started + ctx.config.connect_packet_timeout;
-    let read = tokio::time::timeout_at(deadline, read_connect(&mut client, ctx.config.max_connect_size)).await;
+    let read = tokio::time::timeout_at(
+        deadline,
+        read_connect(&mut client, ctx.config.max_connect_size),
+    )
+    .await;
     let (packet, connect) = match read {
         Ok(Ok(read)) => read,
         Ok(Err(ReadConnectError::Closed)) => {
@@ -54,14 +64,23 @@ pub async fn serve(ctx: Arc<ListenerContext>, _active: ActiveConnection, mut cli
             return log(None, None, None, reason.as_str());
         }
         Err(_elapsed) => {
-            refuse::refuse(&ctx, client, RejectReason::ConnectTimeout, None).await;
+            refuse::refuse(
+                &ctx,
+                client,
+                RejectReason::ConnectTimeout,
+                None::<mqtt::Connack>,
+            )
+            .await;
             return log(None, None, None, RejectReason::ConnectTimeout.as_str());
         }
     };
     let client_id = Some(connect.client_id.as_str());
 
     // 2. Choose a broker and connect, trying the next choice on failure.
-    let key = SelectKey { source_ip: peer.ip(), client_id: &connect.client_id };
+    let key = SelectKey {
+        source_ip: peer.ip(),
+        client_id: &connect.client_id,
+    };
     let mut broker = match ctx.upstream.connect(&key, ctx.config.tcp_nodelay).await {
         Ok(connected) => connected,
         Err(error) => {
@@ -80,10 +99,18 @@ pub async fn serve(ctx: Arc<ListenerContext>, _active: ActiveConnection, mut cli
     preamble.extend_from_slice(&packet);
     if let Err(error) = broker.stream.write_all(&preamble).await {
         tracing::warn!(client = %peer, broker = ?broker_addr, "writing the CONNECT failed: {error}");
-        return log(client_id, broker_addr, None, CloseReason::BrokerError.as_str());
+        return log(
+            client_id,
+            broker_addr,
+            None,
+            CloseReason::BrokerError.as_str(),
+        );
     }
-    server.bytes.add(crate::stats::Direction::ToBroker, packet.len() as u64);
-    ctx.bytes.add(crate::stats::Direction::ToBroker, packet.len() as u64);
+    server
+        .bytes
+        .add(crate::stats::Direction::ToBroker, packet.len() as u64);
+    ctx.bytes
+        .add(crate::stats::Direction::ToBroker, packet.len() as u64);
 
     // 4. Hand the pair to the data plane until both sides are done.
     ctx.count(|c| {
@@ -114,7 +141,9 @@ impl ActiveConnection {
         ctx.count(|c| {
             c.active.fetch_add(1, Relaxed);
         });
-        ActiveConnection { ctx: Arc::clone(ctx) }
+        ActiveConnection {
+            ctx: Arc::clone(ctx),
+        }
     }
 }
 

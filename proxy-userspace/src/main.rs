@@ -11,7 +11,11 @@ const EXIT_CONFIG: u8 = 2;
 const EXIT_RUNTIME: u8 = 1;
 
 #[derive(Parser)]
-#[command(name = "mqsplice", version, about = "MQTT load balancer with an in-kernel data path")]
+#[command(
+    name = "mqsplice",
+    version,
+    about = "MQTT load balancer with an in-kernel data path"
+)]
 struct Cli {
     /// Log filter: error, warn, info, debug, trace, or a tracing directive such as `mqsplice=debug`.
     #[arg(long, global = true, default_value = "info")]
@@ -37,10 +41,16 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level).unwrap_or_else(|e| {
-        eprintln!("mqsplice: bad --log-level {:?} ({e}); using info", cli.log_level);
+        eprintln!(
+            "mqsplice: bad --log-level {:?} ({e}); using info",
+            cli.log_level
+        );
         tracing_subscriber::EnvFilter::new("info")
     });
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
@@ -95,6 +105,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
 fn raise_open_file_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => tracing::info!("open-file limit: {limit}"),
-        Err(e) => tracing::warn!("could not raise the open-file limit ({e}); connections may be refused early"),
+        Err(e) => tracing::warn!(
+            "could not raise the open-file limit ({e}); connections may be refused early"
+        ),
     }
 }

@@ -92,23 +92,43 @@ mod tests {
 
     #[test]
     fn v1_ipv4_and_ipv6() {
-        let h = header(ProxyProtocol::V1, addr("192.0.2.7:40001"), addr("198.51.100.1:1883"));
+        let h = header(
+            ProxyProtocol::V1,
+            addr("192.0.2.7:40001"),
+            addr("198.51.100.1:1883"),
+        );
         assert_eq!(h, b"PROXY TCP4 192.0.2.7 198.51.100.1 40001 1883\r\n");
-        let h = header(ProxyProtocol::V1, addr("[2001:db8::7]:40001"), addr("[::1]:1883"));
+        let h = header(
+            ProxyProtocol::V1,
+            addr("[2001:db8::7]:40001"),
+            addr("[::1]:1883"),
+        );
         assert_eq!(h, b"PROXY TCP6 2001:db8::7 ::1 40001 1883\r\n");
     }
 
     #[test]
     fn v1_mixed_families_is_unknown_but_mapped_v4_is_v4() {
-        let h = header(ProxyProtocol::V1, addr("[2001:db8::7]:1"), addr("10.0.0.1:1883"));
+        let h = header(
+            ProxyProtocol::V1,
+            addr("[2001:db8::7]:1"),
+            addr("10.0.0.1:1883"),
+        );
         assert_eq!(h, b"PROXY UNKNOWN\r\n");
-        let h = header(ProxyProtocol::V1, addr("[::ffff:192.0.2.7]:1"), addr("[::ffff:10.0.0.1]:1883"));
+        let h = header(
+            ProxyProtocol::V1,
+            addr("[::ffff:192.0.2.7]:1"),
+            addr("[::ffff:10.0.0.1]:1883"),
+        );
         assert_eq!(h, b"PROXY TCP4 192.0.2.7 10.0.0.1 1 1883\r\n");
     }
 
     #[test]
     fn v2_ipv4_layout() {
-        let h = header(ProxyProtocol::V2, addr("192.0.2.7:40001"), addr("198.51.100.1:1883"));
+        let h = header(
+            ProxyProtocol::V2,
+            addr("192.0.2.7:40001"),
+            addr("198.51.100.1:1883"),
+        );
         let mut want = V2_SIGNATURE.to_vec();
         want.extend_from_slice(&[0x21, 0x11, 0, 12]); // v2 PROXY, TCP over IPv4, 12 address bytes
         want.extend_from_slice(&[192, 0, 2, 7]); // source address
@@ -120,10 +140,20 @@ mod tests {
 
     #[test]
     fn v2_ipv6_layout() {
-        let h = header(ProxyProtocol::V2, addr("[2001:db8::7]:40001"), addr("[::1]:1883"));
+        let h = header(
+            ProxyProtocol::V2,
+            addr("[2001:db8::7]:40001"),
+            addr("[::1]:1883"),
+        );
         assert_eq!(&h[12..16], &[0x21, 0x21, 0, 36]);
         assert_eq!(h.len(), 16 + 36);
-        assert_eq!(&h[16..32], &"2001:db8::7".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        assert_eq!(
+            &h[16..32],
+            &"2001:db8::7"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets()
+        );
         assert_eq!(&h[48..50], &40001u16.to_be_bytes());
         assert_eq!(&h[50..52], &1883u16.to_be_bytes());
     }

@@ -24,7 +24,9 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { resolver: Arc::new(SystemResolver) }
+        Options {
+            resolver: Arc::new(SystemResolver),
+        }
     }
 }
 
@@ -48,7 +50,10 @@ pub struct Running {
 impl Running {
     /// The bound address of the listener called `name` (useful with port 0).
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
     }
 
     /// The bound address of the stats endpoint, if it is on.
@@ -82,14 +87,22 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 pub async fn start_with(config: Config, options: Options) -> anyhow::Result<Running> {
     let started = Instant::now();
     let dataplane = choose_dataplane(config.dataplane.mode)?;
-    tracing::info!(mode = dataplane.plane.path().as_str(), "data path: {}", dataplane.reason);
-    let access_log = Arc::new(AccessLog::open(&config.log.access).context("opening the access log")?);
+    tracing::info!(
+        mode = dataplane.plane.path().as_str(),
+        "data path: {}",
+        dataplane.reason
+    );
+    let access_log =
+        Arc::new(AccessLog::open(&config.log.access).context("opening the access log")?);
     let global = Arc::new(ConnectionCounters::default());
     let mut tasks = Vec::new();
 
     let mut upstreams: Vec<Arc<Upstream>> = Vec::new();
     for upstream_config in &config.upstreams {
-        let upstream = Arc::new(Upstream::new(upstream_config.clone(), options.resolver.clone()));
+        let upstream = Arc::new(Upstream::new(
+            upstream_config.clone(),
+            options.resolver.clone(),
+        ));
         upstream.resolve_all().await;
         tasks.push(tokio::spawn(upstream.clone().keep_resolving()));
         upstreams.push(upstream);
@@ -98,12 +111,24 @@ pub async fn start_with(config: Config, options: Options) -> anyhow::Result<Runn
     let mut contexts = Vec::new();
     let mut bound = Vec::new();
     for listener_config in &config.listeners {
-        let Some(upstream) = upstreams.iter().find(|u| u.config.name == listener_config.upstream) else {
-            bail!("listener {:?}: no upstream named {:?}", listener_config.name, listener_config.upstream);
+        let Some(upstream) = upstreams
+            .iter()
+            .find(|u| u.config.name == listener_config.upstream)
+        else {
+            bail!(
+                "listener {:?}: no upstream named {:?}",
+                listener_config.name,
+                listener_config.upstream
+            );
         };
         let socket = TcpListener::bind(listener_config.listen)
             .await
-            .with_context(|| format!("listener {:?}: cannot listen on {}", listener_config.name, listener_config.listen))?;
+            .with_context(|| {
+                format!(
+                    "listener {:?}: cannot listen on {}",
+                    listener_config.name, listener_config.listen
+                )
+            })?;
         let addr = socket.local_addr()?;
         tracing::info!(listener = %listener_config.name, %addr, upstream = %upstream.config.name, "listening");
         let ctx = Arc::new(ListenerContext {
@@ -137,7 +162,12 @@ pub async fn start_with(config: Config, options: Options) -> anyhow::Result<Runn
         }
         None => None,
     };
-    Ok(Running { listeners: bound, stats_addr, snapshot, tasks })
+    Ok(Running {
+        listeners: bound,
+        stats_addr,
+        snapshot,
+        tasks,
+    })
 }
 
 fn choose_dataplane(mode: DataplaneMode) -> anyhow::Result<DataplaneChoice> {
@@ -177,8 +207,10 @@ fn stats_json(
             (ctx.config.name.clone(), entry)
         })
         .collect();
-    let upstreams: Map<String, Value> =
-        upstreams.iter().map(|u| (u.config.name.clone(), u.to_json())).collect();
+    let upstreams: Map<String, Value> = upstreams
+        .iter()
+        .map(|u| (u.config.name.clone(), u.to_json()))
+        .collect();
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_secs": started.elapsed().as_secs(),

@@ -143,7 +143,9 @@ pub struct Upstream {
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Upstream").field("name", &self.config.name).finish_non_exhaustive()
+        f.debug_struct("Upstream")
+            .field("name", &self.config.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -153,11 +155,26 @@ impl Upstream {
         let specs: Vec<ServerSpec> = config
             .servers
             .iter()
-            .map(|s| ServerSpec { key: s.addr.clone(), weight: s.weight, backup: s.backup, down: s.down })
+            .map(|s| ServerSpec {
+                key: s.addr.clone(),
+                weight: s.weight,
+                backup: s.backup,
+                down: s.down,
+            })
             .collect();
         let balancer = Balancer::new(config.balance, &specs);
-        let servers = config.servers.iter().cloned().map(|s| Arc::new(Server::new(s))).collect();
-        Upstream { config, servers, balancer, resolver }
+        let servers = config
+            .servers
+            .iter()
+            .cloned()
+            .map(|s| Arc::new(Server::new(s)))
+            .collect();
+        Upstream {
+            config,
+            servers,
+            balancer,
+            resolver,
+        }
     }
 
     /// The servers, in configuration order.
@@ -178,7 +195,9 @@ impl Upstream {
                         server.addrs.store(Arc::new(addrs));
                     }
                 }
-                Ok(_) => tracing::warn!(server = %server.config.addr, "name resolved to no address"),
+                Ok(_) => {
+                    tracing::warn!(server = %server.config.addr, "name resolved to no address")
+                }
                 Err(e) => tracing::warn!(server = %server.config.addr, "cannot resolve: {e}"),
             }
         }
@@ -186,7 +205,10 @@ impl Upstream {
 
     /// Re-resolves host names every `resolve_interval`, forever; literal addresses never change.
     pub async fn keep_resolving(self: Arc<Self>) {
-        let has_names = self.servers.iter().any(|s| s.config.addr.parse::<SocketAddr>().is_err());
+        let has_names = self
+            .servers
+            .iter()
+            .any(|s| s.config.addr.parse::<SocketAddr>().is_err());
         if !has_names {
             return;
         }
@@ -201,7 +223,11 @@ impl Upstream {
 
     /// Chooses a server and connects, trying the next choice after a failure until
     /// `connect_timeout` runs out (NGINX's `proxy_next_upstream`).
-    pub async fn connect(&self, key: &SelectKey<'_>, nodelay: bool) -> Result<Connected, ConnectFailure> {
+    pub async fn connect(
+        &self,
+        key: &SelectKey<'_>,
+        nodelay: bool,
+    ) -> Result<Connected, ConnectFailure> {
         let deadline = Instant::now() + self.config.connect_timeout;
         // Servers per upstream are few; one small allocation per connection, not per message.
         let mut tried = vec![false; self.servers.len()];
@@ -217,12 +243,17 @@ impl Upstream {
             attempts += 1;
             let server = &self.servers[index];
             server.active.fetch_add(1, Relaxed);
-            let guard = ActiveGuard { server: server.clone() };
+            let guard = ActiveGuard {
+                server: server.clone(),
+            };
             match tokio::time::timeout_at(deadline, connect_any(&server.addrs())).await {
                 Ok(Ok(stream)) => {
                     server.health.record_success();
                     let _ = stream.set_nodelay(nodelay);
-                    return Ok(Connected { stream, server: guard });
+                    return Ok(Connected {
+                        stream,
+                        server: guard,
+                    });
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(server = %server.config.addr, "connect failed: {e}");

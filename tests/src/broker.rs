@@ -64,10 +64,11 @@ pub struct ChildBroker {
 }
 
 impl ChildBroker {
-    /// Starts `test-broker` on a free port and waits until it accepts connections.
-    pub fn start() -> ChildBroker {
+    /// Starts `program` (pass `env!("CARGO_BIN_EXE_test-broker")` from an integration test) on a
+    /// free port and waits until it accepts connections.
+    pub fn start(program: &str) -> ChildBroker {
         let addr: SocketAddr = format!("127.0.0.1:{}", crate::free_port()).parse().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_test-broker"))
+        let child = Command::new(program)
             .arg(addr.to_string())
             .spawn()
             .expect("spawn test-broker");
@@ -92,7 +93,10 @@ impl Drop for ChildBroker {
 pub fn wait_for_port(addr: SocketAddr, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listening on {addr} after {timeout:?}");
+        assert!(
+            Instant::now() < deadline,
+            "nothing listening on {addr} after {timeout:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

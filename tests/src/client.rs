@@ -26,7 +26,11 @@ pub async fn connect(addr: SocketAddr, client_id: &str) -> anyhow::Result<Client
         }
     })
     .await??;
-    anyhow::ensure!(connack.code == rumqttc::ConnectReturnCode::Success, "CONNACK {:?}", connack.code);
+    anyhow::ensure!(
+        connack.code == rumqttc::ConnectReturnCode::Success,
+        "CONNACK {:?}",
+        connack.code
+    );
     Ok(Client { client, events })
 }
 
@@ -50,7 +54,9 @@ impl Client {
         timeout(Duration::from_secs(10), async {
             loop {
                 match (qos, self.events.poll().await?) {
-                    (QoS::AtMostOnce, Event::Outgoing(rumqttc::Outgoing::Publish(_))) => return anyhow::Ok(()),
+                    (QoS::AtMostOnce, Event::Outgoing(rumqttc::Outgoing::Publish(_))) => {
+                        return anyhow::Ok(());
+                    }
                     (QoS::AtLeastOnce, Event::Incoming(Packet::PubAck(_))) => return anyhow::Ok(()),
                     _ => continue,
                 }

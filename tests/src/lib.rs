@@ -27,7 +27,11 @@ impl Mode {
 /// A free loopback TCP port (bound, then released: good enough for tests that must pass a port
 /// to a broker that cannot bind port 0 and report it).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `condition` every 10 ms until it holds or `timeout` passes; true when it held.

@@ -15,21 +15,34 @@ pub async fn start(toml: &str) -> Running {
 /// Starts mqsplice in process with custom options (a test resolver).
 pub async fn start_with(toml: &str, options: mqsplice::Options) -> Running {
     let config = Config::from_toml_str(toml).unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
-    mqsplice::start_with(config, options).await.expect("start mqsplice")
+    mqsplice::start_with(config, options)
+        .await
+        .expect("start mqsplice")
 }
 
 /// `servers = [...]` entries for the given broker addresses, each with `extra` keys.
 pub fn servers(addrs: &[SocketAddr], extra: &str) -> String {
     let entries: Vec<String> = addrs
         .iter()
-        .map(|a| if extra.is_empty() { format!("{{ addr = \"{a}\" }}") } else { format!("{{ addr = \"{a}\", {extra} }}") })
+        .map(|a| {
+            if extra.is_empty() {
+                format!("{{ addr = \"{a}\" }}")
+            } else {
+                format!("{{ addr = \"{a}\", {extra} }}")
+            }
+        })
         .collect();
     format!("[{}]", entries.join(", "))
 }
 
 /// A one-listener, one-upstream configuration on the data path `mode`, with `upstream_extra`
 /// and `listener_extra` lines appended to those tables.
-pub fn config(mode: crate::Mode, servers: &str, upstream_extra: &str, listener_extra: &str) -> String {
+pub fn config(
+    mode: crate::Mode,
+    servers: &str,
+    upstream_extra: &str,
+    listener_extra: &str,
+) -> String {
     format!(
         r#"
 [stats]
@@ -55,7 +68,10 @@ upstream = "brokers"
 
 /// `upstreams.brokers.servers[i].total` for every server, in order.
 pub fn totals(stats: &Value) -> Vec<u64> {
-    server_field(stats, "total").iter().map(|v| v.as_u64().unwrap()).collect()
+    server_field(stats, "total")
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect()
 }
 
 /// One field of every server of upstream `brokers`.
@@ -74,15 +90,24 @@ pub fn binary() -> PathBuf {
     let path = std::env::var_os("MQSPLICE_BIN")
         .expect("MQSPLICE_BIN is not set: run the per-process tests through `cargo xtask test`");
     let path = PathBuf::from(path);
-    assert!(path.is_file(), "MQSPLICE_BIN={} is not a file", path.display());
+    assert!(
+        path.is_file(),
+        "MQSPLICE_BIN={} is not a file",
+        path.display()
+    );
     path
 }
 
 /// Fetches `GET /stats` over HTTP, as an operator would.
 pub async fn fetch_stats(addr: SocketAddr) -> Value {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("stats connect");
-    stream.write_all(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("stats connect");
+    stream
+        .write_all(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.unwrap();
     let text = String::from_utf8(response).unwrap();

@@ -27,7 +27,10 @@ impl From<std::io::Error> for ReadConnectError {
 const VERSION_PREFIX: usize = 9;
 
 /// Reads one CONNECT (the whole packet's bytes and its parsed fields).
-pub async fn read_connect(client: &mut TcpStream, max_size: usize) -> Result<(Vec<u8>, Connect), ReadConnectError> {
+pub async fn read_connect(
+    client: &mut TcpStream,
+    max_size: usize,
+) -> Result<(Vec<u8>, Connect), ReadConnectError> {
     let mut packet = Vec::with_capacity(128);
     let mut sniffed = false;
     loop {
@@ -50,7 +53,11 @@ pub async fn read_connect(client: &mut TcpStream, max_size: usize) -> Result<(Ve
     }
 }
 
-async fn read_more(client: &mut TcpStream, packet: &mut Vec<u8>, n: usize) -> Result<(), ReadConnectError> {
+async fn read_more(
+    client: &mut TcpStream,
+    packet: &mut Vec<u8>,
+    n: usize,
+) -> Result<(), ReadConnectError> {
     let start = packet.len();
     packet.resize(start + n, 0);
     client.read_exact(&mut packet[start..]).await?;

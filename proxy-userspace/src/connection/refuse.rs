@@ -12,7 +12,12 @@ const LINGER_BYTES: usize = 64 * 1024;
 
 /// Counts the refusal, sends the CONNACK if there is one, then half-closes and drains the
 /// client until EOF (bounded), so its stack does not turn the CONNACK into a reset.
-pub async fn refuse(ctx: &ListenerContext, mut client: TcpStream, reason: RejectReason, connack: Option<impl AsRef<[u8]>>) {
+pub async fn refuse(
+    ctx: &ListenerContext,
+    mut client: TcpStream,
+    reason: RejectReason,
+    connack: Option<impl AsRef<[u8]>>,
+) {
     ctx.count(|c| c.reject(reason));
     let Some(connack) = connack else { return };
     if client.write_all(connack.as_ref()).await.is_err() || client.shutdown().await.is_err() {

@@ -36,12 +36,30 @@ enum Failure {
 }
 
 async fn copy_flow(mut flow: Flow) -> FlowEnd {
-    let progress = Progress { started: Instant::now(), last_activity_ms: AtomicU64::new(0), moved: Default::default() };
+    let progress = Progress {
+        started: Instant::now(),
+        last_activity_ms: AtomicU64::new(0),
+        moved: Default::default(),
+    };
     let (client_read, client_write) = flow.client.split();
     let (broker_read, broker_write) = flow.broker.split();
     let (meters, size) = (&flow.meters, flow.buffer_size);
-    let up = copy_direction(client_read, broker_write, size, Direction::ToBroker, meters, &progress);
-    let down = copy_direction(broker_read, client_write, size, Direction::ToClient, meters, &progress);
+    let up = copy_direction(
+        client_read,
+        broker_write,
+        size,
+        Direction::ToBroker,
+        meters,
+        &progress,
+    );
+    let down = copy_direction(
+        broker_read,
+        client_write,
+        size,
+        Direction::ToClient,
+        meters,
+        &progress,
+    );
     tokio::pin!(up, down);
 
     let (mut up_done, mut down_done) = (false, false);
@@ -96,7 +114,8 @@ struct Progress {
 impl Progress {
     fn record(&self, dir: Direction, n: u64) {
         self.moved[dir as usize].fetch_add(n, Relaxed);
-        self.last_activity_ms.store(self.started.elapsed().as_millis() as u64, Relaxed);
+        self.last_activity_ms
+            .store(self.started.elapsed().as_millis() as u64, Relaxed);
     }
 
     fn last_activity(&self) -> Instant {

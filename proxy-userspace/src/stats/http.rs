@@ -30,12 +30,21 @@ pub async fn serve_stats(listener: TcpListener, snapshot: Arc<dyn Fn() -> Value 
     }
 }
 
-async fn answer(mut stream: TcpStream, snapshot: &(dyn Fn() -> Value + Send + Sync)) -> std::io::Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    snapshot: &(dyn Fn() -> Value + Send + Sync),
+) -> std::io::Result<()> {
     let mut request = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     while !request.windows(4).any(|w| w == b"\r\n\r\n") {
         if request.len() > MAX_REQUEST {
-            return respond(&mut stream, "431 Request Header Fields Too Large", "text/plain", b"too large\n").await;
+            return respond(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                b"too large\n",
+            )
+            .await;
         }
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
@@ -45,7 +54,10 @@ async fn answer(mut stream: TcpStream, snapshot: &(dyn Fn() -> Value + Send + Sy
     }
     let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
     let mut parts = line.split(|&b| b == b' ');
-    let (method, target) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+    let (method, target) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
     let path = target.split(|&b| b == b'?').next().unwrap_or_default();
     match (method, path) {
         (b"GET", b"/stats") => {
@@ -53,12 +65,33 @@ async fn answer(mut stream: TcpStream, snapshot: &(dyn Fn() -> Value + Send + Sy
             body.push(b'\n');
             respond(&mut stream, "200 OK", "application/json", &body).await
         }
-        (b"GET", _) => respond(&mut stream, "404 Not Found", "text/plain", b"try GET /stats\n").await,
-        _ => respond(&mut stream, "405 Method Not Allowed", "text/plain", b"only GET\n").await,
+        (b"GET", _) => {
+            respond(
+                &mut stream,
+                "404 Not Found",
+                "text/plain",
+                b"try GET /stats\n",
+            )
+            .await
+        }
+        _ => {
+            respond(
+                &mut stream,
+                "405 Method Not Allowed",
+                "text/plain",
+                b"only GET\n",
+            )
+            .await
+        }
     }
 }
 
-async fn respond(stream: &mut TcpStream, status: &str, content_type: &str, body: &[u8]) -> std::io::Result<()> {
+async fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()

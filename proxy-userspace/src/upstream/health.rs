@@ -23,7 +23,11 @@ struct State {
 impl Health {
     /// `max_fails = 0` turns passive health off, as in NGINX.
     pub fn new(max_fails: u32, fail_timeout: Duration) -> Health {
-        Health { max_fails, fail_timeout, state: Mutex::new(State::default()) }
+        Health {
+            max_fails,
+            fail_timeout,
+            state: Mutex::new(State::default()),
+        }
     }
 
     /// Whether the server may be chosen at `now`.
@@ -38,7 +42,9 @@ impl Health {
             return false;
         }
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let window_open = state.window_start.is_some_and(|start| now < start + self.fail_timeout);
+        let window_open = state
+            .window_start
+            .is_some_and(|start| now < start + self.fail_timeout);
         if !window_open {
             state.fails = 0;
             state.window_start = Some(now);

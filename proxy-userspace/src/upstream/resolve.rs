@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 
 /// A future returned by [`Resolve::resolve`].
-pub type ResolveFuture<'a> = Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>>;
+pub type ResolveFuture<'a> =
+    Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>>;
 
 /// Resolves a server's configured `host:port`.
 pub trait Resolve: Send + Sync + 'static {

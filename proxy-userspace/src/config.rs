@@ -82,6 +82,29 @@ pub enum BalanceMethod {
     ClientId,
 }
 
+impl BalanceMethod {
+    /// The configuration spelling, also used in stats.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BalanceMethod::RoundRobin => "round_robin",
+            BalanceMethod::LeastConn => "least_conn",
+            BalanceMethod::IpHash => "ip_hash",
+            BalanceMethod::ClientId => "client_id",
+        }
+    }
+}
+
+impl DataplaneMode {
+    /// The configuration spelling, also used in stats.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataplaneMode::Auto => "auto",
+            DataplaneMode::Ebpf => "ebpf",
+            DataplaneMode::Userspace => "userspace",
+        }
+    }
+}
+
 /// PROXY protocol header written to the broker before the CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProxyProtocol {

@@ -216,7 +216,7 @@ fn stats_json(
         "uptime_secs": started.elapsed().as_secs(),
         "dataplane": {
             "mode": dataplane.plane.path().as_str(),
-            "requested": format!("{:?}", dataplane.requested).to_lowercase(),
+            "requested": dataplane.requested.as_str(),
             "reason": dataplane.reason,
         },
         "connections": global.to_json(),

@@ -8,7 +8,7 @@ mod health;
 mod resolve;
 
 pub use health::Health;
-pub use resolve::{Resolve, SystemResolver};
+pub use resolve::{Resolve, ResolveFuture, SystemResolver};
 
 use crate::balance::{Balancer, SelectKey, ServerSpec};
 use crate::config::{ServerConfig, UpstreamConfig};
@@ -272,7 +272,7 @@ impl Upstream {
     pub fn to_json(&self) -> Value {
         let now = Instant::now();
         json!({
-            "balance": format!("{:?}", self.config.balance),
+            "balance": self.config.balance.as_str(),
             "servers": self.servers.iter().map(|s| s.to_json(now)).collect::<Vec<_>>(),
         })
     }

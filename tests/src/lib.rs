@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod client;
+pub mod daemon;
 pub mod proxy;
 pub mod raw;
 

@@ -1,0 +1,138 @@
+//! The built `mqsplice` binary as a child process, for checks of the daemon itself
+//! (exit codes, its own descriptors and memory, its logs).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A running `mqsplice run` with its config file and everything it wrote to stderr.
+pub struct Daemon {
+    pub child: Child,
+    pub listen: SocketAddr,
+    pub stats: SocketAddr,
+    pub config_path: PathBuf,
+    stderr: Arc<Mutex<String>>,
+}
+
+/// A config for the daemon on fixed free ports, returned with those ports.
+pub fn config_for(
+    brokers: &[SocketAddr],
+    extra_upstream: &str,
+) -> (String, SocketAddr, SocketAddr) {
+    let listen: SocketAddr = format!("127.0.0.1:{}", crate::free_port()).parse().unwrap();
+    let stats: SocketAddr = format!("127.0.0.1:{}", crate::free_port()).parse().unwrap();
+    let text = format!(
+        r#"[stats]
+listen = "{stats}"
+[dataplane]
+mode = "userspace"
+[log]
+access = "stderr"
+[[upstream]]
+name = "brokers"
+servers = {servers}
+{extra_upstream}
+[[listener]]
+name = "mqtt"
+kind = "tcp"
+listen = "{listen}"
+upstream = "brokers"
+"#,
+        servers = crate::proxy::servers(brokers, "")
+    );
+    (text, listen, stats)
+}
+
+/// Writes `text` to a fresh temporary file and returns its path.
+pub fn write_config(text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "mqsplice-test-{}-{}",
+        std::process::id(),
+        crate::free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("mqsplice.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+impl Daemon {
+    /// Starts `MQSPLICE_BIN run --config` with `text` and waits until the listener accepts.
+    pub fn start(text: &str, listen: SocketAddr, stats: SocketAddr) -> Daemon {
+        let config_path = write_config(text);
+        let mut child = Command::new(crate::proxy::binary())
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mqsplice");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut all = sink.lock().unwrap();
+                all.push_str(&line);
+                all.push('\n');
+            }
+        });
+        crate::broker::wait_for_port(listen, Duration::from_secs(20));
+        Daemon {
+            child,
+            listen,
+            stats,
+            config_path,
+            stderr,
+        }
+    }
+
+    /// Everything the daemon wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// The number of open descriptors of the daemon process.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .unwrap()
+            .count()
+    }
+
+    /// Resident memory of the daemon process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        for _ in 0..100 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        panic!("mqsplice did not exit within 5 s of SIGTERM");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

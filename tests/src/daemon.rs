@@ -60,7 +60,8 @@ pub fn write_config(text: &str) -> PathBuf {
 }
 
 impl Daemon {
-    /// Starts `MQSPLICE_BIN run --config` with `text` and waits until the listener accepts.
+    /// Starts `MQSPLICE_BIN run --config` with `text` and waits until it serves stats (bound
+    /// after every listener, so probing it leaves no stray connection on the MQTT port).
     pub fn start(text: &str, listen: SocketAddr, stats: SocketAddr) -> Daemon {
         let config_path = write_config(text);
         let mut child = Command::new(crate::proxy::binary())
@@ -81,7 +82,7 @@ impl Daemon {
                 all.push('\n');
             }
         });
-        crate::broker::wait_for_port(listen, Duration::from_secs(20));
+        crate::broker::wait_for_port(stats, Duration::from_secs(20));
         Daemon {
             child,
             listen,

@@ -28,11 +28,13 @@ struct Cli {
 enum Command {
     /// Run the proxy with a configuration file.
     Run {
+        /// Path of the TOML configuration file.
         #[arg(long, short)]
         config: PathBuf,
     },
     /// Validate a configuration file and exit (0 when valid).
     Check {
+        /// Path of the TOML configuration file.
         #[arg(long, short)]
         config: PathBuf,
     },

@@ -7,3 +7,7 @@ pub mod balance;
 pub mod config;
 pub mod mqtt;
 pub mod reject;
+// Worktree-only wiring until the real `dataplane.rs` (owned by the main author) declares it.
+pub mod dataplane {
+    pub mod ebpf;
+}

@@ -44,7 +44,7 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     let cookie: FlowKey = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the entry is copied out at once, so no reference outlives this statement even if
     // userspace rewrites or deletes the entry concurrently.
-    let Some(entry) = (unsafe { MQS_PEERS.get(&cookie) }).copied() else {
+    let Some(entry) = (unsafe { MQS_PEERS.get(cookie) }).copied() else {
         return Ok(SK_PASS);
     };
     let mut peer = entry.peer_cookie;

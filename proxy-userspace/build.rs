@@ -49,11 +49,13 @@ fn check_toolchain() -> anyhow::Result<()> {
         .env_remove("RUSTUP_TOOLCHAIN")
         .output()
         .with_context(|| {
-            format!("cannot run `rustup run nightly rustc`; the eBPF programs need rustup's nightly toolchain: {SETUP_HINT}")
+            "cannot run `rustup run nightly rustc`: the eBPF programs need rustup with a nightly \
+             toolchain; install one, then run `cargo xtask setup`"
         })?;
     if !out.status.success() {
         bail!(
-            "the nightly Rust toolchain is not usable ({}); {SETUP_HINT}",
+            "the nightly Rust toolchain is not usable ({}); install it with rustup, then run \
+             `cargo xtask setup`",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }

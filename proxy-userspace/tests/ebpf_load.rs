@@ -58,7 +58,9 @@ fn sockhash_splices_client_to_echo_server() {
     let pin_dir = format!("/sys/fs/bpf/mqsplice-test-{}", std::process::id());
     let mut programs = match EbpfPrograms::load_with_pin_dir(&pin_dir) {
         Ok(p) => p,
-        Err(e @ EbpfUnavailable::NotPermitted(_)) => return skip_or_fail(&e.to_string()),
+        Err(e @ (EbpfUnavailable::NotPermitted(_) | EbpfUnavailable::NotBuilt)) => {
+            return skip_or_fail(&e.to_string());
+        }
         Err(e) if euid != 0 => return skip_or_fail(&format!("not root (euid {euid}): {e}")),
         Err(e) => panic!("loading the eBPF data plane as root failed: {e}"),
     };

@@ -96,6 +96,13 @@ impl EbpfPrograms {
     /// instances (tests, a second daemon) do not fight over one directory.
     pub fn load_with_pin_dir(pin_dir: impl AsRef<Path>) -> Result<Self, EbpfUnavailable> {
         let pin_dir = pin_dir.as_ref().to_path_buf();
+        Self::load_into(pin_dir.clone()).inspect_err(|_| {
+            // Do not leave an empty directory behind from a failed attempt (non-empty = in use).
+            let _ = fs::remove_dir(&pin_dir);
+        })
+    }
+
+    fn load_into(pin_dir: PathBuf) -> Result<Self, EbpfUnavailable> {
         if OBJECT.is_empty() {
             return Err(EbpfUnavailable::NotBuilt);
         }

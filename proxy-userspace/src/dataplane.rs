@@ -5,6 +5,8 @@
 //! behind the same trait and asks, through [`DataPlane::connect_handling`], to have the CONNECT
 //! left in the client socket for the kernel to forward.
 
+#[allow(unsafe_code)]
+pub mod ebpf;
 mod userspace;
 
 pub use userspace::UserspaceCopy;

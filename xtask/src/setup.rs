@@ -19,7 +19,7 @@ const DEB_PACKAGES: &[&str] = &["bpftool", "mosquitto", "mosquitto-clients"];
 pub fn setup() -> Result<()> {
     rust_src().context("setup: rust-src for the nightly toolchain")?;
     bpf_linker().context("setup: bpf-linker")?;
-    debian_packages().context("setup: Debian packages")?;
+    debian_packages(DEB_PACKAGES).context("setup: Debian packages")?;
     bpffs().context("setup: bpffs at /sys/fs/bpf")?;
     Ok(())
 }
@@ -129,13 +129,14 @@ fn deb_installed(pkg: &str) -> bool {
         .is_some_and(|s| s.trim() == "install ok installed")
 }
 
-fn debian_packages() -> Result<()> {
-    let missing: Vec<&str> = DEB_PACKAGES
+/// Installs the Debian packages in `packages` that are missing (apt-get update only if any are).
+pub fn debian_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| !deb_installed(p))
         .collect();
-    for p in DEB_PACKAGES.iter().filter(|p| !missing.contains(p)) {
+    for p in packages.iter().filter(|p| !missing.contains(p)) {
         report(p, "already present");
     }
     if missing.is_empty() {

@@ -512,6 +512,7 @@ async fn garbage(mode: Mode) {
         "every garbage connection accounted for exactly once: {}",
         running.stats()
     );
+    eprintln!("after fuzz: {}", running.stats()["connections"]);
     assert_eq!(PANICS.load(Relaxed), 0, "something panicked");
     tokio::time::timeout(
         Duration::from_secs(20),

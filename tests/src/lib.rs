@@ -1,6 +1,7 @@
 //! Test harness: real brokers (embedded rumqttd, or a child process that can be killed), real
 //! clients (rumqttc), and mqsplice itself, in process or as the built binary.
 
+pub mod backend;
 pub mod broker;
 pub mod client;
 pub mod daemon;

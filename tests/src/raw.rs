@@ -57,3 +57,61 @@ pub fn publish_qos0(topic: &str, payload: &[u8]) -> Vec<u8> {
     packet.extend(body);
     packet
 }
+
+/// How a peer ended a connection as seen by a reader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// An orderly FIN: every byte sent before it was delivered.
+    Eof,
+    /// A reset (the peer closed with unread input); bytes in flight may be lost.
+    Reset,
+}
+
+/// Reads everything until the peer closes; panics if it is still open after `wait`.
+/// Refusal tests need both the bytes and whether the close was orderly.
+pub async fn read_to_close(
+    stream: &mut tokio::net::TcpStream,
+    wait: std::time::Duration,
+) -> (Vec<u8>, Closed) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let ended = tokio::time::timeout(wait, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) => return Closed::Eof,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(_) => return Closed::Reset,
+            }
+        }
+    })
+    .await;
+    match ended {
+        Ok(closed) => (got, closed),
+        Err(_) => panic!(
+            "peer still open after {wait:?} ({} bytes read: {:02x?})",
+            got.len(),
+            &got[..got.len().min(32)]
+        ),
+    }
+}
+
+/// Reads exactly `n` bytes; panics on EOF, error or after `wait`.
+pub async fn read_exactly(
+    stream: &mut tokio::net::TcpStream,
+    n: usize,
+    wait: std::time::Duration,
+) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; n];
+    tokio::time::timeout(wait, stream.read_exact(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("{n} bytes not read within {wait:?}"))
+        .unwrap_or_else(|e| panic!("reading {n} bytes: {e}"));
+    buf
+}
+
+/// `n` bytes of a recognisable pattern (so a reordering or a dropped chunk shows up).
+pub fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8 ^ seed).collect()
+}

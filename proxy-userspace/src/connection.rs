@@ -93,6 +93,12 @@ pub async fn serve(
     let server = broker.server.server().clone();
     let broker_addr = broker.stream.peer_addr().ok();
 
+    // From here on the connection counts as handled by this broker, whatever happens next.
+    ctx.count(|c| {
+        c.handled.fetch_add(1, Relaxed);
+    });
+    server.total.fetch_add(1, Relaxed);
+
     // 3. The PROXY header (if on) and the CONNECT, unchanged.
     let local = client.local_addr().unwrap_or(peer);
     let mut preamble = proxy_protocol::header(ctx.upstream.config.proxy_protocol, peer, local);
@@ -113,10 +119,6 @@ pub async fn serve(
         .add(crate::stats::Direction::ToBroker, packet.len() as u64);
 
     // 4. Hand the pair to the data plane until both sides are done.
-    ctx.count(|c| {
-        c.handled.fetch_add(1, Relaxed);
-    });
-    server.total.fetch_add(1, Relaxed);
     let flow = Flow {
         client,
         broker: broker.stream,

@@ -13,15 +13,46 @@ pub type SockCookie = u64;
 /// Key of the per-flow maps: one entry per spliced socket, named by its cookie.
 pub type FlowKey = SockCookie;
 
+/// Which way a socket's bytes travel once spliced: the index of the global counter they add to.
+pub mod direction {
+    /// The socket faces the client: what it receives goes to the broker (upstream).
+    pub const TO_UPSTREAM: u32 = 0;
+    /// The socket faces the broker: what it receives goes to the client.
+    pub const TO_CLIENT: u32 = 1;
+}
+
 /// Where bytes arriving on a socket must be forwarded: the value of the peer map.
 ///
-/// A struct rather than a bare `u64` so the splice work can add per-direction state (for example
-/// a byte budget before handing the flow back to userspace) without changing every map user.
+/// A struct rather than a bare `u64` so per-direction state (the direction now, a throttle flag
+/// with the backpressure work) travels with the one lookup the program already does.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerEntry {
     /// Cookie of the socket the verdict program redirects this socket's data to.
     pub peer_cookie: SockCookie,
+    /// [`direction::TO_UPSTREAM`] or [`direction::TO_CLIENT`].
+    pub direction: u32,
+    /// Explicit padding, always zero, so both sides agree on every byte.
+    pub _pad: u32,
+}
+
+/// Global counters of the verdict program, one slot per CPU in a per-CPU array of length 1.
+///
+/// Summed by the daemon for `GET /stats`; kept in the kernel because spliced bytes never pass
+/// through the daemon.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalCounters {
+    /// Bytes redirected client → broker.
+    pub bytes_to_upstream: u64,
+    /// Bytes redirected broker → client.
+    pub bytes_to_client: u64,
+    /// skbs redirected (both directions).
+    pub packets: u64,
+    /// Zero-length skbs (bare FINs) dropped; the daemon propagates FIN itself.
+    pub empty_dropped: u64,
+    /// skbs whose redirect failed because the peer was not in the socket map (data lost).
+    pub redirect_failed: u64,
 }
 
 /// Per-socket traffic counters kept by the kernel program.
@@ -37,8 +68,9 @@ pub struct FlowCounters {
     pub packets: u64,
 }
 
-// SAFETY: `PeerEntry` is `#[repr(C)]`, `Copy`, has a single `u64` field (no padding) and every bit
-// pattern is a valid value, which is what `Pod` requires for copying it through map syscalls.
+// SAFETY: `PeerEntry` is `#[repr(C)]`, `Copy`, made of a `u64` and two `u32` (no implicit padding)
+// and every bit pattern is a valid value, which is what `Pod` requires for copying it through map
+// syscalls.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for PeerEntry {}
 
@@ -46,6 +78,11 @@ unsafe impl aya::Pod for PeerEntry {}
 // bit pattern is a valid value, which is what `Pod` requires for copying it through map syscalls.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for FlowCounters {}
+
+// SAFETY: `GlobalCounters` is `#[repr(C)]`, `Copy`, made only of `u64` fields (no padding) and every
+// bit pattern is a valid value, which is what `Pod` requires for copying it through map syscalls.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for GlobalCounters {}
 
 #[cfg(test)]
 mod tests {
@@ -55,7 +92,8 @@ mod tests {
     fn layouts_match_the_kernel_side() {
         // The BPF program and the daemon are compiled for different targets; pin the sizes so a
         // field added on one side only shows up here rather than as garbage in a map.
-        assert_eq!(core::mem::size_of::<PeerEntry>(), 8);
+        assert_eq!(core::mem::size_of::<PeerEntry>(), 16);
+        assert_eq!(core::mem::size_of::<GlobalCounters>(), 40);
         assert_eq!(core::mem::size_of::<FlowCounters>(), 16);
         assert_eq!(core::mem::align_of::<FlowCounters>(), 8);
     }

@@ -2,29 +2,43 @@
 //!
 //! The daemon puts both sockets of a client↔broker pair into `MQS_SOCKS` and records each one's
 //! peer in `MQS_PEERS`; from then on every skb that arrives on one socket is queued directly on the
-//! other socket's send path.
+//! other socket's send path. Verdict only, no stream parser: MQTT framing does not matter to a
+//! byte splice, and the parser's skb clones cost CPU (measured in shared/notes §5).
+//!
+//! `sk_msg` is not used: it acts on data a local process *sends*, and here nothing is sent by the
+//! daemon once a flow is spliced; every byte comes in from the network on one socket.
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::sk_action::{SK_DROP, SK_PASS},
     helpers::bpf_get_socket_cookie,
     macros::{map, stream_verdict},
-    maps::{HashMap, SockHash},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap, SockHash},
     programs::SkBuffContext,
 };
-use proxy_common::{FlowKey, PeerEntry};
+use proxy_common::{FlowCounters, FlowKey, GlobalCounters, PeerEntry, direction};
 
-/// Upper bound on spliced sockets (two per proxied connection); userspace may resize at load.
-const MAX_SOCKETS: u32 = 65_536;
+/// Upper bound on spliced sockets (two per proxied connection).
+const MAX_SOCKETS: u32 = 262_144;
 
 /// Spliced sockets, keyed by socket cookie; the redirect helper needs the target to live here.
 #[map(name = "mqs_socks")]
 static MQS_SOCKS: SockHash<FlowKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
-/// Socket cookie → the cookie of the socket its bytes go to. A socket without an entry is passed
-/// to its normal receive queue, so userspace keeps reading it.
+/// Socket cookie → the cookie of the socket its bytes go to, and which way that is. A socket
+/// without an entry is passed to its own receive queue, so userspace can read it.
 #[map(name = "mqs_peers")]
 static MQS_PEERS: HashMap<FlowKey, PeerEntry> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
+/// Socket cookie → bytes and skbs redirected from that socket, per CPU (no atomics needed).
+/// The daemon creates the entry before the socket enters `MQS_SOCKS` and removes it at close.
+#[map(name = "mqs_flow_counters")]
+static MQS_FLOW_COUNTERS: PerCpuHashMap<FlowKey, FlowCounters> =
+    PerCpuHashMap::with_max_entries(MAX_SOCKETS, 0);
+
+/// Totals over all flows, one slot per CPU.
+#[map(name = "mqs_totals")]
+static MQS_TOTALS: PerCpuArray<GlobalCounters> = PerCpuArray::with_max_entries(1, 0);
 
 /// Entry point the kernel calls for every skb received on a socket in `MQS_SOCKS`.
 #[stream_verdict]
@@ -35,8 +49,15 @@ pub fn mqs_verdict(ctx: SkBuffContext) -> u32 {
 }
 
 fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
-    // Nothing to forward; the kernel does not expect empty skbs here, so refuse them.
-    if ctx.len() == 0 {
+    let len = ctx.len() as u64;
+    let totals = MQS_TOTALS.get_ptr_mut(0);
+    // A bare FIN arrives as an empty skb. Redirected it races the daemon's own shutdown of the
+    // peer and can put EPIPE on it; the daemon propagates FIN by the counter rule instead.
+    if len == 0 {
+        if let Some(totals) = totals {
+            // SAFETY: per-CPU slot of an array map, valid for this program run, not shared.
+            unsafe { (*totals).empty_dropped += 1 };
+        }
         return Err(SK_DROP);
     }
     // SAFETY: `ctx.as_ptr()` is the `__sk_buff` the kernel passed to this program, which is the
@@ -47,9 +68,30 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     let Some(entry) = (unsafe { MQS_PEERS.get(cookie) }).copied() else {
         return Ok(SK_PASS);
     };
+    if let Some(flow) = MQS_FLOW_COUNTERS.get_ptr_mut(cookie) {
+        // SAFETY: this CPU's copy of the flow's value; per-CPU values are never shared.
+        unsafe {
+            (*flow).bytes += len;
+            (*flow).packets += 1;
+        }
+    }
     let mut peer = entry.peer_cookie;
     // Flags 0 = queue on the peer's egress (send it out), not BPF_F_INGRESS (its receive queue).
     // The helper returns SK_PASS on success and SK_DROP when the peer is not in MQS_SOCKS.
-    let verdict = MQS_SOCKS.redirect_skb(ctx, &mut peer, 0);
-    Ok(verdict as u32)
+    let verdict = MQS_SOCKS.redirect_skb(ctx, &mut peer, 0) as u32;
+    if let Some(totals) = totals {
+        // SAFETY: per-CPU slot of an array map, valid for this program run, not shared.
+        unsafe {
+            if verdict == SK_DROP {
+                (*totals).redirect_failed += 1;
+            } else if entry.direction == direction::TO_UPSTREAM {
+                (*totals).bytes_to_upstream += len;
+                (*totals).packets += 1;
+            } else {
+                (*totals).bytes_to_client += len;
+                (*totals).packets += 1;
+            }
+        }
+    }
+    Ok(verdict)
 }

@@ -15,7 +15,7 @@ mod validate;
 pub use validate::{
     DEFAULT_BUFFER_SIZE, DEFAULT_CONNECT_PACKET_TIMEOUT, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_FAIL_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECT_SIZE, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_RESOLVE_INTERVAL, DEFAULT_STATS_LISTEN, MAX_BUFFER_SIZE, MAX_CONNECT_SIZE,
+    DEFAULT_BPFFS_PIN, DEFAULT_RESOLVE_INTERVAL, DEFAULT_STATS_LISTEN, MAX_BUFFER_SIZE, MAX_CONNECT_SIZE,
     MAX_DURATION, MIN_BUFFER_SIZE, MIN_CONNECT_SIZE,
 };
 
@@ -52,6 +52,9 @@ pub enum DataplaneMode {
 pub struct DataplaneConfig {
     /// Default `auto`.
     pub mode: DataplaneMode,
+    /// Directory on bpffs where the eBPF maps are pinned and the instance lock is held.
+    /// Default `/sys/fs/bpf/mqsplice`.
+    pub bpffs_pin: PathBuf,
 }
 
 /// Where the access log goes.
@@ -395,6 +398,7 @@ upstream = "emqx"
             },
             dataplane: DataplaneConfig {
                 mode: DataplaneMode::Auto,
+                bpffs_pin: DEFAULT_BPFFS_PIN.into(),
             },
             log: LogConfig {
                 access: AccessLog::Stderr,
@@ -446,6 +450,7 @@ upstream = "emqx"
             },
             dataplane: DataplaneConfig {
                 mode: DataplaneMode::Auto,
+                bpffs_pin: DEFAULT_BPFFS_PIN.into(),
             },
             log: LogConfig {
                 access: AccessLog::Stderr,

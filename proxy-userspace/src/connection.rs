@@ -9,8 +9,10 @@ use crate::dataplane::{CloseReason, Flow, FlowEnd};
 use crate::listener::ListenerContext;
 use crate::mqtt;
 use crate::proxy_protocol;
+use crate::stats::Direction;
 use crate::reject::RejectReason;
-use read_connect::{ReadConnectError, read_connect};
+use crate::dataplane::ConnectHandling;
+use read_connect::{ReadConnectError, peek_connect, read_connect};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -21,35 +23,33 @@ use tokio::time::Instant;
 /// Serves one accepted client: read CONNECT → choose broker → connect → hand to the data plane.
 ///
 /// `_active` is taken by the accept loop, so `max_connections` counts this connection at once.
-pub async fn serve(
-    ctx: Arc<ListenerContext>,
-    _active: ActiveConnection,
-    mut client: TcpStream,
-    peer: SocketAddr,
-) {
+pub async fn serve(ctx: Arc<ListenerContext>, _active: ActiveConnection, mut client: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
     let _ = client.set_nodelay(ctx.config.tcp_nodelay);
-    let log =
-        |client_id: Option<&str>, broker: Option<SocketAddr>, end: Option<FlowEnd>, close: &str| {
-            ctx.access_log.write(&Entry {
-                client: peer,
-                client_id,
-                listener: &ctx.config.name,
-                broker,
-                path: ctx.dataplane.path().as_str(),
-                bytes_to_broker: end.map_or(0, |e| e.bytes_to_broker),
-                bytes_to_client: end.map_or(0, |e| e.bytes_to_client),
-                duration: started.elapsed(),
-                close,
-            })
-        };
+    let log = |client_id: Option<&str>, broker: Option<SocketAddr>, end: Option<FlowEnd>, close: &str| {
+        ctx.access_log.write(&Entry {
+            client: peer,
+            client_id,
+            listener: &ctx.config.name,
+            broker,
+            path: end.map_or(ctx.dataplane.path(), |e| e.path).as_str(),
+            bytes_to_broker: end.map_or(0, |e| e.bytes_to_broker),
+            bytes_to_client: end.map_or(0, |e| e.bytes_to_client),
+            duration: started.elapsed(),
+            close,
+        })
+    };
 
-    // 1. Read one complete CONNECT, within connect_packet_timeout.
+    // 1. Read one complete CONNECT, within connect_packet_timeout: consumed for the userspace
+    //    path (`packet` holds its bytes), or only peeked for the splice (`packet` is None).
     let deadline = started + ctx.config.connect_packet_timeout;
-    let read = tokio::time::timeout_at(
-        deadline,
-        read_connect(&mut client, ctx.config.max_connect_size),
-    )
+    let max_size = ctx.config.max_connect_size;
+    let read = tokio::time::timeout_at(deadline, async {
+        match ctx.dataplane.connect_handling() {
+            ConnectHandling::Consume => read_connect(&mut client, max_size).await.map(|(p, c)| (Some(p), c)),
+            ConnectHandling::Peek => peek_connect(&mut client, max_size).await.map(|(_, c)| (None, c)),
+        }
+    })
     .await;
     let (packet, connect) = match read {
         Ok(Ok(read)) => read,
@@ -64,23 +64,14 @@ pub async fn serve(
             return log(None, None, None, reason.as_str());
         }
         Err(_elapsed) => {
-            refuse::refuse(
-                &ctx,
-                client,
-                RejectReason::ConnectTimeout,
-                None::<mqtt::Connack>,
-            )
-            .await;
+            refuse::refuse(&ctx, client, RejectReason::ConnectTimeout, None::<mqtt::Connack>).await;
             return log(None, None, None, RejectReason::ConnectTimeout.as_str());
         }
     };
     let client_id = Some(connect.client_id.as_str());
 
     // 2. Choose a broker and connect, trying the next choice on failure.
-    let key = SelectKey {
-        source_ip: peer.ip(),
-        client_id: &connect.client_id,
-    };
+    let key = SelectKey { source_ip: peer.ip(), client_id: &connect.client_id };
     let mut broker = match ctx.upstream.connect(&key, ctx.config.tcp_nodelay).await {
         Ok(connected) => connected,
         Err(error) => {
@@ -92,31 +83,28 @@ pub async fn serve(
     };
     let server = broker.server.server().clone();
     let broker_addr = broker.stream.peer_addr().ok();
-
     // From here on the connection counts as handled by this broker, whatever happens next.
     ctx.count(|c| {
         c.handled.fetch_add(1, Relaxed);
     });
     server.total.fetch_add(1, Relaxed);
 
-    // 3. The PROXY header (if on) and the CONNECT, unchanged.
+    // 3. The PROXY header (if on) and, when it was consumed, the CONNECT, unchanged.
     let local = client.local_addr().unwrap_or(peer);
     let mut preamble = proxy_protocol::header(ctx.upstream.config.proxy_protocol, peer, local);
-    preamble.extend_from_slice(&packet);
-    if let Err(error) = broker.stream.write_all(&preamble).await {
-        tracing::warn!(client = %peer, broker = ?broker_addr, "writing the CONNECT failed: {error}");
-        return log(
-            client_id,
-            broker_addr,
-            None,
-            CloseReason::BrokerError.as_str(),
-        );
+    let broker_preamble_len = preamble.len() as u64;
+    let consumed = packet.as_ref().map_or(0, |p| p.len() as u64);
+    if let Some(packet) = &packet {
+        preamble.extend_from_slice(packet);
     }
-    server
-        .bytes
-        .add(crate::stats::Direction::ToBroker, packet.len() as u64);
-    ctx.bytes
-        .add(crate::stats::Direction::ToBroker, packet.len() as u64);
+    if !preamble.is_empty()
+        && let Err(error) = broker.stream.write_all(&preamble).await
+    {
+        tracing::warn!(client = %peer, broker = ?broker_addr, "writing the CONNECT failed: {error}");
+        return log(client_id, broker_addr, None, CloseReason::BrokerError.as_str());
+    }
+    server.bytes.add(Direction::ToBroker, consumed);
+    ctx.bytes.add(Direction::ToBroker, consumed);
 
     // 4. Hand the pair to the data plane until both sides are done.
     let flow = Flow {
@@ -125,9 +113,10 @@ pub async fn serve(
         idle_timeout: ctx.config.idle_timeout,
         buffer_size: ctx.config.buffer_size,
         meters: vec![Arc::clone(&ctx.bytes), Arc::clone(&server.bytes)],
+        broker_preamble_len,
     };
     let mut end = ctx.dataplane.run(flow).await;
-    end.bytes_to_broker += packet.len() as u64;
+    end.bytes_to_broker += consumed;
     log(client_id, broker_addr, Some(end), end.reason.as_str());
 }
 

@@ -1,14 +1,15 @@
 //! Data planes: what moves the bytes of an established client ↔ broker pair.
 //!
 //! The connection code does everything up to a connected broker socket and then hands the pair
-//! to a [`DataPlane`]. Today that is the userspace copy path; the in-kernel sockmap splice plugs in
-//! behind the same trait and asks, through [`DataPlane::connect_handling`], to have the CONNECT
-//! left in the client socket for the kernel to forward.
+//! to a [`DataPlane`]: the userspace copy path ([`UserspaceCopy`]) or the in-kernel sockmap splice
+//! ([`EbpfSplice`]), which asks, through [`DataPlane::connect_handling`], to have the CONNECT left
+//! in the client socket for the kernel to forward.
 
 #[allow(unsafe_code)]
 pub mod ebpf;
 mod userspace;
 
+pub use ebpf::EbpfSplice;
 pub use userspace::UserspaceCopy;
 
 use crate::stats::ByteMeter;
@@ -55,6 +56,9 @@ pub struct Flow {
     pub buffer_size: usize,
     /// Meters (server, listener, …) that every moved byte is added to.
     pub meters: Vec<Arc<ByteMeter>>,
+    /// Bytes the daemon wrote into the broker socket that did not come from the client (the
+    /// PROXY header): the close rule must not count them as forwarded client bytes.
+    pub broker_preamble_len: u64,
 }
 
 /// How a flow ended, for the access log.
@@ -70,6 +74,8 @@ pub enum CloseReason {
     BrokerError,
     /// Nothing moved for `idle_timeout`.
     Idle,
+    /// After a FIN, the bytes before it did not drain into the peer in time; both sides closed.
+    DrainTimeout,
 }
 
 impl CloseReason {
@@ -81,6 +87,7 @@ impl CloseReason {
             CloseReason::ClientError => "client_error",
             CloseReason::BrokerError => "broker_error",
             CloseReason::Idle => "idle_timeout",
+            CloseReason::DrainTimeout => "drain_timeout",
         }
     }
 }
@@ -88,6 +95,8 @@ impl CloseReason {
 /// The totals of a finished flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlowEnd {
+    /// The path that actually carried the flow (a refused splice runs on userspace).
+    pub path: DataPath,
     pub bytes_to_broker: u64,
     pub bytes_to_client: u64,
     pub reason: CloseReason,
@@ -104,4 +113,8 @@ pub trait DataPlane: Send + Sync + 'static {
     fn connect_handling(&self) -> ConnectHandling;
     /// Runs one flow to its end.
     fn run(&self, flow: Flow) -> FlowFuture;
+    /// Data-plane specific counters for `GET /stats` (merged into `dataplane`).
+    fn stats(&self) -> serde_json::Value {
+        serde_json::json!({})
+    }
 }

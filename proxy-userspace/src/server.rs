@@ -1,8 +1,8 @@
 //! Start-up: turn a [`Config`] into bound listeners, upstreams, a data plane and the stats endpoint.
 
 use crate::access_log::AccessLog;
-use crate::config::{Config, DataplaneMode};
-use crate::dataplane::{DataPlane, UserspaceCopy};
+use crate::config::{Config, DataplaneConfig, DataplaneMode};
+use crate::dataplane::{DataPlane, EbpfSplice, UserspaceCopy};
 use crate::listener::{ListenerContext, accept_loop};
 use crate::stats::{ConnectionCounters, serve_stats};
 use crate::upstream::{Resolve, SystemResolver, Upstream};
@@ -86,7 +86,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 /// Starts everything `config` describes; binds fail fast with the address in the error.
 pub async fn start_with(config: Config, options: Options) -> anyhow::Result<Running> {
     let started = Instant::now();
-    let dataplane = choose_dataplane(config.dataplane.mode)?;
+    let dataplane = choose_dataplane(&config.dataplane)?;
     tracing::info!(
         mode = dataplane.plane.path().as_str(),
         "data path: {}",
@@ -170,21 +170,38 @@ pub async fn start_with(config: Config, options: Options) -> anyhow::Result<Runn
     })
 }
 
-fn choose_dataplane(mode: DataplaneMode) -> anyhow::Result<DataplaneChoice> {
-    let userspace = |reason: &str| DataplaneChoice {
-        plane: Arc::new(UserspaceCopy),
-        requested: mode,
-        reason: reason.to_string(),
-    };
+fn choose_dataplane(config: &DataplaneConfig) -> anyhow::Result<DataplaneChoice> {
+    let mode = config.mode;
+    let userspace = |reason: String| DataplaneChoice { plane: Arc::new(UserspaceCopy), requested: mode, reason };
     match mode {
-        DataplaneMode::Userspace => Ok(userspace("dataplane.mode = \"userspace\"")),
+        DataplaneMode::Userspace => Ok(userspace("dataplane.mode = \"userspace\"".into())),
+        // Until spliced flows have backpressure, `auto` does not move anyone onto a path without it.
         DataplaneMode::Auto => Ok(userspace(
-            "userspace copy (dataplane.mode = \"auto\"; this version has no in-kernel splice yet)",
+            "userspace copy (dataplane.mode = \"auto\" prefers userspace until the splice has backpressure; \
+             set \"ebpf\" to splice)"
+                .into(),
         )),
-        DataplaneMode::Ebpf => bail!(
-            "dataplane.mode = \"ebpf\": this version has no in-kernel splice yet; use \"auto\" or \"userspace\""
-        ),
+        DataplaneMode::Ebpf => match EbpfSplice::start(&config.bpffs_pin) {
+            Ok(plane) => Ok(DataplaneChoice {
+                plane: Arc::new(plane),
+                requested: mode,
+                reason: format!("in-kernel sockmap splice, maps pinned under {}", config.bpffs_pin.display()),
+            }),
+            Err(e) => bail!("dataplane.mode = \"ebpf\": the eBPF data plane cannot be used: {e}"),
+        },
     }
+}
+
+/// `dataplane`: the mode in use and why, merged with the data plane's own counters.
+fn dataplane_json(dataplane: &DataplaneChoice) -> Value {
+    let mut out = dataplane.plane.stats();
+    if !out.is_object() {
+        out = json!({});
+    }
+    out["mode"] = json!(dataplane.plane.path().as_str());
+    out["requested"] = json!(dataplane.requested.as_str());
+    out["reason"] = json!(dataplane.reason);
+    out
 }
 
 fn stats_json(
@@ -214,11 +231,7 @@ fn stats_json(
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_secs": started.elapsed().as_secs(),
-        "dataplane": {
-            "mode": dataplane.plane.path().as_str(),
-            "requested": dataplane.requested.as_str(),
-            "reason": dataplane.reason,
-        },
+        "dataplane": dataplane_json(dataplane),
         "connections": global.to_json(),
         "listeners": listeners,
         "upstreams": upstreams,

@@ -68,6 +68,7 @@ pub struct RawStats {
 #[serde(deny_unknown_fields)]
 pub struct RawDataplane {
     pub mode: Option<Spanned<String>>,
+    pub bpffs_pin: Option<Spanned<String>>,
 }
 
 /// `[log]`.

@@ -18,6 +18,8 @@ use super::{
 
 /// Default of `stats.listen`.
 pub const DEFAULT_STATS_LISTEN: &str = "127.0.0.1:8888";
+/// Where the eBPF maps are pinned unless `dataplane.bpffs_pin` says otherwise.
+pub const DEFAULT_BPFFS_PIN: &str = "/sys/fs/bpf/mqsplice";
 /// Default of `upstream.connect_timeout` (NGINX's `proxy_connect_timeout`).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default of `upstream.resolve_interval`.
@@ -103,6 +105,15 @@ fn one_of<T: Copy>(what: &str, value: &str, choices: &[(&str, T)]) -> Result<T, 
                 names.join(", ")
             )
         })
+}
+
+/// `dataplane.bpffs_pin`: an absolute directory (it is created, locked and cleaned at start).
+pub fn parse_bpffs_pin(value: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(value);
+    if !path.is_absolute() {
+        return Err(format!("bpffs_pin must be an absolute path on a bpf filesystem, got {value:?}"));
+    }
+    Ok(path)
 }
 
 /// `dataplane.mode`.
@@ -497,6 +508,12 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Invalid> {
             "dataplane.mode",
             DataplaneMode::Auto,
             |s| parse_dataplane_mode(s),
+        )?,
+        bpffs_pin: field(
+            &raw.dataplane.as_ref().and_then(|d| d.bpffs_pin.clone()),
+            "dataplane.bpffs_pin",
+            PathBuf::from(DEFAULT_BPFFS_PIN),
+            |s| parse_bpffs_pin(s),
         )?,
     };
     let log = LogConfig {

@@ -63,3 +63,54 @@ async fn read_more(
     client.read_exact(&mut packet[start..]).await?;
     Ok(())
 }
+
+/// Peeks one whole CONNECT without consuming it: the bytes stay queued in the client socket for
+/// the in-kernel splice to forward. Returns the CONNECT's length and fields.
+///
+/// While the packet is incomplete, `SO_RCVLOWAT` is set to the bytes still needed, so the socket
+/// reports readable once, when they are there, not per fragment. The caller resets it to 1 (the
+/// hand-over kick, or before any userspace read).
+pub async fn peek_connect(client: &mut TcpStream, max_size: usize) -> Result<(usize, Connect), ReadConnectError> {
+    use crate::dataplane::ebpf::{peek, set_rcvlowat};
+    use std::os::fd::AsFd;
+    use tokio::io::Interest;
+
+    let mut buf = vec![0u8; 256];
+    let mut sniffed = false;
+    loop {
+        let ready = client.ready(Interest::READABLE).await?;
+        // `try_io` clears the readiness when the closure says WouldBlock, so the next `ready`
+        // waits for the kernel's next wake-up (which SO_RCVLOWAT holds back until enough is queued).
+        let outcome = client.try_io(Interest::READABLE, || {
+            let n = peek(client.as_fd(), &mut buf)?;
+            if n == 0 {
+                return Ok(Err(ReadConnectError::Closed));
+            }
+            let wanted = match mqtt::frame_connect(&buf[..n], max_size) {
+                Ok(Framing::Complete { total_len, .. }) if n >= total_len => {
+                    return Ok(mqtt::parse_connect(&buf[..total_len]).map(|c| (total_len, c)).map_err(ReadConnectError::Invalid));
+                }
+                Ok(Framing::Complete { total_len, .. }) => total_len,
+                Ok(Framing::Incomplete { needed }) => n + needed,
+                Err(ConnectError::TooLarge { version: None, .. }) if !sniffed => {
+                    sniffed = true;
+                    n + VERSION_PREFIX
+                }
+                Err(error) => return Ok(Err(ReadConnectError::Invalid(error))),
+            };
+            if ready.is_read_closed() {
+                return Ok(Err(ReadConnectError::Closed));
+            }
+            if buf.len() < wanted {
+                buf.resize(wanted, 0);
+            }
+            set_rcvlowat(client.as_fd(), wanted)?;
+            Err(std::io::ErrorKind::WouldBlock.into())
+        });
+        match outcome {
+            Ok(result) => return result,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return Err(ReadConnectError::Closed),
+        }
+    }
+}

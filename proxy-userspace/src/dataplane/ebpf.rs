@@ -1,388 +1,241 @@
-//! Loader for the in-kernel data plane (the `proxy-ebpf` object built by `build.rs`).
+//! The in-kernel splice: once the CONNECT is peeked and a broker connected, both sockets join a
+//! sockmap and the verdict program forwards every byte; the daemon only watches for the close.
 //!
-//! Loading is all-or-nothing and reports *why* it failed in one line, so the daemon can fall back
-//! to its userspace copy loop and say so, instead of half-splicing connections.
+//! Hand-over order (shared/notes §1–2): per-flow counters and both peer entries first, then the
+//! broker socket, then the client socket, then the `SO_RCVLOWAT` kick on both, which makes the
+//! kernel forward the CONNECT still queued in the client socket and anything pipelined behind it.
 
-use std::{
-    fs, io,
-    os::fd::{AsRawFd, BorrowedFd},
-    path::{Path, PathBuf},
-};
+mod loader;
+mod sockopt;
+mod watch;
 
-use aya::{
-    Ebpf, EbpfError,
-    maps::{HashMap, Map, MapData, SockHash},
-    programs::{ProgramError, SkSkb},
-};
-use proxy_common::{FlowKey, PeerEntry, SockCookie};
+pub use loader::{EbpfPrograms, EbpfUnavailable, Maps};
 
-/// The object produced by `build.rs`; empty when the build ran with `AYA_BUILD_SKIP`.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+use super::{ConnectHandling, DataPath, DataPlane, Flow, FlowEnd, FlowFuture, UserspaceCopy};
+use aya::maps::PerCpuValues;
+use proxy_common::{FlowCounters, PeerEntry, direction};
+use serde_json::{Value, json};
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use watch::{Spliced, Watcher};
 
-/// Where the maps are pinned unless the caller picks another directory; a fixed path lets
-/// operators inspect a running daemon with `bpftool map show pinned /sys/fs/bpf/mqsplice/mqs_socks`.
-pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/mqsplice";
+pub use sockopt::{peek, set_rcvlowat, socket_cookie};
 
-/// Mount point of the BPF filesystem that pins must live on.
-const BPFFS: &str = "/sys/fs/bpf";
+/// The maps, shared by the connection tasks (insert) and the watcher thread (counters, removal).
+pub type SharedMaps = Arc<Mutex<Maps>>;
 
-const SOCKS_MAP: &str = "mqs_socks";
-const PEERS_MAP: &str = "mqs_peers";
-const VERDICT_PROG: &str = "mqs_verdict";
-
-/// Why the kernel data plane cannot be used; the daemon logs it once and splices in userspace.
-#[derive(Debug, thiserror::Error)]
-pub enum EbpfUnavailable {
-    /// Loading BPF needs root (or CAP_BPF + CAP_NET_ADMIN); the usual case for a dev run.
-    #[error(
-        "not permitted to load BPF programs (run as root or grant CAP_BPF and CAP_NET_ADMIN): {0}"
-    )]
-    NotPermitted(String),
-    /// The binary was built with `AYA_BUILD_SKIP`, so there is nothing to load.
-    #[error(
-        "this binary was built without the eBPF object (AYA_BUILD_SKIP); rebuild after `cargo xtask setup`"
-    )]
-    NotBuilt,
-    /// The kernel or object BTF could not be used (old kernel or `CONFIG_DEBUG_INFO_BTF=n`).
-    #[error("BTF unavailable: {0}")]
-    Btf(String),
-    /// The verifier refused the program; `log` keeps the full verifier output for debugging.
-    #[error("the verifier rejected {program}: {reason}")]
-    Verifier {
-        /// Program name.
-        program: &'static str,
-        /// The syscall error, one line.
-        reason: String,
-        /// Full verifier log (multi-line), for `--verbose` output.
-        log: String,
-    },
-    /// The BPF filesystem could not be mounted or the pin directory used.
-    #[error("bpffs: {0}")]
-    Bpffs(String),
-    /// Anything else (missing map or program in the object, attach failure, ...).
-    #[error("eBPF data plane unavailable: {0}")]
-    Other(String),
+/// Counters of the splice itself, for `GET /stats`.
+#[derive(Debug, Default)]
+pub struct SpliceCounters {
+    /// Pairs in the kernel path now.
+    pub spliced_active: AtomicU64,
+    /// Pairs ever handed to the kernel path.
+    pub spliced_total: AtomicU64,
+    /// Pairs the kernel refused (a socket no longer ESTABLISHED), served on userspace instead.
+    pub splice_refused: AtomicU64,
+    /// Spliced pairs closed by FIN on both sides, each drained by the counter rule.
+    pub fin_drained: AtomicU64,
+    /// Spliced pairs closed at once because a side was reset or failed.
+    pub rst: AtomicU64,
+    /// Spliced pairs closed by `idle_timeout`.
+    pub idle: AtomicU64,
+    /// Spliced pairs whose bytes before a FIN did not drain in time.
+    pub drain_timeout: AtomicU64,
 }
 
-/// The loaded and attached data plane; dropping it detaches the program and removes the pins.
-///
-/// Holds the maps the daemon writes (sockets and their peers) so splicing a connection is two
-/// map updates, with no lookups by name on the hot path.
-pub struct EbpfPrograms {
-    socks: SockHash<MapData, FlowKey>,
-    peers: HashMap<MapData, FlowKey, PeerEntry>,
-    pin_dir: PathBuf,
-    _pins: PinGuard,
-    // Owns the program and its attachment to `socks`; kept last so it is dropped after the maps
-    // are no longer reachable from this struct (order does not matter to the kernel).
-    _ebpf: Ebpf,
+/// The eBPF data plane: the loaded programs, the watcher thread, and the counters.
+pub struct EbpfSplice {
+    shared: Arc<Shared>,
 }
 
-impl std::fmt::Debug for EbpfPrograms {
+struct Shared {
+    maps: SharedMaps,
+    watcher: Watcher,
+    counters: Arc<SpliceCounters>,
+    pin_dir: String,
+    nr_cpus: usize,
+    // Keeps the program attached and the pins and lock in place for the life of the plane.
+    _programs: EbpfPrograms,
+}
+
+impl std::fmt::Debug for EbpfSplice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EbpfPrograms")
-            .field("pin_dir", &self.pin_dir)
-            .finish_non_exhaustive()
+        f.debug_struct("EbpfSplice").field("pin_dir", &self.shared.pin_dir).finish_non_exhaustive()
     }
 }
 
-impl EbpfPrograms {
-    /// Loads the data plane with its maps pinned under [`DEFAULT_PIN_DIR`].
-    pub fn load() -> Result<Self, EbpfUnavailable> {
-        Self::load_with_pin_dir(DEFAULT_PIN_DIR)
-    }
-
-    /// Loads the data plane pinning maps under `pin_dir` (which must be on bpffs), so several
-    /// instances (tests, a second daemon) do not fight over one directory.
-    pub fn load_with_pin_dir(pin_dir: impl AsRef<Path>) -> Result<Self, EbpfUnavailable> {
-        let pin_dir = pin_dir.as_ref().to_path_buf();
-        Self::load_into(pin_dir.clone()).inspect_err(|_| {
-            // Do not leave an empty directory behind from a failed attempt (non-empty = in use).
-            let _ = fs::remove_dir(&pin_dir);
+impl EbpfSplice {
+    /// Loads and attaches the programs (maps pinned under `pin_dir`) and starts the watcher.
+    pub fn start(pin_dir: &Path) -> Result<EbpfSplice, EbpfUnavailable> {
+        let (programs, maps) = EbpfPrograms::load(pin_dir)?;
+        let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| EbpfUnavailable::Other(format!("{what}: {e}")))?;
+        let maps = Arc::new(Mutex::new(maps));
+        let counters = Arc::new(SpliceCounters::default());
+        let watcher = Watcher::start(maps.clone(), counters.clone())
+            .map_err(|e| EbpfUnavailable::Other(format!("splice watcher: {e}")))?;
+        tracing::info!(pin_dir = %pin_dir.display(), "eBPF splice loaded; maps pinned (bpftool map show pinned {}/mqs_socks)", pin_dir.display());
+        Ok(EbpfSplice {
+            shared: Arc::new(Shared {
+                maps,
+                watcher,
+                counters,
+                pin_dir: pin_dir.display().to_string(),
+                nr_cpus,
+                _programs: programs,
+            }),
         })
     }
 
-    fn load_into(pin_dir: PathBuf) -> Result<Self, EbpfUnavailable> {
-        if OBJECT.is_empty() {
-            return Err(EbpfUnavailable::NotBuilt);
+    /// The splice counters (tests read them directly).
+    pub fn counters(&self) -> &SpliceCounters {
+        &self.shared.counters
+    }
+}
+
+impl DataPlane for EbpfSplice {
+    fn path(&self) -> DataPath {
+        DataPath::Ebpf
+    }
+
+    fn connect_handling(&self) -> ConnectHandling {
+        ConnectHandling::Peek
+    }
+
+    fn run(&self, flow: Flow) -> FlowFuture {
+        let shared = self.shared.clone();
+        Box::pin(async move { shared.splice_or_copy(flow).await })
+    }
+
+    fn stats(&self) -> Value {
+        let c = &self.shared.counters;
+        let totals = {
+            let maps = self.shared.maps.lock().unwrap_or_else(|p| p.into_inner());
+            maps.totals.get(&0, 0).map(|per_cpu| {
+                per_cpu.iter().fold(proxy_common::GlobalCounters::default(), |mut sum, t| {
+                    sum.bytes_to_upstream += t.bytes_to_upstream;
+                    sum.bytes_to_client += t.bytes_to_client;
+                    sum.packets += t.packets;
+                    sum.empty_dropped += t.empty_dropped;
+                    sum.redirect_failed += t.redirect_failed;
+                    sum
+                })
+            })
         }
-        raise_memlock();
-
-        ensure_bpffs(&pin_dir)?;
-
-        let mut ebpf = Ebpf::load(OBJECT).map_err(classify_load)?;
-        let mut pins = Vec::new();
-        let mut take_pinned = |name: &'static str| {
-            let map = ebpf.take_map(name).ok_or_else(|| missing("map", name))?;
-            let path = pin_dir.join(name);
-            pin_map(&map, &path)?;
-            pins.push(path);
-            Ok::<_, EbpfUnavailable>(map)
-        };
-        let socks = take_pinned(SOCKS_MAP);
-        let peers = take_pinned(PEERS_MAP);
-        let pins_guard = PinGuard(pins);
-        let socks: SockHash<MapData, FlowKey> =
-            SockHash::try_from(socks?).map_err(|e| other("map", SOCKS_MAP, &e))?;
-        let peers: HashMap<MapData, FlowKey, PeerEntry> =
-            HashMap::try_from(peers?).map_err(|e| other("map", PEERS_MAP, &e))?;
-
-        let prog: &mut SkSkb = ebpf
-            .program_mut(VERDICT_PROG)
-            .ok_or_else(|| missing("program", VERDICT_PROG))?
-            .try_into()
-            .map_err(|e| other("program", VERDICT_PROG, &e))?;
-        prog.load().map_err(classify_program)?;
-        prog.attach(socks.fd()).map_err(classify_program)?;
-
-        Ok(Self {
-            socks,
-            peers,
-            pin_dir,
-            _pins: pins_guard,
-            _ebpf: ebpf,
+        .unwrap_or_default();
+        json!({
+            "bpffs_pin": self.shared.pin_dir,
+            "spliced_active": c.spliced_active.load(Relaxed),
+            "spliced_total": c.spliced_total.load(Relaxed),
+            "splice_refused": c.splice_refused.load(Relaxed),
+            "bytes_to_upstream": totals.bytes_to_upstream,
+            "bytes_to_client": totals.bytes_to_client,
+            "packets": totals.packets,
+            "empty_skbs_dropped": totals.empty_dropped,
+            "redirect_failed": totals.redirect_failed,
+            "closes": {
+                "fin_drained": c.fin_drained.load(Relaxed),
+                "rst": c.rst.load(Relaxed),
+                "idle_timeout": c.idle.load(Relaxed),
+                "drain_timeout": c.drain_timeout.load(Relaxed),
+            },
         })
     }
+}
 
-    /// Directory holding this instance's pinned maps (for log lines and bpftool hints).
-    pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
-    }
-
-    /// Hands a connected pair to the kernel: from now on bytes received on either socket are
-    /// sent out of the other without reaching userspace.
-    ///
-    /// Order matters: both peer entries first, then `b`, then `a`, so that the first skb the
-    /// verdict program sees on either socket already finds its peer in the SOCKHASH. Bytes that
-    /// were queued before insertion are pushed through by re-arming `SO_RCVLOWAT`.
-    pub fn splice(
-        &mut self,
-        a: BorrowedFd<'_>,
-        b: BorrowedFd<'_>,
-    ) -> io::Result<(SockCookie, SockCookie)> {
-        let (ca, cb) = (socket_cookie(a)?, socket_cookie(b)?);
-        let insert_peer = |peers: &mut HashMap<MapData, FlowKey, PeerEntry>, k, v| {
-            peers
-                .insert(k, PeerEntry { peer_cookie: v }, 0)
-                .map_err(|e| io::Error::other(format!("{PEERS_MAP} insert: {e}")))
+impl Shared {
+    async fn splice_or_copy(self: Arc<Self>, flow: Flow) -> FlowEnd {
+        let Flow { client, broker, idle_timeout, buffer_size, meters, broker_preamble_len } = flow;
+        // Leave tokio's reactor: from here on only the watcher's epoll set looks at these sockets.
+        let (client, broker) = match (client.into_std(), broker.into_std()) {
+            (Ok(client), Ok(broker)) => (client, broker),
+            _ => {
+                return FlowEnd { path: DataPath::Ebpf, bytes_to_broker: 0, bytes_to_client: 0, reason: super::CloseReason::ClientError };
+            }
         };
-        insert_peer(&mut self.peers, ca, cb)?;
-        insert_peer(&mut self.peers, cb, ca)?;
-        for (cookie, fd) in [(cb, b), (ca, a)] {
-            if let Err(e) = self.socks.insert(cookie, fd.as_raw_fd(), 0) {
-                self.unsplice(ca, cb);
-                return Err(io::Error::other(format!("{SOCKS_MAP} insert: {e}")));
+        match self.insert(&client, &broker) {
+            Ok(cookies) => {
+                // The kick: the verdict now runs over the CONNECT (and whatever followed it)
+                // that is still queued in the client socket, and over anything the broker sent.
+                for socket in [&client, &broker] {
+                    if let Err(e) = set_rcvlowat(socket.as_fd(), 1) {
+                        tracing::warn!("SO_RCVLOWAT kick failed: {e}");
+                    }
+                }
+                self.counters.spliced_active.fetch_add(1, Relaxed);
+                self.counters.spliced_total.fetch_add(1, Relaxed);
+                let (done, ended) = tokio::sync::oneshot::channel();
+                self.watcher.add(Spliced {
+                    sockets: [client, broker],
+                    cookies,
+                    broker_preamble_len,
+                    idle_timeout,
+                    meters,
+                    done,
+                });
+                ended.await.unwrap_or(FlowEnd {
+                    path: DataPath::Ebpf,
+                    bytes_to_broker: 0,
+                    bytes_to_client: 0,
+                    reason: super::CloseReason::BrokerError,
+                })
+            }
+            Err(error) => {
+                // Typically EOPNOTSUPP: a side already closed (no longer ESTABLISHED). The CONNECT
+                // is still unread in the client socket, so the userspace path forwards it.
+                tracing::debug!("splice refused ({error}); serving this pair on userspace");
+                self.counters.splice_refused.fetch_add(1, Relaxed);
+                let _ = set_rcvlowat(client.as_fd(), 1);
+                let (Ok(client), Ok(broker)) =
+                    (tokio::net::TcpStream::from_std(client), tokio::net::TcpStream::from_std(broker))
+                else {
+                    return FlowEnd { path: DataPath::Userspace, bytes_to_broker: 0, bytes_to_client: 0, reason: super::CloseReason::ClientError };
+                };
+                let flow = Flow { client, broker, idle_timeout, buffer_size, meters, broker_preamble_len };
+                UserspaceCopy.run(flow).await
             }
         }
-        kick(a)?;
-        kick(b)?;
-        Ok((ca, cb))
     }
 
-    /// Takes a pair back out of the kernel path (best effort: the kernel also drops closed
-    /// sockets from the SOCKHASH by itself, but not their peer entries).
-    pub fn unsplice(&mut self, a: SockCookie, b: SockCookie) {
-        for cookie in [a, b] {
-            // A missing entry only means it was never inserted or already gone.
-            let _ = self.socks.remove(&cookie);
-            let _ = self.peers.remove(&cookie);
+    /// Inserts the pair in map order; on failure every entry made is removed again.
+    fn insert(&self, client: &std::net::TcpStream, broker: &std::net::TcpStream) -> std::io::Result<[u64; 2]> {
+        let cookies = [socket_cookie(client.as_fd())?, socket_cookie(broker.as_fd())?];
+        let [client_cookie, broker_cookie] = cookies;
+        let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+        let result = (|| {
+            for cookie in cookies {
+                let zero = PerCpuValues::try_from(vec![FlowCounters::default(); self.nr_cpus])?;
+                maps.flow_counters.insert(cookie, zero, 0).map_err(std::io::Error::other)?;
+            }
+            let to_broker = PeerEntry { peer_cookie: broker_cookie, direction: direction::TO_UPSTREAM, _pad: 0 };
+            let to_client = PeerEntry { peer_cookie: client_cookie, direction: direction::TO_CLIENT, _pad: 0 };
+            maps.peers.insert(client_cookie, to_broker, 0).map_err(std::io::Error::other)?;
+            maps.peers.insert(broker_cookie, to_client, 0).map_err(std::io::Error::other)?;
+            maps.socks.insert(broker_cookie, broker.as_raw_fd(), 0).map_err(std::io::Error::other)?;
+            maps.socks.insert(client_cookie, client.as_raw_fd(), 0).map_err(std::io::Error::other)?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            remove_pair(&mut maps, cookies);
+            return Err(e);
         }
+        Ok(cookies)
     }
 }
 
-/// Removes pins when the data plane goes away (or loading fails half-way): a leftover pin keeps
-/// the map, and through it the attached program, alive after the daemon exits.
-struct PinGuard(Vec<PathBuf>);
-
-impl Drop for PinGuard {
-    fn drop(&mut self) {
-        for pin in &self.0 {
-            let _ = fs::remove_file(pin);
-        }
-        if let Some(dir) = self.0.first().and_then(|p| p.parent()) {
-            // Only succeeds when empty, i.e. nobody else pinned anything there.
-            let _ = fs::remove_dir(dir);
-        }
-    }
+/// Bytes the verdict program redirected from the socket `cookie`, summed over CPUs.
+fn flow_bytes(maps: &Maps, cookie: u64) -> u64 {
+    maps.flow_counters.get(&cookie, 0).map_or(0, |per_cpu| per_cpu.iter().map(|c| c.bytes).sum())
 }
 
-/// The kernel's cookie for a socket: the key the verdict program sees for the same socket.
-pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<SockCookie> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: `fd` is a live descriptor for the duration of the borrow; `cookie` and `len` are
-    // valid for writes and `len` holds the buffer's size, as getsockopt requires.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&raw mut cookie).cast(),
-            &raw mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
+/// Removes a pair's entries: sockets first (no more redirects), then peers, then counters.
+fn remove_pair(maps: &mut Maps, cookies: [u64; 2]) {
+    for cookie in &cookies {
+        let _ = maps.socks.remove(cookie);
     }
-    Ok(cookie)
-}
-
-/// Setting `SO_RCVLOWAT` calls the socket's data-ready hook, which makes the psock run the
-/// verdict program over bytes that were already queued before the socket joined the map.
-fn kick(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: `fd` is live for the borrow; `one` is a c_int and the length passed matches it.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&raw const one).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use memcg and ignore it.
-fn raise_memlock() {
-    if let Err(e) = rlimit::setrlimit(
-        rlimit::Resource::MEMLOCK,
-        rlimit::INFINITY,
-        rlimit::INFINITY,
-    ) {
-        tracing::debug!("could not raise RLIMIT_MEMLOCK ({e}); fine on Linux >= 5.11");
-    }
-}
-
-/// Pins `map` at `path`, replacing a pin left by a previous run that died without cleaning up.
-fn pin_map(map: &Map, path: &Path) -> Result<(), EbpfUnavailable> {
-    match fs::remove_file(path) {
-        Ok(()) => tracing::debug!("replaced stale pin {}", path.display()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(EbpfUnavailable::Bpffs(format!(
-                "remove stale {}: {e}",
-                path.display()
-            )));
-        }
-    }
-    map.pin(path)
-        .map_err(|e| EbpfUnavailable::Bpffs(format!("pin {}: {}", path.display(), one_line(&e))))
-}
-
-/// Makes sure `pin_dir` exists on a mounted bpffs, mounting it at /sys/fs/bpf if needed.
-fn ensure_bpffs(pin_dir: &Path) -> Result<(), EbpfUnavailable> {
-    let mounts = fs::read_to_string("/proc/mounts")
-        .map_err(|e| EbpfUnavailable::Bpffs(format!("read /proc/mounts: {e}")))?;
-    let on_bpffs = |dir: &Path| {
-        mounts.lines().any(|line| {
-            let mut f = line.split_whitespace();
-            let (_src, mnt, fstype) = (f.next(), f.next(), f.next());
-            fstype == Some("bpf") && mnt.is_some_and(|m| dir.starts_with(m))
-        })
-    };
-    if !on_bpffs(pin_dir) {
-        if !pin_dir.starts_with(BPFFS) {
-            return Err(EbpfUnavailable::Bpffs(format!(
-                "{} is not on a mounted bpf filesystem",
-                pin_dir.display()
-            )));
-        }
-        mount_bpffs()?;
-    }
-    fs::create_dir_all(pin_dir)
-        .map_err(|e| EbpfUnavailable::Bpffs(format!("create {}: {e}", pin_dir.display())))
-}
-
-fn mount_bpffs() -> Result<(), EbpfUnavailable> {
-    let target = c"/sys/fs/bpf";
-    // SAFETY: all pointers are NUL-terminated C string literals that live for the whole call;
-    // `data` may be NULL for bpffs.
-    let rc = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            target.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        return Err(EbpfUnavailable::Bpffs(format!(
-            "mount -t bpf bpf {BPFFS}: {e}"
-        )));
-    }
-    Ok(())
-}
-
-fn missing(kind: &str, name: &str) -> EbpfUnavailable {
-    EbpfUnavailable::Other(format!("{kind} `{name}` not found in the eBPF object"))
-}
-
-fn other(kind: &str, name: &str, e: &dyn std::error::Error) -> EbpfUnavailable {
-    EbpfUnavailable::Other(format!("{kind} `{name}`: {}", one_line(e)))
-}
-
-/// Joins an error and its sources into one line ("a: b: c").
-fn one_line(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        let c = cause.to_string();
-        if !s.contains(&c) {
-            s.push_str(": ");
-            s.push_str(&c);
-        }
-        src = cause.source();
-    }
-    s.lines().next().unwrap_or_default().to_string()
-}
-
-/// True when any error in the chain is EPERM/EACCES from a syscall.
-fn denied(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<io::Error>()
-            && matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES))
-        {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
-}
-
-fn classify_load(e: EbpfError) -> EbpfUnavailable {
-    if denied(&e) {
-        return EbpfUnavailable::NotPermitted(one_line(&e));
-    }
-    match e {
-        EbpfError::BtfError(_) | EbpfError::NoBTF | EbpfError::BtfRelocationError(_) => {
-            EbpfUnavailable::Btf(one_line(&e))
-        }
-        EbpfError::ProgramError(p) => classify_program(p),
-        e => EbpfUnavailable::Other(one_line(&e)),
-    }
-}
-
-fn classify_program(e: ProgramError) -> EbpfUnavailable {
-    if denied(&e) {
-        return EbpfUnavailable::NotPermitted(one_line(&e));
-    }
-    match e {
-        ProgramError::LoadError {
-            io_error,
-            verifier_log,
-        } => EbpfUnavailable::Verifier {
-            program: VERDICT_PROG,
-            reason: io_error.to_string(),
-            log: verifier_log.to_string(),
-        },
-        e => EbpfUnavailable::Other(format!("{VERDICT_PROG}: {}", one_line(&e))),
+    for cookie in &cookies {
+        let _ = maps.peers.remove(cookie);
+        let _ = maps.flow_counters.remove(cookie);
     }
 }

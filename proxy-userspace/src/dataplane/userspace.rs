@@ -97,6 +97,7 @@ async fn copy_flow(mut flow: Flow) -> FlowEnd {
         }
     };
     FlowEnd {
+        path: DataPath::Userspace,
         bytes_to_broker: progress.moved[0].load(Relaxed),
         bytes_to_client: progress.moved[1].load(Relaxed),
         reason,

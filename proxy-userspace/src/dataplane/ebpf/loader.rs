@@ -1,0 +1,325 @@
+//! Loader for the in-kernel data plane (the `proxy-ebpf` object built by `build.rs`).
+//!
+//! Loading is all-or-nothing and reports *why* it failed in one line, so the daemon can fall back
+//! to its userspace copy loop and say so, instead of half-splicing connections.
+
+use std::{
+    fs, io,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfError,
+    maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, SockHash},
+    programs::{ProgramError, SkSkb},
+};
+use proxy_common::{FlowCounters, FlowKey, GlobalCounters, PeerEntry};
+
+/// The object produced by `build.rs`; empty when the build ran with `AYA_BUILD_SKIP`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+
+/// Mount point of the BPF filesystem that pins must live on.
+const BPFFS: &str = "/sys/fs/bpf";
+
+const SOCKS_MAP: &str = "mqs_socks";
+const PEERS_MAP: &str = "mqs_peers";
+const FLOW_COUNTERS_MAP: &str = "mqs_flow_counters";
+const TOTALS_MAP: &str = "mqs_totals";
+const VERDICT_PROG: &str = "mqs_verdict";
+
+/// Why the kernel data plane cannot be used; the daemon logs it once and splices in userspace.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfUnavailable {
+    /// Loading BPF needs root (or CAP_BPF + CAP_NET_ADMIN); the usual case for a dev run.
+    #[error(
+        "not permitted to load BPF programs (run as root or grant CAP_BPF and CAP_NET_ADMIN): {0}"
+    )]
+    NotPermitted(String),
+    /// The binary was built with `AYA_BUILD_SKIP`, so there is nothing to load.
+    #[error(
+        "this binary was built without the eBPF object (AYA_BUILD_SKIP); rebuild after `cargo xtask setup`"
+    )]
+    NotBuilt,
+    /// The kernel or object BTF could not be used (old kernel or `CONFIG_DEBUG_INFO_BTF=n`).
+    #[error("BTF unavailable: {0}")]
+    Btf(String),
+    /// The verifier refused the program; `log` keeps the full verifier output for debugging.
+    #[error("the verifier rejected {program}: {reason}")]
+    Verifier {
+        /// Program name.
+        program: &'static str,
+        /// The syscall error, one line.
+        reason: String,
+        /// Full verifier log (multi-line), for `--verbose` output.
+        log: String,
+    },
+    /// The BPF filesystem could not be mounted or the pin directory used.
+    #[error("bpffs: {0}")]
+    Bpffs(String),
+    /// Another instance holds the pin directory's lock.
+    #[error("{0} is in use by another mqsplice instance (its lock is held); set dataplane.bpffs_pin to another directory")]
+    Locked(String),
+    /// Anything else (missing map or program in the object, attach failure, ...).
+    #[error("eBPF data plane unavailable: {0}")]
+    Other(String),
+}
+
+/// The maps the daemon drives, taken out of the loaded object.
+pub struct Maps {
+    /// Spliced sockets by cookie.
+    pub socks: SockHash<MapData, FlowKey>,
+    /// Cookie → peer cookie and direction.
+    pub peers: HashMap<MapData, FlowKey, PeerEntry>,
+    /// Cookie → bytes/skbs redirected from that socket, per CPU.
+    pub flow_counters: PerCpuHashMap<MapData, FlowKey, FlowCounters>,
+    /// Program-wide totals, per CPU.
+    pub totals: PerCpuArray<MapData, GlobalCounters>,
+}
+
+/// The loaded and attached data plane; dropping it detaches the program, removes the pins and
+/// releases the pin directory's lock.
+pub struct EbpfPrograms {
+    pin_dir: PathBuf,
+    _pins: PinGuard,
+    // Owns the program and its attachment to the socket map.
+    _ebpf: Ebpf,
+    // Held for the life of the instance: a second daemon on the same directory fails to start.
+    _lock: OwnedFd,
+}
+
+impl std::fmt::Debug for EbpfPrograms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EbpfPrograms")
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EbpfPrograms {
+    /// Loads the data plane pinning maps under `pin_dir` (which must be on bpffs), so several
+    /// instances (tests, a second daemon) do not fight over one directory. Returns the maps the
+    /// daemon drives beside the handle that keeps everything alive.
+    pub fn load(pin_dir: impl AsRef<Path>) -> Result<(Self, Maps), EbpfUnavailable> {
+        Self::load_into(pin_dir.as_ref().to_path_buf())
+    }
+
+    fn load_into(pin_dir: PathBuf) -> Result<(Self, Maps), EbpfUnavailable> {
+        if OBJECT.is_empty() {
+            return Err(EbpfUnavailable::NotBuilt);
+        }
+        raise_memlock();
+
+        ensure_bpffs(&pin_dir)?;
+        let lock = super::sockopt::lock_directory(&pin_dir).map_err(|e| {
+            if e.kind() == io::ErrorKind::WouldBlock {
+                EbpfUnavailable::Locked(pin_dir.display().to_string())
+            } else {
+                EbpfUnavailable::Bpffs(format!("lock {}: {e}", pin_dir.display()))
+            }
+        })?;
+        remove_stale_pins(&pin_dir)?;
+
+        let mut ebpf = Ebpf::load(OBJECT).map_err(classify_load)?;
+        let mut pins = PinGuard(Vec::new(), pin_dir.clone());
+        let mut take_pinned = |name: &'static str| {
+            let map = ebpf.take_map(name).ok_or_else(|| missing("map", name))?;
+            let path = pin_dir.join(name);
+            pin_map(&map, &path)?;
+            pins.0.push(path);
+            Ok::<_, EbpfUnavailable>(map)
+        };
+        let socks = take_pinned(SOCKS_MAP)?;
+        let peers = take_pinned(PEERS_MAP)?;
+        let flow_counters = take_pinned(FLOW_COUNTERS_MAP)?;
+        let totals = take_pinned(TOTALS_MAP)?;
+        let maps = Maps {
+            socks: SockHash::try_from(socks).map_err(|e| other("map", SOCKS_MAP, &e))?,
+            peers: HashMap::try_from(peers).map_err(|e| other("map", PEERS_MAP, &e))?,
+            flow_counters: PerCpuHashMap::try_from(flow_counters)
+                .map_err(|e| other("map", FLOW_COUNTERS_MAP, &e))?,
+            totals: PerCpuArray::try_from(totals).map_err(|e| other("map", TOTALS_MAP, &e))?,
+        };
+
+        let prog: &mut SkSkb = ebpf
+            .program_mut(VERDICT_PROG)
+            .ok_or_else(|| missing("program", VERDICT_PROG))?
+            .try_into()
+            .map_err(|e| other("program", VERDICT_PROG, &e))?;
+        prog.load().map_err(classify_program)?;
+        prog.attach(maps.socks.fd()).map_err(classify_program)?;
+
+        let programs = Self {
+            pin_dir,
+            _pins: pins,
+            _ebpf: ebpf,
+            _lock: lock,
+        };
+        Ok((programs, maps))
+    }
+
+    /// Directory holding this instance's pinned maps (for log lines and bpftool hints).
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+}
+
+/// Clears a directory whose lock was free: whatever is pinned there belongs to a dead instance.
+fn remove_stale_pins(pin_dir: &Path) -> Result<(), EbpfUnavailable> {
+    let entries = fs::read_dir(pin_dir)
+        .map_err(|e| EbpfUnavailable::Bpffs(format!("read {}: {e}", pin_dir.display())))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        match fs::remove_file(&path) {
+            Ok(()) => tracing::info!("removed stale pin {} left by an instance that is gone", path.display()),
+            Err(e) => {
+                return Err(EbpfUnavailable::Bpffs(format!("remove stale {}: {e}", path.display())));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes pins when the data plane goes away (or loading fails half-way): a leftover pin keeps
+/// the map, and through it the attached program, alive after the daemon exits.
+struct PinGuard(Vec<PathBuf>, PathBuf);
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        for pin in &self.0 {
+            let _ = fs::remove_file(pin);
+        }
+        // Only succeeds when empty, i.e. nobody else pinned anything there.
+        let _ = fs::remove_dir(&self.1);
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use memcg and ignore it.
+fn raise_memlock() {
+    if let Err(e) = rlimit::setrlimit(
+        rlimit::Resource::MEMLOCK,
+        rlimit::INFINITY,
+        rlimit::INFINITY,
+    ) {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK ({e}); fine on Linux >= 5.11");
+    }
+}
+
+/// Pins `map` at `path` (the directory was cleared of stale pins under its lock).
+fn pin_map(map: &Map, path: &Path) -> Result<(), EbpfUnavailable> {
+    map.pin(path)
+        .map_err(|e| EbpfUnavailable::Bpffs(format!("pin {}: {}", path.display(), one_line(&e))))
+}
+
+/// Makes sure `pin_dir` exists on a mounted bpffs, mounting it at /sys/fs/bpf if needed.
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), EbpfUnavailable> {
+    let mounts = fs::read_to_string("/proc/mounts")
+        .map_err(|e| EbpfUnavailable::Bpffs(format!("read /proc/mounts: {e}")))?;
+    let on_bpffs = |dir: &Path| {
+        mounts.lines().any(|line| {
+            let mut f = line.split_whitespace();
+            let (_src, mnt, fstype) = (f.next(), f.next(), f.next());
+            fstype == Some("bpf") && mnt.is_some_and(|m| dir.starts_with(m))
+        })
+    };
+    if !on_bpffs(pin_dir) {
+        if !pin_dir.starts_with(BPFFS) {
+            return Err(EbpfUnavailable::Bpffs(format!(
+                "{} is not on a mounted bpf filesystem",
+                pin_dir.display()
+            )));
+        }
+        mount_bpffs()?;
+    }
+    fs::create_dir_all(pin_dir)
+        .map_err(|e| EbpfUnavailable::Bpffs(format!("create {}: {e}", pin_dir.display())))
+}
+
+fn mount_bpffs() -> Result<(), EbpfUnavailable> {
+    let target = c"/sys/fs/bpf";
+    // SAFETY: all pointers are NUL-terminated C string literals that live for the whole call;
+    // `data` may be NULL for bpffs.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(EbpfUnavailable::Bpffs(format!(
+            "mount -t bpf bpf {BPFFS}: {e}"
+        )));
+    }
+    Ok(())
+}
+
+fn missing(kind: &str, name: &str) -> EbpfUnavailable {
+    EbpfUnavailable::Other(format!("{kind} `{name}` not found in the eBPF object"))
+}
+
+fn other(kind: &str, name: &str, e: &dyn std::error::Error) -> EbpfUnavailable {
+    EbpfUnavailable::Other(format!("{kind} `{name}`: {}", one_line(e)))
+}
+
+/// Joins an error and its sources into one line ("a: b: c").
+fn one_line(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+        src = cause.source();
+    }
+    s.lines().next().unwrap_or_default().to_string()
+}
+
+/// True when any error in the chain is EPERM/EACCES from a syscall.
+fn denied(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn classify_load(e: EbpfError) -> EbpfUnavailable {
+    if denied(&e) {
+        return EbpfUnavailable::NotPermitted(one_line(&e));
+    }
+    match e {
+        EbpfError::BtfError(_) | EbpfError::NoBTF | EbpfError::BtfRelocationError(_) => {
+            EbpfUnavailable::Btf(one_line(&e))
+        }
+        EbpfError::ProgramError(p) => classify_program(p),
+        e => EbpfUnavailable::Other(one_line(&e)),
+    }
+}
+
+fn classify_program(e: ProgramError) -> EbpfUnavailable {
+    if denied(&e) {
+        return EbpfUnavailable::NotPermitted(one_line(&e));
+    }
+    match e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => EbpfUnavailable::Verifier {
+            program: VERDICT_PROG,
+            reason: io_error.to_string(),
+            log: verifier_log.to_string(),
+        },
+        e => EbpfUnavailable::Other(format!("{VERDICT_PROG}: {}", one_line(&e))),
+    }
+}

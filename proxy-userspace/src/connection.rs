@@ -5,13 +5,13 @@ mod refuse;
 
 use crate::access_log::Entry;
 use crate::balance::SelectKey;
+use crate::dataplane::ConnectHandling;
 use crate::dataplane::{CloseReason, Flow, FlowEnd};
 use crate::listener::ListenerContext;
 use crate::mqtt;
 use crate::proxy_protocol;
-use crate::stats::Direction;
 use crate::reject::RejectReason;
-use crate::dataplane::ConnectHandling;
+use crate::stats::Direction;
 use read_connect::{ReadConnectError, peek_connect, read_connect};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,22 +23,28 @@ use tokio::time::Instant;
 /// Serves one accepted client: read CONNECT → choose broker → connect → hand to the data plane.
 ///
 /// `_active` is taken by the accept loop, so `max_connections` counts this connection at once.
-pub async fn serve(ctx: Arc<ListenerContext>, _active: ActiveConnection, mut client: TcpStream, peer: SocketAddr) {
+pub async fn serve(
+    ctx: Arc<ListenerContext>,
+    _active: ActiveConnection,
+    mut client: TcpStream,
+    peer: SocketAddr,
+) {
     let started = Instant::now();
     let _ = client.set_nodelay(ctx.config.tcp_nodelay);
-    let log = |client_id: Option<&str>, broker: Option<SocketAddr>, end: Option<FlowEnd>, close: &str| {
-        ctx.access_log.write(&Entry {
-            client: peer,
-            client_id,
-            listener: &ctx.config.name,
-            broker,
-            path: end.map_or(ctx.dataplane.path(), |e| e.path).as_str(),
-            bytes_to_broker: end.map_or(0, |e| e.bytes_to_broker),
-            bytes_to_client: end.map_or(0, |e| e.bytes_to_client),
-            duration: started.elapsed(),
-            close,
-        })
-    };
+    let log =
+        |client_id: Option<&str>, broker: Option<SocketAddr>, end: Option<FlowEnd>, close: &str| {
+            ctx.access_log.write(&Entry {
+                client: peer,
+                client_id,
+                listener: &ctx.config.name,
+                broker,
+                path: end.map_or(ctx.dataplane.path(), |e| e.path).as_str(),
+                bytes_to_broker: end.map_or(0, |e| e.bytes_to_broker),
+                bytes_to_client: end.map_or(0, |e| e.bytes_to_client),
+                duration: started.elapsed(),
+                close,
+            })
+        };
 
     // 1. Read one complete CONNECT, within connect_packet_timeout: consumed for the userspace
     //    path (`packet` holds its bytes), or only peeked for the splice (`packet` is None).
@@ -46,8 +52,12 @@ pub async fn serve(ctx: Arc<ListenerContext>, _active: ActiveConnection, mut cli
     let max_size = ctx.config.max_connect_size;
     let read = tokio::time::timeout_at(deadline, async {
         match ctx.dataplane.connect_handling() {
-            ConnectHandling::Consume => read_connect(&mut client, max_size).await.map(|(p, c)| (Some(p), c)),
-            ConnectHandling::Peek => peek_connect(&mut client, max_size).await.map(|(_, c)| (None, c)),
+            ConnectHandling::Consume => read_connect(&mut client, max_size)
+                .await
+                .map(|(p, c)| (Some(p), c)),
+            ConnectHandling::Peek => peek_connect(&mut client, max_size)
+                .await
+                .map(|(_, c)| (None, c)),
         }
     })
     .await;
@@ -64,14 +74,23 @@ pub async fn serve(ctx: Arc<ListenerContext>, _active: ActiveConnection, mut cli
             return log(None, None, None, reason.as_str());
         }
         Err(_elapsed) => {
-            refuse::refuse(&ctx, client, RejectReason::ConnectTimeout, None::<mqtt::Connack>).await;
+            refuse::refuse(
+                &ctx,
+                client,
+                RejectReason::ConnectTimeout,
+                None::<mqtt::Connack>,
+            )
+            .await;
             return log(None, None, None, RejectReason::ConnectTimeout.as_str());
         }
     };
     let client_id = Some(connect.client_id.as_str());
 
     // 2. Choose a broker and connect, trying the next choice on failure.
-    let key = SelectKey { source_ip: peer.ip(), client_id: &connect.client_id };
+    let key = SelectKey {
+        source_ip: peer.ip(),
+        client_id: &connect.client_id,
+    };
     let mut broker = match ctx.upstream.connect(&key, ctx.config.tcp_nodelay).await {
         Ok(connected) => connected,
         Err(error) => {
@@ -101,7 +120,12 @@ pub async fn serve(ctx: Arc<ListenerContext>, _active: ActiveConnection, mut cli
         && let Err(error) = broker.stream.write_all(&preamble).await
     {
         tracing::warn!(client = %peer, broker = ?broker_addr, "writing the CONNECT failed: {error}");
-        return log(client_id, broker_addr, None, CloseReason::BrokerError.as_str());
+        return log(
+            client_id,
+            broker_addr,
+            None,
+            CloseReason::BrokerError.as_str(),
+        );
     }
     server.bytes.add(Direction::ToBroker, consumed);
     ctx.bytes.add(Direction::ToBroker, consumed);

@@ -172,7 +172,11 @@ pub async fn start_with(config: Config, options: Options) -> anyhow::Result<Runn
 
 fn choose_dataplane(config: &DataplaneConfig) -> anyhow::Result<DataplaneChoice> {
     let mode = config.mode;
-    let userspace = |reason: String| DataplaneChoice { plane: Arc::new(UserspaceCopy), requested: mode, reason };
+    let userspace = |reason: String| DataplaneChoice {
+        plane: Arc::new(UserspaceCopy),
+        requested: mode,
+        reason,
+    };
     match mode {
         DataplaneMode::Userspace => Ok(userspace("dataplane.mode = \"userspace\"".into())),
         // Until spliced flows have backpressure, `auto` does not move anyone onto a path without it.

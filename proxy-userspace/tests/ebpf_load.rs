@@ -18,7 +18,9 @@ const MAPS: [&str; 4] = ["mqs_socks", "mqs_peers", "mqs_flow_counters", "mqs_tot
 
 #[test]
 fn programs_load_pin_their_maps_and_lock_the_directory() {
-    let euid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX);
+    let euid = std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(u32::MAX);
     let pin_dir = format!("/sys/fs/bpf/mqsplice-test-load-{}", std::process::id());
     let (programs, _maps) = match EbpfPrograms::load(&pin_dir) {
         Ok(loaded) => loaded,
@@ -29,7 +31,10 @@ fn programs_load_pin_their_maps_and_lock_the_directory() {
         Err(e) => panic!("loading the eBPF data plane as root failed: {e}"),
     };
     for map in MAPS {
-        assert!(Path::new(&pin_dir).join(map).exists(), "{map} is pinned under {pin_dir}");
+        assert!(
+            Path::new(&pin_dir).join(map).exists(),
+            "{map} is pinned under {pin_dir}"
+        );
     }
 
     // A second instance on the same directory is refused while the first holds the lock.
@@ -39,7 +44,10 @@ fn programs_load_pin_their_maps_and_lock_the_directory() {
         Ok(_) => panic!("a second instance loaded into a locked pin directory"),
     }
     for map in MAPS {
-        assert!(Path::new(&pin_dir).join(map).exists(), "the refused instance must not touch {map}");
+        assert!(
+            Path::new(&pin_dir).join(map).exists(),
+            "the refused instance must not touch {map}"
+        );
     }
 
     // Dropping the instance removes its pins and the directory.

@@ -19,6 +19,7 @@ pub struct Daemon {
 
 /// A config for the daemon on fixed free ports, returned with those ports.
 pub fn config_for(
+    mode: crate::Mode,
     brokers: &[SocketAddr],
     extra_upstream: &str,
 ) -> (String, SocketAddr, SocketAddr) {
@@ -28,7 +29,7 @@ pub fn config_for(
         r#"[stats]
 listen = "{stats}"
 [dataplane]
-mode = "userspace"
+{dataplane}
 [log]
 access = "stderr"
 [[upstream]]
@@ -41,7 +42,8 @@ kind = "tcp"
 listen = "{listen}"
 upstream = "brokers"
 "#,
-        servers = crate::proxy::servers(brokers, "")
+        servers = crate::proxy::servers(brokers, ""),
+        dataplane = mode.dataplane_keys()
     );
     (text, listen, stats)
 }

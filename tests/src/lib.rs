@@ -11,19 +11,58 @@ pub mod raw;
 /// The data path a test runs on, named in every test whose outcome depends on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
+    /// The userspace copy path.
     Userspace,
+    /// The in-kernel sockmap splice (needs root).
+    Ebpf,
 }
 
 impl Mode {
     /// Every data path this build can test.
-    pub const ALL: [Mode; 1] = [Mode::Userspace];
+    pub const ALL: [Mode; 2] = [Mode::Userspace, Mode::Ebpf];
 
     /// The `dataplane.mode` value selecting this path.
     pub fn config_value(self) -> &'static str {
         match self {
             Mode::Userspace => "userspace",
+            Mode::Ebpf => "ebpf",
         }
     }
+
+    /// The `[dataplane]` keys for this path; every eBPF instance gets its own pin directory.
+    pub fn dataplane_keys(self) -> String {
+        match self {
+            Mode::Userspace => "mode = \"userspace\"".to_string(),
+            Mode::Ebpf => format!("mode = \"ebpf\"\nbpffs_pin = \"{}\"", unique_pin_dir()),
+        }
+    }
+
+    /// Whether this path can run here. The eBPF path needs root: without it the test prints
+    /// `SKIPPED: …` and returns, except under `CI=true`, where a missing privilege fails.
+    pub fn runnable(self) -> bool {
+        if self == Mode::Userspace || is_root() {
+            return true;
+        }
+        let reason = "the eBPF data path needs root (CAP_BPF and CAP_NET_ADMIN)";
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true and {reason}"
+        );
+        println!("SKIPPED: {reason}");
+        false
+    }
+}
+
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// A bpffs directory no other test instance uses.
+pub fn unique_pin_dir() -> String {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("/sys/fs/bpf/mqsplice-test-{}-{n}", std::process::id())
 }
 
 /// A free loopback TCP port (bound, then released: good enough for tests that must pass a port

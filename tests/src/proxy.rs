@@ -48,7 +48,7 @@ pub fn config(
 [stats]
 listen = "127.0.0.1:0"
 [dataplane]
-mode = "{mode}"
+{dataplane}
 [log]
 access = "off"
 [[upstream]]
@@ -62,7 +62,7 @@ listen = "127.0.0.1:0"
 upstream = "brokers"
 {listener_extra}
 "#,
-        mode = mode.config_value()
+        dataplane = mode.dataplane_keys()
     )
 }
 

@@ -345,7 +345,7 @@ async fn no_upstream(mode: Mode) {
 [stats]
 listen = "127.0.0.1:0"
 [dataplane]
-mode = "{mode}"
+{dataplane}
 [log]
 access = "off"
 [[upstream]]
@@ -365,7 +365,7 @@ kind = "tcp"
 listen = "127.0.0.1:0"
 upstream = "good"
 "#,
-            mode = mode.config_value(),
+            dataplane = mode.dataplane_keys(),
             broker = broker.addr,
         );
         let running = proxy::start(&toml).await;
@@ -525,4 +525,67 @@ async fn garbage(mode: Mode) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn userspace_garbage_never_breaks_the_proxy() {
     garbage(Mode::Userspace).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_not_a_connect_or_malformed_framing_is_closed() {
+    if Mode::Ebpf.runnable() {
+        malformed_first_packet(Mode::Ebpf).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_unknown_protocol_or_level_is_refused() {
+    if Mode::Ebpf.runnable() {
+        bad_protocol(Mode::Ebpf).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_client_id_not_utf8_is_refused() {
+    if Mode::Ebpf.runnable() {
+        bad_client_id(Mode::Ebpf).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_connect_over_max_connect_size_is_refused() {
+    if Mode::Ebpf.runnable() {
+        too_large(Mode::Ebpf).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_incomplete_connect_times_out() {
+    if Mode::Ebpf.runnable() {
+        connect_timeout(Mode::Ebpf).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_no_broker_available_is_refused() {
+    if Mode::Ebpf.runnable() {
+        no_upstream(Mode::Ebpf).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_over_max_connections_is_closed() {
+    if Mode::Ebpf.runnable() {
+        over_limit(Mode::Ebpf).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_client_closing_before_connect_is_counted_closed() {
+    if Mode::Ebpf.runnable() {
+        silent_client(Mode::Ebpf).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_garbage_never_breaks_the_proxy() {
+    if Mode::Ebpf.runnable() {
+        garbage(Mode::Ebpf).await;
+    }
 }

@@ -1,5 +1,6 @@
 //! The `mqsplice` binary as an operator runs it (needs `MQSPLICE_BIN`, set by `cargo xtask test`).
 
+use mqsplice_tests::Mode;
 use mqsplice_tests::broker::EmbeddedBroker;
 use mqsplice_tests::client::connect;
 use mqsplice_tests::daemon::{Daemon, config_for, write_config};
@@ -45,7 +46,7 @@ fn check_names_the_key_path_and_line_and_exits_2() {
 
 #[test]
 fn run_fails_fast_with_a_reason_when_ebpf_is_demanded() {
-    let (text, _, _) = config_for(&["127.0.0.1:1".parse().unwrap()], "");
+    let (text, _, _) = config_for(Mode::Userspace, &["127.0.0.1:1".parse().unwrap()], "");
     let path = write_config(&text.replace("mode = \"userspace\"", "mode = \"ebpf\""));
     let out = Command::new(binary())
         .args(["run", "--config"])
@@ -63,7 +64,7 @@ fn run_fails_fast_with_a_reason_when_ebpf_is_demanded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn userspace_daemon_serves_logs_each_connection_and_stops_on_sigterm() {
     let broker = EmbeddedBroker::start();
-    let (text, listen, stats) = config_for(&[broker.addr], "");
+    let (text, listen, stats) = config_for(Mode::Userspace, &[broker.addr], "");
     let mut daemon = Daemon::start(&text, listen, stats);
     let client = connect(listen, "daemon-1").await.unwrap();
     let json = fetch_stats(stats).await;
@@ -87,7 +88,7 @@ async fn userspace_daemon_serves_logs_each_connection_and_stops_on_sigterm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn userspace_daemon_returns_every_descriptor_after_500_connections() {
     let broker = EmbeddedBroker::start();
-    let (text, listen, stats) = config_for(&[broker.addr], "");
+    let (text, listen, stats) = config_for(Mode::Userspace, &[broker.addr], "");
     let daemon = Daemon::start(&text, listen, stats);
     // The readiness probe's connection must be gone before the baseline is taken.
     for _ in 0..100 {

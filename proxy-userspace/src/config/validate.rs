@@ -111,7 +111,9 @@ fn one_of<T: Copy>(what: &str, value: &str, choices: &[(&str, T)]) -> Result<T, 
 pub fn parse_bpffs_pin(value: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(value);
     if !path.is_absolute() {
-        return Err(format!("bpffs_pin must be an absolute path on a bpf filesystem, got {value:?}"));
+        return Err(format!(
+            "bpffs_pin must be an absolute path on a bpf filesystem, got {value:?}"
+        ));
     }
     Ok(path)
 }

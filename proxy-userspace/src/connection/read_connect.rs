@@ -70,7 +70,10 @@ async fn read_more(
 /// While the packet is incomplete, `SO_RCVLOWAT` is set to the bytes still needed, so the socket
 /// reports readable once, when they are there, not per fragment. The caller resets it to 1 (the
 /// hand-over kick, or before any userspace read).
-pub async fn peek_connect(client: &mut TcpStream, max_size: usize) -> Result<(usize, Connect), ReadConnectError> {
+pub async fn peek_connect(
+    client: &mut TcpStream,
+    max_size: usize,
+) -> Result<(usize, Connect), ReadConnectError> {
     use crate::dataplane::ebpf::{peek, set_rcvlowat};
     use std::os::fd::AsFd;
     use tokio::io::Interest;
@@ -88,7 +91,9 @@ pub async fn peek_connect(client: &mut TcpStream, max_size: usize) -> Result<(us
             }
             let wanted = match mqtt::frame_connect(&buf[..n], max_size) {
                 Ok(Framing::Complete { total_len, .. }) if n >= total_len => {
-                    return Ok(mqtt::parse_connect(&buf[..total_len]).map(|c| (total_len, c)).map_err(ReadConnectError::Invalid));
+                    return Ok(mqtt::parse_connect(&buf[..total_len])
+                        .map(|c| (total_len, c))
+                        .map_err(ReadConnectError::Invalid));
                 }
                 Ok(Framing::Complete { total_len, .. }) => total_len,
                 Ok(Framing::Incomplete { needed }) => n + needed,

@@ -62,7 +62,9 @@ struct Shared {
 
 impl std::fmt::Debug for EbpfSplice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EbpfSplice").field("pin_dir", &self.shared.pin_dir).finish_non_exhaustive()
+        f.debug_struct("EbpfSplice")
+            .field("pin_dir", &self.shared.pin_dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -70,7 +72,8 @@ impl EbpfSplice {
     /// Loads and attaches the programs (maps pinned under `pin_dir`) and starts the watcher.
     pub fn start(pin_dir: &Path) -> Result<EbpfSplice, EbpfUnavailable> {
         let (programs, maps) = EbpfPrograms::load(pin_dir)?;
-        let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| EbpfUnavailable::Other(format!("{what}: {e}")))?;
+        let nr_cpus = aya::util::nr_cpus()
+            .map_err(|(what, e)| EbpfUnavailable::Other(format!("{what}: {e}")))?;
         let maps = Arc::new(Mutex::new(maps));
         let counters = Arc::new(SpliceCounters::default());
         let watcher = Watcher::start(maps.clone(), counters.clone())
@@ -113,14 +116,16 @@ impl DataPlane for EbpfSplice {
         let totals = {
             let maps = self.shared.maps.lock().unwrap_or_else(|p| p.into_inner());
             maps.totals.get(&0, 0).map(|per_cpu| {
-                per_cpu.iter().fold(proxy_common::GlobalCounters::default(), |mut sum, t| {
-                    sum.bytes_to_upstream += t.bytes_to_upstream;
-                    sum.bytes_to_client += t.bytes_to_client;
-                    sum.packets += t.packets;
-                    sum.empty_dropped += t.empty_dropped;
-                    sum.redirect_failed += t.redirect_failed;
-                    sum
-                })
+                per_cpu
+                    .iter()
+                    .fold(proxy_common::GlobalCounters::default(), |mut sum, t| {
+                        sum.bytes_to_upstream += t.bytes_to_upstream;
+                        sum.bytes_to_client += t.bytes_to_client;
+                        sum.packets += t.packets;
+                        sum.empty_dropped += t.empty_dropped;
+                        sum.redirect_failed += t.redirect_failed;
+                        sum
+                    })
             })
         }
         .unwrap_or_default();
@@ -146,12 +151,24 @@ impl DataPlane for EbpfSplice {
 
 impl Shared {
     async fn splice_or_copy(self: Arc<Self>, flow: Flow) -> FlowEnd {
-        let Flow { client, broker, idle_timeout, buffer_size, meters, broker_preamble_len } = flow;
+        let Flow {
+            client,
+            broker,
+            idle_timeout,
+            buffer_size,
+            meters,
+            broker_preamble_len,
+        } = flow;
         // Leave tokio's reactor: from here on only the watcher's epoll set looks at these sockets.
         let (client, broker) = match (client.into_std(), broker.into_std()) {
             (Ok(client), Ok(broker)) => (client, broker),
             _ => {
-                return FlowEnd { path: DataPath::Ebpf, bytes_to_broker: 0, bytes_to_client: 0, reason: super::CloseReason::ClientError };
+                return FlowEnd {
+                    path: DataPath::Ebpf,
+                    bytes_to_broker: 0,
+                    bytes_to_client: 0,
+                    reason: super::CloseReason::ClientError,
+                };
             }
         };
         match self.insert(&client, &broker) {
@@ -187,33 +204,71 @@ impl Shared {
                 tracing::debug!("splice refused ({error}); serving this pair on userspace");
                 self.counters.splice_refused.fetch_add(1, Relaxed);
                 let _ = set_rcvlowat(client.as_fd(), 1);
-                let (Ok(client), Ok(broker)) =
-                    (tokio::net::TcpStream::from_std(client), tokio::net::TcpStream::from_std(broker))
-                else {
-                    return FlowEnd { path: DataPath::Userspace, bytes_to_broker: 0, bytes_to_client: 0, reason: super::CloseReason::ClientError };
+                let (Ok(client), Ok(broker)) = (
+                    tokio::net::TcpStream::from_std(client),
+                    tokio::net::TcpStream::from_std(broker),
+                ) else {
+                    return FlowEnd {
+                        path: DataPath::Userspace,
+                        bytes_to_broker: 0,
+                        bytes_to_client: 0,
+                        reason: super::CloseReason::ClientError,
+                    };
                 };
-                let flow = Flow { client, broker, idle_timeout, buffer_size, meters, broker_preamble_len };
+                let flow = Flow {
+                    client,
+                    broker,
+                    idle_timeout,
+                    buffer_size,
+                    meters,
+                    broker_preamble_len,
+                };
                 UserspaceCopy.run(flow).await
             }
         }
     }
 
     /// Inserts the pair in map order; on failure every entry made is removed again.
-    fn insert(&self, client: &std::net::TcpStream, broker: &std::net::TcpStream) -> std::io::Result<[u64; 2]> {
-        let cookies = [socket_cookie(client.as_fd())?, socket_cookie(broker.as_fd())?];
+    fn insert(
+        &self,
+        client: &std::net::TcpStream,
+        broker: &std::net::TcpStream,
+    ) -> std::io::Result<[u64; 2]> {
+        let cookies = [
+            socket_cookie(client.as_fd())?,
+            socket_cookie(broker.as_fd())?,
+        ];
         let [client_cookie, broker_cookie] = cookies;
         let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
         let result = (|| {
             for cookie in cookies {
                 let zero = PerCpuValues::try_from(vec![FlowCounters::default(); self.nr_cpus])?;
-                maps.flow_counters.insert(cookie, zero, 0).map_err(std::io::Error::other)?;
+                maps.flow_counters
+                    .insert(cookie, zero, 0)
+                    .map_err(std::io::Error::other)?;
             }
-            let to_broker = PeerEntry { peer_cookie: broker_cookie, direction: direction::TO_UPSTREAM, _pad: 0 };
-            let to_client = PeerEntry { peer_cookie: client_cookie, direction: direction::TO_CLIENT, _pad: 0 };
-            maps.peers.insert(client_cookie, to_broker, 0).map_err(std::io::Error::other)?;
-            maps.peers.insert(broker_cookie, to_client, 0).map_err(std::io::Error::other)?;
-            maps.socks.insert(broker_cookie, broker.as_raw_fd(), 0).map_err(std::io::Error::other)?;
-            maps.socks.insert(client_cookie, client.as_raw_fd(), 0).map_err(std::io::Error::other)?;
+            let to_broker = PeerEntry {
+                peer_cookie: broker_cookie,
+                direction: direction::TO_UPSTREAM,
+                _pad: 0,
+            };
+            let to_client = PeerEntry {
+                peer_cookie: client_cookie,
+                direction: direction::TO_CLIENT,
+                _pad: 0,
+            };
+            maps.peers
+                .insert(client_cookie, to_broker, 0)
+                .map_err(std::io::Error::other)?;
+            maps.peers
+                .insert(broker_cookie, to_client, 0)
+                .map_err(std::io::Error::other)?;
+            maps.socks
+                .insert(broker_cookie, broker.as_raw_fd(), 0)
+                .map_err(std::io::Error::other)?;
+            maps.socks
+                .insert(client_cookie, client.as_raw_fd(), 0)
+                .map_err(std::io::Error::other)?;
             Ok(())
         })();
         if let Err(e) = result {
@@ -226,7 +281,9 @@ impl Shared {
 
 /// Bytes the verdict program redirected from the socket `cookie`, summed over CPUs.
 fn flow_bytes(maps: &Maps, cookie: u64) -> u64 {
-    maps.flow_counters.get(&cookie, 0).map_or(0, |per_cpu| per_cpu.iter().map(|c| c.bytes).sum())
+    maps.flow_counters
+        .get(&cookie, 0)
+        .map_or(0, |per_cpu| per_cpu.iter().map(|c| c.bytes).sum())
 }
 
 /// Removes a pair's entries: sockets first (no more redirects), then peers, then counters.

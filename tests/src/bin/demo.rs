@@ -4,6 +4,7 @@
 //! balancing by client identifier, ten clients that subscribe and publish through it; then the
 //! per-broker distribution and the stats JSON, and everything stops.
 
+use mqsplice_tests::Mode;
 use mqsplice_tests::broker::EmbeddedBroker;
 use mqsplice_tests::client::connect;
 use mqsplice_tests::daemon::{Daemon, config_for};
@@ -17,7 +18,7 @@ async fn main() -> anyhow::Result<()> {
     for (i, broker) in brokers.iter().enumerate() {
         println!("broker {} (rumqttd) on {broker}", i + 1);
     }
-    let (config, listen, stats) = config_for(&brokers, "balance = \"client_id\"");
+    let (config, listen, stats) = config_for(Mode::Userspace, &brokers, "balance = \"client_id\"");
     // The default data path choice, as a new operator would get it.
     let config = config.replace("mode = \"userspace\"", "mode = \"auto\"");
     let mut daemon = Daemon::start(&config, listen, stats);

@@ -58,7 +58,9 @@ pub enum EbpfUnavailable {
     #[error("bpffs: {0}")]
     Bpffs(String),
     /// Another instance holds the pin directory's lock.
-    #[error("{0} is in use by another mqsplice instance (its lock is held); set dataplane.bpffs_pin to another directory")]
+    #[error(
+        "{0} is in use by another mqsplice instance (its lock is held); set dataplane.bpffs_pin to another directory"
+    )]
     Locked(String),
     /// Anything else (missing map or program in the object, attach failure, ...).
     #[error("eBPF data plane unavailable: {0}")]
@@ -171,9 +173,15 @@ fn remove_stale_pins(pin_dir: &Path) -> Result<(), EbpfUnavailable> {
     for entry in entries.flatten() {
         let path = entry.path();
         match fs::remove_file(&path) {
-            Ok(()) => tracing::info!("removed stale pin {} left by an instance that is gone", path.display()),
+            Ok(()) => tracing::info!(
+                "removed stale pin {} left by an instance that is gone",
+                path.display()
+            ),
             Err(e) => {
-                return Err(EbpfUnavailable::Bpffs(format!("remove stale {}: {e}", path.display())));
+                return Err(EbpfUnavailable::Bpffs(format!(
+                    "remove stale {}: {e}",
+                    path.display()
+                )));
             }
         }
     }

@@ -5,7 +5,11 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
 }
 
 /// The kernel's cookie for a socket: the key the verdict program sees for the same socket.
@@ -15,7 +19,13 @@ pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     // SAFETY: `fd` is live for the borrow; `cookie` and `len` are valid for writes and `len`
     // holds the buffer's size, as getsockopt requires.
     check(unsafe {
-        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE, (&raw mut cookie).cast(), &raw mut len)
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
     })?;
     Ok(cookie)
 }
@@ -42,9 +52,18 @@ pub fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
 pub fn peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call.
     let n = unsafe {
-        libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT)
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
     };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
 
 /// The two `TCP_INFO` byte counters the close rule compares.
@@ -67,13 +86,25 @@ pub fn tcp_bytes(fd: BorrowedFd<'_>) -> io::Result<TcpBytes> {
     let mut len = info.len() as libc::socklen_t;
     // SAFETY: `info` is valid for writes of `len` bytes; the kernel writes at most `len`.
     check(unsafe {
-        libc::getsockopt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr().cast(), &raw mut len)
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &raw mut len,
+        )
     })?;
     if (len as usize) < TCPI_BYTES_RECEIVED + 8 {
-        return Err(io::Error::other("tcp_info too short: kernel older than 4.2"));
+        return Err(io::Error::other(
+            "tcp_info too short: kernel older than 4.2",
+        ));
     }
-    let at = |offset: usize| u64::from_ne_bytes(info[offset..offset + 8].try_into().expect("8 bytes"));
-    Ok(TcpBytes { acked: at(TCPI_BYTES_ACKED), received: at(TCPI_BYTES_RECEIVED) })
+    let at =
+        |offset: usize| u64::from_ne_bytes(info[offset..offset + 8].try_into().expect("8 bytes"));
+    Ok(TcpBytes {
+        acked: at(TCPI_BYTES_ACKED),
+        received: at(TCPI_BYTES_RECEIVED),
+    })
 }
 
 /// Bytes written into the socket and not yet acknowledged by its peer (`SIOCOUTQ`).
@@ -90,7 +121,12 @@ pub fn lock_directory(dir: &Path) -> io::Result<OwnedFd> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
     // SAFETY: `path` is a NUL-terminated string alive for the call.
-    let fd = check(unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) })?;
+    let fd = check(unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    })?;
     // SAFETY: `fd` was just returned by open and is owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: `fd` is a valid open descriptor.
@@ -117,33 +153,63 @@ impl Epoll {
         // SAFETY: plain syscall with a flag argument.
         let fd = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
         // SAFETY: `fd` was just returned by epoll_create1 and is owned by nobody else.
-        Ok(Epoll { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        Ok(Epoll {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
     }
 
     /// Watches `fd` for `events` (e.g. `EPOLLRDHUP | EPOLLET`), reporting `token`.
     pub fn add(&self, fd: BorrowedFd<'_>, events: u32, token: u64) -> io::Result<()> {
         let mut event = libc::epoll_event { events, u64: token };
         // SAFETY: both descriptors are valid; `event` is valid for reads during the call.
-        check(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &raw mut event) })?;
+        check(unsafe {
+            libc::epoll_ctl(
+                self.fd.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                fd.as_raw_fd(),
+                &raw mut event,
+            )
+        })?;
         Ok(())
     }
 
     /// Stops watching `fd` (closing it would too, but only once every duplicate is closed).
     pub fn remove(&self, fd: BorrowedFd<'_>) {
         // SAFETY: both descriptors are valid; a NULL event is allowed for EPOLL_CTL_DEL.
-        let _ = unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_DEL, fd.as_raw_fd(), std::ptr::null_mut()) };
+        let _ = unsafe {
+            libc::epoll_ctl(
+                self.fd.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd.as_raw_fd(),
+                std::ptr::null_mut(),
+            )
+        };
     }
 
     /// Waits up to `timeout_ms` (-1: forever) and appends what happened to `out`.
     pub fn wait(&self, out: &mut Vec<Event>, timeout_ms: i32) -> io::Result<()> {
         let mut raw = [libc::epoll_event { events: 0, u64: 0 }; 256];
         // SAFETY: `raw` is valid for writes of its length in events.
-        let n = unsafe { libc::epoll_wait(self.fd.as_raw_fd(), raw.as_mut_ptr(), raw.len() as i32, timeout_ms) };
+        let n = unsafe {
+            libc::epoll_wait(
+                self.fd.as_raw_fd(),
+                raw.as_mut_ptr(),
+                raw.len() as i32,
+                timeout_ms,
+            )
+        };
         if n < 0 {
             let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted { Ok(()) } else { Err(e) };
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(())
+            } else {
+                Err(e)
+            };
         }
-        out.extend(raw[..n as usize].iter().map(|e| Event { token: e.u64, events: e.events }));
+        out.extend(raw[..n as usize].iter().map(|e| Event {
+            token: e.u64,
+            events: e.events,
+        }));
         Ok(())
     }
 }
@@ -160,7 +226,9 @@ impl Wakeup {
         // SAFETY: plain syscall with flag arguments.
         let fd = check(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
         // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
-        Ok(Wakeup { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        Ok(Wakeup {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
     }
 
     /// The descriptor to register in an epoll set.

@@ -48,7 +48,10 @@ pub struct Spliced {
 enum DirectionState {
     Open,
     /// A FIN arrived; waiting for the bytes before it to reach the peer.
-    Draining { since: Instant, backoff: Duration },
+    Draining {
+        since: Instant,
+        backoff: Duration,
+    },
     /// The FIN was passed on (the peer's write side is shut).
     Closed,
 }
@@ -90,13 +93,18 @@ impl Watcher {
             timers: BinaryHeap::new(),
             next_id: 1,
         };
-        std::thread::Builder::new().name("mqs-splice-watch".into()).spawn(move || thread.run())?;
+        std::thread::Builder::new()
+            .name("mqs-splice-watch".into())
+            .spawn(move || thread.run())?;
         Ok(Watcher { inbox, wakeup })
     }
 
     /// Takes over a spliced pair; its `done` channel fires when both sides are closed.
     pub fn add(&self, spliced: Spliced) {
-        self.inbox.lock().unwrap_or_else(|p| p.into_inner()).push(spliced);
+        self.inbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(spliced);
         self.wakeup.wake();
     }
 }
@@ -139,19 +147,25 @@ impl WatchThread {
     }
 
     fn take_inbox(&mut self) {
-        let new: Vec<Spliced> = std::mem::take(&mut *self.inbox.lock().unwrap_or_else(|p| p.into_inner()));
+        let new: Vec<Spliced> =
+            std::mem::take(&mut *self.inbox.lock().unwrap_or_else(|p| p.into_inner()));
         for spliced in new {
             let id = self.next_id;
             self.next_id += 1;
             let interest = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
             for side in [CLIENT, BROKER] {
-                if let Err(e) = self.epoll.add(spliced.sockets[side].as_fd(), interest, id << 1 | side as u64) {
+                if let Err(e) = self.epoll.add(
+                    spliced.sockets[side].as_fd(),
+                    interest,
+                    id << 1 | side as u64,
+                ) {
                     tracing::error!("splice watcher: cannot watch a socket: {e}");
                 }
             }
             let now = Instant::now();
             let idle_check = spliced.idle_timeout / 4;
-            self.timers.push(Reverse((now + idle_check, id, Timer::Idle)));
+            self.timers
+                .push(Reverse((now + idle_check, id, Timer::Idle)));
             self.flows.insert(
                 id,
                 FlowState {
@@ -167,17 +181,32 @@ impl WatchThread {
 
     fn on_event(&mut self, event: Event) {
         let (id, side) = (event.token >> 1, (event.token & 1) as usize);
-        let Some(flow) = self.flows.get_mut(&id) else { return };
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
         let error = flow.spliced.sockets[side].take_error().ok().flatten();
         if error.is_some() || event.events & libc::EPOLLERR as u32 != 0 {
             tracing::debug!(?error, side = side_name(side), "spliced socket reset");
-            let reason = if side == CLIENT { CloseReason::ClientError } else { CloseReason::BrokerError };
+            let reason = if side == CLIENT {
+                CloseReason::ClientError
+            } else {
+                CloseReason::BrokerError
+            };
             self.counters.rst.fetch_add(1, Relaxed);
             return self.finish(id, reason);
         }
-        if event.events & (libc::EPOLLRDHUP | libc::EPOLLHUP) as u32 != 0 && flow.directions[side] == DirectionState::Open {
-            flow.directions[side] = DirectionState::Draining { since: Instant::now(), backoff: DRAIN_BACKOFF_START };
-            flow.first_fin.get_or_insert(if side == CLIENT { CloseReason::ClientClosed } else { CloseReason::BrokerClosed });
+        if event.events & (libc::EPOLLRDHUP | libc::EPOLLHUP) as u32 != 0
+            && flow.directions[side] == DirectionState::Open
+        {
+            flow.directions[side] = DirectionState::Draining {
+                since: Instant::now(),
+                backoff: DRAIN_BACKOFF_START,
+            };
+            flow.first_fin.get_or_insert(if side == CLIENT {
+                CloseReason::ClientClosed
+            } else {
+                CloseReason::BrokerClosed
+            });
             self.try_drain(id, side);
         }
     }
@@ -202,8 +231,12 @@ impl WatchThread {
     /// The counter rule: once every byte received on `side` before its FIN has been written into
     /// the other socket, shut that socket's write side; otherwise check again later.
     fn try_drain(&mut self, id: u64, side: usize) {
-        let Some(flow) = self.flows.get_mut(&id) else { return };
-        let DirectionState::Draining { since, backoff } = flow.directions[side] else { return };
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        let DirectionState::Draining { since, backoff } = flow.directions[side] else {
+            return;
+        };
         let peer = 1 - side;
         match drained(&flow.spliced, side) {
             Ok(true) => {
@@ -216,18 +249,29 @@ impl WatchThread {
                 }
             }
             Ok(false) if since.elapsed() < DRAIN_TIMEOUT => {
-                flow.directions[side] = DirectionState::Draining { since, backoff: (backoff * 2).min(DRAIN_BACKOFF_MAX) };
-                self.timers.push(Reverse((Instant::now() + backoff, id, Timer::Drain(side))));
+                flow.directions[side] = DirectionState::Draining {
+                    since,
+                    backoff: (backoff * 2).min(DRAIN_BACKOFF_MAX),
+                };
+                self.timers
+                    .push(Reverse((Instant::now() + backoff, id, Timer::Drain(side))));
             }
             Ok(false) => {
-                tracing::warn!(side = side_name(side), "bytes before a FIN did not drain within {DRAIN_TIMEOUT:?}; closing both sides");
+                tracing::warn!(
+                    side = side_name(side),
+                    "bytes before a FIN did not drain within {DRAIN_TIMEOUT:?}; closing both sides"
+                );
                 self.counters.drain_timeout.fetch_add(1, Relaxed);
                 self.finish(id, CloseReason::DrainTimeout);
             }
             Err(e) => {
                 tracing::debug!("drain check failed ({e}); treating as a reset");
                 self.counters.rst.fetch_add(1, Relaxed);
-                let reason = if peer == CLIENT { CloseReason::ClientError } else { CloseReason::BrokerError };
+                let reason = if peer == CLIENT {
+                    CloseReason::ClientError
+                } else {
+                    CloseReason::BrokerError
+                };
                 self.finish(id, reason);
             }
         }
@@ -235,11 +279,19 @@ impl WatchThread {
 
     fn check_idle(&mut self, id: u64, now: Instant) {
         let bytes = {
-            let Some(flow) = self.flows.get(&id) else { return };
+            let Some(flow) = self.flows.get(&id) else {
+                return;
+            };
             let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
-            flow.spliced.cookies.iter().map(|c| super::flow_bytes(&maps, *c)).sum::<u64>()
+            flow.spliced
+                .cookies
+                .iter()
+                .map(|c| super::flow_bytes(&maps, *c))
+                .sum::<u64>()
         };
-        let Some(flow) = self.flows.get_mut(&id) else { return };
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
         if bytes != flow.last_bytes {
             flow.last_bytes = bytes;
             flow.last_change = now;
@@ -253,7 +305,9 @@ impl WatchThread {
 
     /// Takes the pair out of the kernel path, closes both sockets and reports the flow's end.
     fn finish(&mut self, id: u64, reason: CloseReason) {
-        let Some(flow) = self.flows.remove(&id) else { return };
+        let Some(flow) = self.flows.remove(&id) else {
+            return;
+        };
         let spliced = flow.spliced;
         for socket in &spliced.sockets {
             self.epoll.remove(socket.as_fd());

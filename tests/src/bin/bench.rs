@@ -625,8 +625,18 @@ fn temp_dir(name: &str) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// Starts `kind` in front of the echo broker at `echo`.
-fn start_peer(kind: PathKind, tools: &Tools, echo: SocketAddr) -> anyhow::Result<Peer> {
+/// Starts `kind` in front of the echo broker at `echo`, sized for `conns` client connections
+/// (nginx preallocates its connection table and haproxy raises its descriptor limit to fit
+/// `maxconn`, so both get what the run needs rather than a huge constant that would inflate
+/// their memory or exceed the descriptor limit).
+fn start_peer(
+    kind: PathKind,
+    tools: &Tools,
+    echo: SocketAddr,
+    conns: usize,
+) -> anyhow::Result<Peer> {
+    // Each client connection is two descriptors in the proxy (client side, broker side).
+    let slots = 2 * conns + 256;
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
     let proxy = match kind {
         PathKind::Direct => {
@@ -666,16 +676,17 @@ upstream = "echo"
 daemon off;
 master_process on;
 worker_processes auto;
-worker_rlimit_nofile 65536;
+worker_rlimit_nofile {nofile};
 error_log {d}/error.log warn;
 pid {d}/nginx.pid;
-events {{ worker_connections 65536; }}
+events {{ worker_connections {slots}; }}
 stream {{
     upstream b {{ server {echo}; }}
     server {{ listen {listen}; proxy_pass b; }}
 }}
 ",
-                load = nginx.load_module
+                load = nginx.load_module,
+                nofile = slots + 64,
             );
             let file = dir.join("nginx.conf");
             std::fs::write(&file, config)?;
@@ -694,7 +705,7 @@ stream {{
             let dir = temp_dir("haproxy")?;
             let config = format!(
                 "global
-    maxconn 65536
+    maxconn {maxconn}
 defaults
     mode tcp
     timeout connect 5s
@@ -705,7 +716,8 @@ frontend f
     default_backend b
 backend b
     server echo {echo}
-"
+",
+                maxconn = conns + 64,
             );
             let file = dir.join("haproxy.cfg");
             std::fs::write(&file, config)?;
@@ -821,7 +833,8 @@ fn fmt_value(v: Option<f64>) -> String {
         None => "–".into(),
         Some(v) if v.abs() >= 100.0 => format!("{v:.0}"),
         Some(v) if v.abs() >= 10.0 => format!("{v:.1}"),
-        Some(v) => format!("{v:.2}"),
+        Some(v) if v.abs() >= 0.1 => format!("{v:.2}"),
+        Some(v) => format!("{v:.4}"),
     }
 }
 
@@ -1021,7 +1034,7 @@ fn main() -> anyhow::Result<()> {
         // Rotate the starting path each round so no path always runs first (or last).
         for i in 0..order.len() {
             let kind = order[(i + round) % order.len()];
-            let peer = start_peer(kind, &tools, echo.addr)
+            let peer = start_peer(kind, &tools, echo.addr, args.idle_conns + 2)
                 .with_context(|| format!("start {}", kind.name()))?;
             let sample = measure(&peer, &args, user_hz)
                 .with_context(|| format!("round {} of {}", round + 1, kind.name()))?;

@@ -20,8 +20,8 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The CONNACK the echo broker answers every CONNECT with (session not present, accepted).
@@ -343,6 +343,16 @@ fn proc_stat_fields(pid: u32) -> Option<Vec<String>> {
     Some(rest.split_whitespace().map(str::to_owned).collect())
 }
 
+/// Start time of a process in ticks since boot (field 22 of `/proc/PID/stat`), which tells a
+/// process from a later one that got the same pid; `None` once it is gone or a zombie.
+fn start_time(pid: u32) -> Option<u64> {
+    let f = proc_stat_fields(pid)?;
+    if f.first()? == "Z" {
+        return None;
+    }
+    f.get(19)?.parse().ok()
+}
+
 /// `pid` and all its descendants (an NGINX master and its workers), found through the ppid
 /// of every process in `/proc`.
 fn process_tree(pid: u32) -> Vec<u32> {
@@ -504,6 +514,10 @@ fn find_nginx() -> Result<NginxTool, String> {
 struct ChildProxy {
     child: Child,
     dir: PathBuf,
+    /// Every process seen in the tree, with its start time: if the master dies first, its
+    /// workers are re-parented away and only this list still finds them; the start time makes
+    /// sure a reused pid is never signalled.
+    seen: Mutex<Vec<(u32, u64)>>,
 }
 
 impl ChildProxy {
@@ -516,13 +530,18 @@ impl ChildProxy {
             .stderr(log)
             .spawn()
             .with_context(|| format!("spawn {command:?}"))?;
-        let mut proxy = ChildProxy { child, dir };
+        let mut proxy = ChildProxy {
+            child,
+            dir,
+            seen: Mutex::new(Vec::new()),
+        };
         let deadline = Instant::now() + START_LIMIT;
         loop {
             if let Some(status) = proxy.child.try_wait()? {
                 bail!("{command:?} exited with {status}:\n{}", proxy.logs());
             }
             if TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok() {
+                proxy.tree();
                 return Ok(proxy);
             }
             if Instant::now() > deadline {
@@ -533,6 +552,20 @@ impl ChildProxy {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The current process tree, also remembered for `drop`.
+    fn tree(&self) -> Vec<u32> {
+        let tree = process_tree(self.child.id());
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        for &pid in &tree {
+            if let Some(start) = start_time(pid)
+                && !seen.contains(&(pid, start))
+            {
+                seen.push((pid, start));
+            }
+        }
+        tree
     }
 
     /// Everything the proxy wrote to its output and error log, for failure messages.
@@ -559,7 +592,7 @@ impl Drop for ChildProxy {
     /// SIGKILL to every process of the tree still alive: killing only the master would leave
     /// the workers running.
     fn drop(&mut self) {
-        let tree = process_tree(self.child.id());
+        self.tree();
         signal(self.child.id(), "TERM");
         let deadline = Instant::now() + Duration::from_secs(3);
         while Instant::now() < deadline {
@@ -568,8 +601,9 @@ impl Drop for ChildProxy {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        for &pid in tree.iter().skip(1) {
-            if Path::new(&format!("/proc/{pid}")).exists() {
+        let seen = std::mem::take(self.seen.get_mut().unwrap_or_else(|e| e.into_inner()));
+        for (pid, start) in seen {
+            if pid != self.child.id() && start_time(pid) == Some(start) {
                 signal(pid, "KILL");
             }
         }
@@ -598,7 +632,7 @@ impl Peer {
         match &self.proxy {
             Proxy::None => Vec::new(),
             Proxy::Mqsplice(d) => process_tree(d.child.id()),
-            Proxy::Child(c) => process_tree(c.child.id()),
+            Proxy::Child(c) => c.tree(),
         }
     }
 }
@@ -768,6 +802,7 @@ const METRICS: [Metric; 7] = [
 /// Runs every phase against one started path.
 fn measure(peer: &Peer, args: &Args, user_hz: f64) -> anyhow::Result<Sample> {
     let (p50_us, p99_us) = measure_latency(peer.listen, args.round_trips).context("latency")?;
+    // Taken once a worker has served the latency connection, so every worker is in it.
     let pids = peer.pids();
     let bytes = args.bulk_bytes();
     let (bulk, bulk_conn) = measure_bulk(peer.listen, bytes, &pids, user_hz).context("bulk")?;
@@ -787,6 +822,11 @@ fn measure(peer: &Peer, args: &Args, user_hz: f64) -> anyhow::Result<Sample> {
     let rss_n = rss_kib(&pids);
     drop(idle);
     drop(bulk_conn);
+    // A proxy process that died (or was replaced) mid-round would make its CPU and memory
+    // figures meaningless: fail the run rather than report them.
+    if let Some(gone) = pids.iter().find(|&&pid| start_time(pid).is_none()) {
+        bail!("proxy process {gone} exited during the measurement");
+    }
     Ok(Sample {
         p50_us,
         p99_us,

@@ -930,6 +930,31 @@ impl Results {
                 out.push_str(&format!("| {} | {} |\n", kind.name(), cells.join(" | ")));
             }
         }
+        if args.rounds > 1 {
+            // Medians hide how far the rounds disagree; on small VMs the latency is bimodal
+            // (threads on one CPU or woken across two), and this shows it.
+            out.push_str("\n### Spread over rounds (min – max)\n\n");
+            out.push_str(&format!("| path | {} |\n", header.join(" | ")));
+            out.push_str(&format!("|---|{}\n", "---:|".repeat(METRICS.len())));
+            for kind in &self.order {
+                let cells: Vec<String> = METRICS
+                    .iter()
+                    .map(|x| {
+                        let values: Vec<f64> =
+                            self.samples[kind.name()].iter().filter_map(x.2).collect();
+                        let min = values.iter().copied().reduce(f64::min);
+                        let max = values.iter().copied().reduce(f64::max);
+                        match (min, max) {
+                            (Some(_), Some(_)) => {
+                                format!("{} – {}", fmt_value(min), fmt_value(max))
+                            }
+                            _ => fmt_value(None),
+                        }
+                    })
+                    .collect();
+                out.push_str(&format!("| {} | {} |\n", kind.name(), cells.join(" | ")));
+            }
+        }
         out.push_str(
             "\nMB/s and s/GB count the bulk bytes once (each makes the full round trip \
              client → proxy → echo → proxy → client). Machine CPU: /proc/stat \

@@ -1,0 +1,548 @@
+//! The in-kernel splice end to end: bulk integrity and the daemon's CPU, lossless close, the
+//! hand-over race with a client that says everything at once, map hygiene over many cycles,
+//! privileges and the pin directory's lock. The eBPF tests need root (see `Mode::runnable`).
+
+use mqsplice_tests::daemon::{Daemon, config_for};
+use mqsplice_tests::raw::{connect_v311, publish_qos0};
+use mqsplice_tests::{Mode, maps, proxy, unique_pin_dir, wait_until};
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+use xxhash_rust::xxh3::Xxh3;
+
+const MIB: usize = 1024 * 1024;
+const CONNACK: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
+
+/// One MiB of pseudo-random bytes: repeated, it makes a stream whose checksum catches loss,
+/// duplication and reordering of any chunk.
+fn block(seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..MIB / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect()
+}
+
+/// Length and checksum of `mib` repetitions of `block`, as the sender sends them.
+fn expected(block: &[u8], mib: usize) -> (u64, u64) {
+    let mut hash = Xxh3::new();
+    for _ in 0..mib {
+        hash.update(block);
+    }
+    ((block.len() * mib) as u64, hash.digest())
+}
+
+/// Writes `mib` repetitions of `block`, then shuts the write side (`close` closes the socket).
+fn send(mut stream: TcpStream, block: &[u8], mib: usize, close: bool) {
+    for _ in 0..mib {
+        stream.write_all(block).expect("send");
+    }
+    if close {
+        drop(stream);
+    } else {
+        stream.shutdown(Shutdown::Write).expect("shutdown");
+    }
+}
+
+/// Reads to EOF: length and checksum of everything received.
+fn receive(mut stream: TcpStream) -> (u64, u64) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut hash = Xxh3::new();
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return (total, hash.digest()),
+            Ok(n) => {
+                hash.update(&buf[..n]);
+                total += n as u64;
+            }
+            Err(e) => panic!("receive after {total} bytes: {e}"),
+        }
+    }
+}
+
+/// A broker stand-in for one connection: answers the CONNECT, then hands the socket to the test.
+fn backend() -> (SocketAddr, mpsc::Receiver<TcpStream>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { break };
+            let mut connect = vec![0u8; connect_v311("bulk").len()];
+            if stream.read_exact(&mut connect).is_err() || stream.write_all(&CONNACK).is_err() {
+                continue;
+            }
+            if tx.send(stream).is_err() {
+                break;
+            }
+        }
+    });
+    (addr, rx)
+}
+
+/// Connects through the proxy at `addr` and waits for the CONNACK.
+fn client(addr: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream.write_all(&connect_v311("bulk")).unwrap();
+    let mut connack = [0u8; 4];
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, CONNACK);
+    stream
+}
+
+/// Moves `mib` MiB each way through a daemon on `mode`, checks both checksums, and returns the
+/// CPU time the daemon spent meanwhile.
+fn bulk_each_way(mode: Mode, mib: usize) -> Duration {
+    let (broker, accepted) = backend();
+    let (text, listen, stats) = config_for(mode, &[broker], "");
+    let daemon = Daemon::start(&text, listen, stats);
+    let (up_block, down_block) = (block(1), block(2));
+    let cpu_before = daemon.cpu_ns();
+
+    let client = client(listen);
+    let server = accepted.recv_timeout(Duration::from_secs(10)).unwrap();
+    let (client_tx, server_tx) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+    let (up, down) = (up_block.clone(), down_block.clone());
+    let senders = [
+        thread::spawn(move || send(client_tx, &up, mib, false)),
+        thread::spawn(move || send(server_tx, &down, mib, false)),
+    ];
+    let at_server = thread::spawn(move || receive(server));
+    let at_client = receive(client);
+    let at_server = at_server.join().unwrap();
+    for sender in senders {
+        sender.join().unwrap();
+    }
+    let cpu = Duration::from_nanos(daemon.cpu_ns() - cpu_before);
+    assert_eq!(
+        at_server,
+        expected(&up_block, mib),
+        "{mode:?}: client → broker stream differs"
+    );
+    assert_eq!(
+        at_client,
+        expected(&down_block, mib),
+        "{mode:?}: broker → client stream differs"
+    );
+    cpu
+}
+
+#[test]
+fn ebpf_256_mib_each_way_arrive_intact_for_under_5_percent_of_the_userspace_cpu() {
+    if !Mode::Ebpf.runnable() {
+        return;
+    }
+    let userspace = bulk_each_way(Mode::Userspace, 256);
+    let ebpf = bulk_each_way(Mode::Ebpf, 256);
+    println!("daemon CPU for 256 MiB each way: userspace {userspace:?}, ebpf {ebpf:?}");
+    assert!(
+        ebpf.as_nanos() * 20 < userspace.as_nanos(),
+        "the spliced daemon used {ebpf:?}, not under 5% of the userspace path's {userspace:?}"
+    );
+}
+
+/// How one lossless-close case ends a flow.
+#[derive(Debug, Clone, Copy)]
+enum Close {
+    /// The client sends, shuts its write side; the broker replies afterwards, then closes.
+    ClientFirst,
+    /// The broker sends and shuts its write side; the client replies afterwards, then closes.
+    BrokerFirst,
+    /// The client (having read everything it was sent) writes and closes the socket at once.
+    ClientWritesAndCloses,
+}
+
+async fn lossless_close(mode: Mode, close: Close, mib: usize, rounds: usize) {
+    let (broker, accepted) = backend();
+    let accepted = std::sync::Arc::new(std::sync::Mutex::new(accepted));
+    let running = proxy::start(&proxy::config(
+        mode,
+        &format!("[{{ addr = \"{broker}\" }}]"),
+        "",
+        "",
+    ))
+    .await;
+    let addr = running.listener_addr("mqtt").unwrap();
+    let (a, b) = (std::sync::Arc::new(block(3)), std::sync::Arc::new(block(4)));
+    for round in 0..rounds {
+        let (a2, b2, accepted) = (a.clone(), b.clone(), accepted.clone());
+        let (got_up, got_down) = tokio::task::spawn_blocking(move || {
+            let (a, b) = (a2, b2);
+            let client = client(addr);
+            let server = accepted
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap();
+            match close {
+                Close::ClientFirst => {
+                    send(client.try_clone().unwrap(), &a, mib, false);
+                    let got_up = receive(server.try_clone().unwrap());
+                    send(server, &b, mib, true);
+                    (got_up, receive(client))
+                }
+                Close::BrokerFirst => {
+                    send(server.try_clone().unwrap(), &b, mib, false);
+                    let got_down = receive(client.try_clone().unwrap());
+                    send(client, &a, mib, true);
+                    (receive(server), got_down)
+                }
+                Close::ClientWritesAndCloses => {
+                    send(client, &a, mib, true);
+                    let got_up = receive(server);
+                    (got_up, expected(&b, mib))
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            got_up,
+            expected(&a, mib),
+            "{mode:?} {close:?} round {round}: client → broker"
+        );
+        assert_eq!(
+            got_down,
+            expected(&b, mib),
+            "{mode:?} {close:?} round {round}: broker → client"
+        );
+        assert!(
+            wait_until(
+                Duration::from_secs(10),
+                || running.stats()["connections"]["active"] == 0
+            )
+            .await,
+            "flows did not close: {}",
+            running.stats()
+        );
+    }
+    if mode == Mode::Ebpf {
+        let stats = running.stats();
+        let pin = stats["dataplane"]["bpffs_pin"].as_str().unwrap();
+        assert_eq!(
+            maps::flow_entries(pin),
+            [0, 0, 0],
+            "socks/peers/counters entries left in {pin}"
+        );
+        assert_eq!(
+            stats["dataplane"]["closes"]["rst"], 0,
+            "{}",
+            stats["dataplane"]
+        );
+        assert_eq!(
+            stats["dataplane"]["redirect_failed"], 0,
+            "{}",
+            stats["dataplane"]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn userspace_client_first_close_loses_nothing() {
+    lossless_close(Mode::Userspace, Close::ClientFirst, 4, 5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_client_first_close_loses_nothing_and_leaves_no_entries() {
+    if Mode::Ebpf.runnable() {
+        lossless_close(Mode::Ebpf, Close::ClientFirst, 4, 10).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn userspace_broker_first_close_loses_nothing() {
+    lossless_close(Mode::Userspace, Close::BrokerFirst, 4, 5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_broker_first_close_loses_nothing_and_leaves_no_entries() {
+    if Mode::Ebpf.runnable() {
+        lossless_close(Mode::Ebpf, Close::BrokerFirst, 4, 10).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn userspace_client_that_writes_and_closes_at_once_loses_nothing() {
+    lossless_close(Mode::Userspace, Close::ClientWritesAndCloses, 4, 5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_client_that_writes_and_closes_at_once_loses_nothing() {
+    if Mode::Ebpf.runnable() {
+        lossless_close(Mode::Ebpf, Close::ClientWritesAndCloses, 4, 10).await;
+    }
+}
+
+/// CONNECT, PUBLISH, DISCONNECT and FIN in one go, without waiting for the CONNACK: the broker
+/// must get every byte, whether the pair was spliced or the splice was refused.
+async fn everything_at_once(mode: Mode) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let broker = listener.local_addr().unwrap();
+    let running = proxy::start(&proxy::config(
+        mode,
+        &format!("[{{ addr = \"{broker}\" }}]"),
+        "",
+        "",
+    ))
+    .await;
+    let addr = running.listener_addr("mqtt").unwrap();
+    let mut burst = connect_v311("at-once");
+    burst.extend(publish_qos0("t/at-once", b"last words"));
+    burst.extend([0xe0, 0x00]); // DISCONNECT
+    for round in 0..20 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        client.write_all(&burst).await.unwrap();
+        client.shutdown().await.unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), server.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            got, burst,
+            "{mode:?} round {round}: the broker did not get exactly the burst"
+        );
+        drop(server);
+        drop(client);
+    }
+    assert!(
+        wait_until(
+            Duration::from_secs(10),
+            || running.stats()["connections"]["active"] == 0
+        )
+        .await
+    );
+    if mode == Mode::Ebpf {
+        let dataplane = &running.stats()["dataplane"];
+        println!(
+            "ebpf: {} spliced, {} refused (served on userspace)",
+            dataplane["spliced_total"], dataplane["splice_refused"]
+        );
+        assert_eq!(
+            dataplane["spliced_total"].as_u64().unwrap()
+                + dataplane["splice_refused"].as_u64().unwrap(),
+            20
+        );
+        let pin = dataplane["bpffs_pin"].as_str().unwrap();
+        assert_eq!(maps::flow_entries(pin), [0, 0, 0]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn userspace_connect_publish_disconnect_fin_in_one_go_all_reach_the_broker() {
+    everything_at_once(Mode::Userspace).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_connect_publish_disconnect_fin_in_one_go_all_reach_the_broker() {
+    if Mode::Ebpf.runnable() {
+        everything_at_once(Mode::Ebpf).await;
+    }
+}
+
+/// A broker stand-in for many connections: CONNACK, then echo.
+async fn echo_broker() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = vec![0u8; 4096];
+                let mut answered = false;
+                loop {
+                    let n = match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let reply = if answered { &buf[..n] } else { &CONNACK[..] };
+                    answered = true;
+                    if stream.write_all(reply).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_20000_cycles_leave_the_maps_empty_and_descriptors_at_baseline() {
+    if !Mode::Ebpf.runnable() {
+        return;
+    }
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let broker = echo_broker().await;
+    let (text, listen, stats) = config_for(Mode::Ebpf, &[broker], "");
+    let daemon = Daemon::start(&text, listen, stats);
+    let baseline = daemon.open_fds();
+    let publish = publish_qos0("t/cycle", &[7u8; 100]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    let mut workers = tokio::task::JoinSet::new();
+    for worker in 0..8 {
+        let publish = publish.clone();
+        workers.spawn(async move {
+            for i in 0..2500 {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "20,000 cycles took over 240 s"
+                );
+                let mut stream = tokio::net::TcpStream::connect(listen).await.unwrap();
+                stream
+                    .write_all(&connect_v311(&format!("cycle-{worker}-{i}")))
+                    .await
+                    .unwrap();
+                let mut connack = [0u8; 4];
+                stream.read_exact(&mut connack).await.unwrap();
+                assert_eq!(connack, CONNACK);
+                stream.write_all(&publish).await.unwrap();
+                let mut echoed = vec![0u8; publish.len()];
+                stream.read_exact(&mut echoed).await.unwrap();
+                assert_eq!(echoed, publish);
+                stream.write_all(&[0xe0, 0x00]).await.unwrap();
+                stream.shutdown().await.unwrap();
+                let mut rest = Vec::new();
+                let _ = stream.read_to_end(&mut rest).await;
+            }
+        });
+    }
+    while let Some(result) = workers.join_next().await {
+        result.unwrap();
+    }
+    let stats_json = || async { proxy::fetch_stats(stats).await };
+    let mut json = stats_json().await;
+    for _ in 0..200 {
+        if json["connections"]["active"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        json = stats_json().await;
+    }
+    assert_eq!(json["connections"]["active"], 0, "{json}");
+    assert_eq!(json["connections"]["handled"], 20_000);
+    let dataplane = &json["dataplane"];
+    assert_eq!(
+        dataplane["spliced_total"].as_u64().unwrap()
+            + dataplane["splice_refused"].as_u64().unwrap(),
+        20_000,
+        "{dataplane}"
+    );
+    println!(
+        "20,000 cycles: {} spliced, {} refused; closes {}",
+        dataplane["spliced_total"], dataplane["splice_refused"], dataplane["closes"]
+    );
+    let pin = dataplane["bpffs_pin"].as_str().unwrap();
+    assert_eq!(maps::flow_entries(pin), [0, 0, 0], "entries left in {pin}");
+    assert!(
+        wait_until(Duration::from_secs(10), || daemon.open_fds() <= baseline).await,
+        "descriptors: {baseline} at start, {} after 20,000 cycles",
+        daemon.open_fds()
+    );
+}
+
+#[test]
+fn ebpf_without_the_privilege_to_load_programs_refuses_to_start_and_says_why() {
+    use std::os::unix::process::CommandExt;
+    let (text, _, _) = config_for(Mode::Ebpf, &["127.0.0.1:1".parse().unwrap()], "");
+    let path = mqsplice_tests::daemon::write_config(&text);
+    // `nobody` must be able to read the file and its directory.
+    let dir = path.parent().unwrap();
+    for p in [dir, path.as_path()] {
+        let mut perms = std::fs::metadata(p).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        std::fs::set_permissions(p, perms).unwrap();
+    }
+    let mut command = std::process::Command::new(proxy::binary());
+    command.args(["run", "--config"]).arg(&path);
+    if Mode::Ebpf.runnable() {
+        // As root: drop to `nobody`, which may not load BPF programs.
+        command.uid(65534).gid(65534);
+    }
+    let out = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("dataplane.mode = \"ebpf\""), "{stderr}");
+    assert!(
+        stderr.contains("not permitted") || stderr.contains("bpffs"),
+        "no reason given: {stderr}"
+    );
+}
+
+#[test]
+fn ebpf_a_killed_instance_pins_are_cleaned_and_a_live_instance_keeps_its_directory() {
+    if !Mode::Ebpf.runnable() {
+        return;
+    }
+    let pin = unique_pin_dir();
+    let broker = "127.0.0.1:1".parse().unwrap();
+    let config = || {
+        let (text, listen, stats) = config_for(Mode::Ebpf, &[broker], "");
+        (with_pin(&text, &pin), listen, stats)
+    };
+    let (text, listen, stats) = config();
+    let mut first = Daemon::start(&text, listen, stats);
+    assert!(std::path::Path::new(&pin).join("mqs_socks").exists());
+    first.kill();
+    assert!(
+        std::path::Path::new(&pin).join("mqs_socks").exists(),
+        "SIGKILL leaves the pins behind"
+    );
+
+    let (text2, listen2, stats2) = config();
+    let mut second = Daemon::start(&text2, listen2, stats2);
+    assert!(
+        second.stderr().contains("removed stale pin"),
+        "{}",
+        second.stderr()
+    );
+
+    let (text3, _, _) = config();
+    let path = mqsplice_tests::daemon::write_config(&text3);
+    let out = std::process::Command::new(proxy::binary())
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("in use by another mqsplice instance"),
+        "{stderr}"
+    );
+    assert!(second.terminate().success());
+    assert!(
+        !std::path::Path::new(&pin).exists(),
+        "a clean stop removes the pins"
+    );
+}
+
+/// `text` with its `bpffs_pin` line pointing at `pin`.
+fn with_pin(text: &str, pin: &str) -> String {
+    text.lines()
+        .map(|line| {
+            if line.starts_with("bpffs_pin") {
+                format!("bpffs_pin = \"{pin}\"")
+            } else {
+                line.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}

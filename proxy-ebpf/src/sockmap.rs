@@ -16,6 +16,7 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, PerCpuHashMap, SockHash},
     programs::SkBuffContext,
 };
+use aya_log_ebpf::warn;
 use proxy_common::{FlowCounters, FlowKey, GlobalCounters, PeerEntry, direction};
 
 /// Upper bound on spliced sockets (two per proxied connection).
@@ -79,6 +80,13 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     // Flags 0 = queue on the peer's egress (send it out), not BPF_F_INGRESS (its receive queue).
     // The helper returns SK_PASS on success and SK_DROP when the peer is not in MQS_SOCKS.
     let verdict = MQS_SOCKS.redirect_skb(ctx, &mut peer, 0) as u32;
+    if verdict == SK_DROP {
+        // Rare and serious (the bytes are lost): worth a line in the daemon's log.
+        warn!(
+            ctx,
+            "redirect from socket {} to {} failed: peer not in mqs_socks", cookie, peer
+        );
+    }
     if let Some(totals) = totals {
         // SAFETY: per-CPU slot of an array map, valid for this program run, not shared.
         unsafe {

@@ -546,3 +546,68 @@ fn with_pin(text: &str, pin: &str) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_program_warnings_reach_the_daemon_log() {
+    if !Mode::Ebpf.runnable() {
+        return;
+    }
+    let (broker, accepted) = backend();
+    let (text, listen, stats) = config_for(Mode::Ebpf, &[broker], "");
+    let daemon = Daemon::start(&text, listen, stats);
+    let mut client = client(listen);
+    let _server = accepted.recv_timeout(Duration::from_secs(10)).unwrap();
+    let pin = proxy::fetch_stats(stats).await["dataplane"]["bpffs_pin"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Pull the broker's socket out of mqs_socks behind the daemon's back, as an operator with
+    // bpftool could: the next client bytes cannot be redirected, and the program says so.
+    let peers = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned", &format!("{pin}/mqs_peers")])
+        .output()
+        .unwrap();
+    let peers: serde_json::Value = serde_json::from_slice(&peers.stdout).unwrap();
+    let broker_key: Vec<String> = peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|entry| entry["value"][8] == "0x01") // direction TO_CLIENT: the broker's socket
+        .expect("the broker socket's peer entry")["key"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_str().unwrap().trim_start_matches("0x").to_string())
+        .collect();
+    let deleted = std::process::Command::new("bpftool")
+        .args([
+            "map",
+            "delete",
+            "pinned",
+            &format!("{pin}/mqs_socks"),
+            "key",
+            "hex",
+        ])
+        .args(&broker_key)
+        .status()
+        .unwrap();
+    assert!(deleted.success());
+    client
+        .write_all(&publish_qos0("t/lost", b"into the void"))
+        .unwrap();
+    let logged = wait_until(Duration::from_secs(5), || {
+        daemon.stderr().contains("redirect from socket")
+    })
+    .await;
+    assert!(
+        logged,
+        "no program warning in the daemon log:\n{}",
+        daemon.stderr()
+    );
+    assert!(
+        proxy::fetch_stats(stats).await["dataplane"]["redirect_failed"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+}

@@ -9,7 +9,7 @@ mod loader;
 mod sockopt;
 mod watch;
 
-pub use loader::{EbpfPrograms, EbpfUnavailable, Maps};
+pub use loader::{EbpfPrograms, EbpfUnavailable, Maps, ProgramLogger};
 
 use super::{ConnectHandling, DataPath, DataPlane, Flow, FlowEnd, FlowFuture, UserspaceCopy};
 use aya::maps::PerCpuValues;
@@ -71,12 +71,12 @@ impl std::fmt::Debug for EbpfSplice {
 impl EbpfSplice {
     /// Loads and attaches the programs (maps pinned under `pin_dir`) and starts the watcher.
     pub fn start(pin_dir: &Path) -> Result<EbpfSplice, EbpfUnavailable> {
-        let (programs, maps) = EbpfPrograms::load(pin_dir)?;
+        let (mut programs, maps) = EbpfPrograms::load(pin_dir)?;
         let nr_cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| EbpfUnavailable::Other(format!("{what}: {e}")))?;
         let maps = Arc::new(Mutex::new(maps));
         let counters = Arc::new(SpliceCounters::default());
-        let watcher = Watcher::start(maps.clone(), counters.clone())
+        let watcher = Watcher::start(maps.clone(), counters.clone(), programs.take_logger())
             .map_err(|e| EbpfUnavailable::Other(format!("splice watcher: {e}")))?;
         tracing::info!(pin_dir = %pin_dir.display(), "eBPF splice loaded; maps pinned (bpftool map show pinned {}/mqs_socks)", pin_dir.display());
         Ok(EbpfSplice {

@@ -67,6 +67,10 @@ pub enum EbpfUnavailable {
     Other(String),
 }
 
+/// Reads the programs' aya-log records and hands them to the `log` facade (and so to the
+/// daemon's tracing output); flushed by the splice watcher when its ring buffer is readable.
+pub type ProgramLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
 /// The maps the daemon drives, taken out of the loaded object.
 pub struct Maps {
     /// Spliced sockets by cookie.
@@ -83,6 +87,7 @@ pub struct Maps {
 /// releases the pin directory's lock.
 pub struct EbpfPrograms {
     pin_dir: PathBuf,
+    logger: Option<ProgramLogger>,
     _pins: PinGuard,
     // Owns the program and its attachment to the socket map.
     _ebpf: Ebpf,
@@ -123,6 +128,13 @@ impl EbpfPrograms {
         remove_stale_pins(&pin_dir)?;
 
         let mut ebpf = Ebpf::load(OBJECT).map_err(classify_load)?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                tracing::warn!("eBPF program logs will not reach this log: {e}");
+                None
+            }
+        };
         let mut pins = PinGuard(Vec::new(), pin_dir.clone());
         let mut take_pinned = |name: &'static str| {
             let map = ebpf.take_map(name).ok_or_else(|| missing("map", name))?;
@@ -153,11 +165,17 @@ impl EbpfPrograms {
 
         let programs = Self {
             pin_dir,
+            logger,
             _pins: pins,
             _ebpf: ebpf,
             _lock: lock,
         };
         Ok((programs, maps))
+    }
+
+    /// The programs' log reader, for whoever polls it (once).
+    pub fn take_logger(&mut self) -> Option<ProgramLogger> {
+        self.logger.take()
     }
 
     /// Directory holding this instance's pinned maps (for log lines and bpftool hints).

@@ -6,7 +6,7 @@
 //! sockets at once on a reset; and applies `idle_timeout` from the kernel's per-flow counters.
 
 use super::sockopt::{Epoll, Event, Wakeup, tcp_bytes, unacked_out};
-use super::{SharedMaps, SpliceCounters};
+use super::{ProgramLogger, SharedMaps, SpliceCounters};
 use crate::dataplane::{CloseReason, DataPath, FlowEnd};
 use crate::stats::{ByteMeter, Direction};
 use std::cmp::Reverse;
@@ -20,6 +20,8 @@ use tokio::sync::oneshot;
 
 /// Token of the wake-up eventfd; flow tokens are `id << 1 | side` with ids from 1.
 const WAKE_TOKEN: u64 = 0;
+/// Token of the programs' log ring buffer.
+const LOG_TOKEN: u64 = 1;
 /// The first drain re-check after a FIN, doubled up to [`DRAIN_BACKOFF_MAX`].
 const DRAIN_BACKOFF_START: Duration = Duration::from_millis(1);
 const DRAIN_BACKOFF_MAX: Duration = Duration::from_millis(20);
@@ -78,10 +80,17 @@ pub struct Watcher {
 
 impl Watcher {
     /// Starts the watcher thread.
-    pub fn start(maps: SharedMaps, counters: Arc<SpliceCounters>) -> std::io::Result<Watcher> {
+    pub fn start(
+        maps: SharedMaps,
+        counters: Arc<SpliceCounters>,
+        logger: Option<ProgramLogger>,
+    ) -> std::io::Result<Watcher> {
         let epoll = Epoll::new()?;
         let wakeup = Arc::new(Wakeup::new()?);
         epoll.add(wakeup.fd(), libc::EPOLLIN as u32, WAKE_TOKEN)?;
+        if let Some(logger) = &logger {
+            epoll.add(logger.as_fd(), libc::EPOLLIN as u32, LOG_TOKEN)?;
+        }
         let inbox = Arc::new(Mutex::new(Vec::new()));
         let mut thread = WatchThread {
             epoll,
@@ -89,6 +98,7 @@ impl Watcher {
             inbox: inbox.clone(),
             maps,
             counters,
+            logger,
             flows: HashMap::new(),
             timers: BinaryHeap::new(),
             next_id: 1,
@@ -115,6 +125,7 @@ struct WatchThread {
     inbox: Arc<Mutex<Vec<Spliced>>>,
     maps: SharedMaps,
     counters: Arc<SpliceCounters>,
+    logger: Option<ProgramLogger>,
     flows: HashMap<u64, FlowState>,
     timers: BinaryHeap<Reverse<(Instant, u64, Timer)>>,
     next_id: u64,
@@ -138,6 +149,10 @@ impl WatchThread {
                 if event.token == WAKE_TOKEN {
                     self.wakeup.clear();
                     self.take_inbox();
+                } else if event.token == LOG_TOKEN {
+                    if let Some(logger) = &mut self.logger {
+                        logger.flush();
+                    }
                 } else {
                     self.on_event(*event);
                 }

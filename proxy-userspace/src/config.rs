@@ -13,10 +13,12 @@ pub mod units;
 mod validate;
 
 pub use validate::{
-    DEFAULT_BPFFS_PIN, DEFAULT_BUFFER_SIZE, DEFAULT_CONNECT_PACKET_TIMEOUT,
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_FAIL_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECT_SIZE,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_RESOLVE_INTERVAL, DEFAULT_STATS_LISTEN, MAX_BUFFER_SIZE,
-    MAX_CONNECT_SIZE, MAX_DURATION, MIN_BUFFER_SIZE, MIN_CONNECT_SIZE,
+    DEFAULT_BPFFS_PIN, DEFAULT_BUFFER_SIZE, DEFAULT_CLOSE_DRAIN_TIMEOUT,
+    DEFAULT_CONNECT_PACKET_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FAIL_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECT_SIZE, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_INFLIGHT_PER_FLOW, DEFAULT_MAX_INFLIGHT_TOTAL, DEFAULT_RESOLVE_INTERVAL,
+    DEFAULT_STATS_LISTEN, MAX_BUFFER_SIZE, MAX_CONNECT_SIZE, MAX_DURATION, MIN_BUFFER_SIZE,
+    MIN_CONNECT_SIZE,
 };
 
 /// The whole, validated configuration of one mqsplice process.
@@ -55,6 +57,12 @@ pub struct DataplaneConfig {
     /// Directory on bpffs where the eBPF maps are pinned and the instance lock is held.
     /// Default `/sys/fs/bpf/mqsplice`.
     pub bpffs_pin: PathBuf,
+    /// How long the bytes before a close may take to drain into the peer. Default 30s.
+    pub close_drain_timeout: Duration,
+    /// A spliced direction with more bytes in the kernel than this is throttled. Default 1 MiB.
+    pub max_inflight_per_flow: usize,
+    /// All spliced directions together; the biggest are throttled first. Default 256 MiB.
+    pub max_inflight_total: usize,
 }
 
 /// Where the access log goes.
@@ -399,6 +407,9 @@ upstream = "emqx"
             dataplane: DataplaneConfig {
                 mode: DataplaneMode::Auto,
                 bpffs_pin: DEFAULT_BPFFS_PIN.into(),
+                close_drain_timeout: DEFAULT_CLOSE_DRAIN_TIMEOUT,
+                max_inflight_per_flow: DEFAULT_MAX_INFLIGHT_PER_FLOW,
+                max_inflight_total: DEFAULT_MAX_INFLIGHT_TOTAL,
             },
             log: LogConfig {
                 access: AccessLog::Stderr,
@@ -451,6 +462,9 @@ upstream = "emqx"
             dataplane: DataplaneConfig {
                 mode: DataplaneMode::Auto,
                 bpffs_pin: DEFAULT_BPFFS_PIN.into(),
+                close_drain_timeout: DEFAULT_CLOSE_DRAIN_TIMEOUT,
+                max_inflight_per_flow: DEFAULT_MAX_INFLIGHT_PER_FLOW,
+                max_inflight_total: DEFAULT_MAX_INFLIGHT_TOTAL,
             },
             log: LogConfig {
                 access: AccessLog::Stderr,

@@ -69,6 +69,9 @@ pub struct RawStats {
 pub struct RawDataplane {
     pub mode: Option<Spanned<String>>,
     pub bpffs_pin: Option<Spanned<String>>,
+    pub close_drain_timeout: Option<Spanned<NumOrStr>>,
+    pub max_inflight_per_flow: Option<Spanned<NumOrStr>>,
+    pub max_inflight_total: Option<Spanned<NumOrStr>>,
 }
 
 /// `[log]`.

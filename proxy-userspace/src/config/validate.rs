@@ -18,6 +18,15 @@ use super::{
 
 /// Default of `stats.listen`.
 pub const DEFAULT_STATS_LISTEN: &str = "127.0.0.1:8888";
+/// Default of `dataplane.close_drain_timeout`.
+pub const DEFAULT_CLOSE_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default of `dataplane.max_inflight_per_flow`.
+pub const DEFAULT_MAX_INFLIGHT_PER_FLOW: usize = 1 << 20;
+/// Default of `dataplane.max_inflight_total`.
+pub const DEFAULT_MAX_INFLIGHT_TOTAL: usize = 256 << 20;
+/// Bounds of the in-flight limits: below 64 KiB a flow would throttle on ordinary bursts.
+const MIN_INFLIGHT: u64 = 64 << 10;
+const MAX_INFLIGHT: u64 = 64 << 30;
 /// Where the eBPF maps are pinned unless `dataplane.bpffs_pin` says otherwise.
 pub const DEFAULT_BPFFS_PIN: &str = "/sys/fs/bpf/mqsplice";
 /// Default of `upstream.connect_timeout` (NGINX's `proxy_connect_timeout`).
@@ -516,6 +525,30 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Invalid> {
             "dataplane.bpffs_pin",
             PathBuf::from(DEFAULT_BPFFS_PIN),
             |s| parse_bpffs_pin(s),
+        )?,
+        close_drain_timeout: field(
+            &raw.dataplane
+                .as_ref()
+                .and_then(|d| d.close_drain_timeout.clone()),
+            "dataplane.close_drain_timeout",
+            DEFAULT_CLOSE_DRAIN_TIMEOUT,
+            positive_duration,
+        )?,
+        max_inflight_per_flow: field(
+            &raw.dataplane
+                .as_ref()
+                .and_then(|d| d.max_inflight_per_flow.clone()),
+            "dataplane.max_inflight_per_flow",
+            DEFAULT_MAX_INFLIGHT_PER_FLOW,
+            |v| size_in_range(v, MIN_INFLIGHT, MAX_INFLIGHT),
+        )?,
+        max_inflight_total: field(
+            &raw.dataplane
+                .as_ref()
+                .and_then(|d| d.max_inflight_total.clone()),
+            "dataplane.max_inflight_total",
+            DEFAULT_MAX_INFLIGHT_TOTAL,
+            |v| size_in_range(v, MIN_INFLIGHT, MAX_INFLIGHT),
         )?,
     };
     let log = LogConfig {

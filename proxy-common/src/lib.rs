@@ -21,10 +21,10 @@ pub mod direction {
     pub const TO_CLIENT: u32 = 1;
 }
 
-/// Where bytes arriving on a socket must be forwarded: the value of the peer map.
+/// Where bytes arriving on a socket must be forwarded, and how: the value of the peer map.
 ///
-/// A struct rather than a bare `u64` so per-direction state (the direction now, a throttle flag
-/// with the backpressure work) travels with the one lookup the program already does.
+/// Written only by the daemon (the program only reads it), so the daemon may replace an entry
+/// at any time: that is how a direction is throttled or its next signal point moved.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerEntry {
@@ -32,8 +32,36 @@ pub struct PeerEntry {
     pub peer_cookie: SockCookie,
     /// [`direction::TO_UPSTREAM`] or [`direction::TO_CLIENT`].
     pub direction: u32,
-    /// Explicit padding, always zero, so both sides agree on every byte.
-    pub _pad: u32,
+    /// [`throttle::OFF`], [`throttle::ON`] or [`throttle::RETURNING`]: whether this socket's skbs
+    /// are redirected or passed to its own receive queue (where they count against its window
+    /// and the daemon moves them).
+    pub throttled: u32,
+    /// When this socket's redirected bytes reach this count, the program tells the daemon (once
+    /// per value) through the event ring buffer, so in-flight bytes are checked without polling.
+    pub signal_at: u64,
+    /// With [`throttle::RETURNING`]: how many passed bytes the daemon has read out of this socket
+    /// and written into the peer. Redirecting resumes only once every passed byte is among them.
+    pub daemon_read: u64,
+}
+
+/// Values of [`PeerEntry::throttled`].
+pub mod throttle {
+    /// Redirect every skb.
+    pub const OFF: u32 = 0;
+    /// Pass every skb to the socket's own receive queue.
+    pub const ON: u32 = 1;
+    /// Redirect an skb only if every byte passed before it has been read by the daemon (which
+    /// wrote them into the peer first); pass it otherwise. Hands a throttled direction back to the
+    /// kernel without letting a redirected skb overtake a passed one.
+    pub const RETURNING: u32 = 2;
+}
+
+/// One event in the ring buffer: the socket whose redirected bytes crossed their signal point.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SignalEvent {
+    /// The socket's cookie.
+    pub cookie: SockCookie,
 }
 
 /// Global counters of the verdict program, one slot per CPU in a per-CPU array of length 1.
@@ -53,12 +81,18 @@ pub struct GlobalCounters {
     pub empty_dropped: u64,
     /// skbs whose redirect failed because the peer was not in the socket map (data lost).
     pub redirect_failed: u64,
+    /// Bytes passed to their own socket because the direction was throttled.
+    pub passed_bytes: u64,
+    /// Signal events that did not fit in the ring buffer (the daemon's poll catches up).
+    pub signals_lost: u64,
 }
 
 /// Per-socket traffic counters kept by the kernel program.
 ///
-/// The daemon reads these instead of the bytes themselves once a flow is spliced, so metrics and
-/// idle detection keep working after userspace stops seeing the payload.
+/// Written only by the program (the daemon creates, reads and deletes entries), in place. A plain
+/// hash value rather than a per-CPU one: the skbs of one socket are handed to the verdict one at a
+/// time under that socket's lock, so there is never a concurrent writer, and the program needs the
+/// socket's running total to compare with its signal point.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowCounters {
@@ -66,15 +100,19 @@ pub struct FlowCounters {
     pub bytes: u64,
     /// Number of skbs redirected (one per verdict call, not per MQTT packet).
     pub packets: u64,
+    /// Payload bytes passed to this socket's own receive queue while it was throttled.
+    pub passed_bytes: u64,
+    /// The `signal_at` value an event was last sent for (one event per signal point).
+    pub signaled_at: u64,
 }
 
-// SAFETY: `PeerEntry` is `#[repr(C)]`, `Copy`, made of a `u64` and two `u32` (no implicit padding)
-// and every bit pattern is a valid value, which is what `Pod` requires for copying it through map
-// syscalls.
+// SAFETY: `PeerEntry` is `#[repr(C)]`, `Copy`, made of `u64`, two `u32` and `u64` (no implicit
+// padding) and every bit pattern is a valid value, which is what `Pod` requires for copying it
+// through map syscalls.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for PeerEntry {}
 
-// SAFETY: `FlowCounters` is `#[repr(C)]`, `Copy`, made of two `u64` fields (no padding) and every
+// SAFETY: `FlowCounters` is `#[repr(C)]`, `Copy`, made only of `u64` fields (no padding) and every
 // bit pattern is a valid value, which is what `Pod` requires for copying it through map syscalls.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for FlowCounters {}
@@ -92,9 +130,10 @@ mod tests {
     fn layouts_match_the_kernel_side() {
         // The BPF program and the daemon are compiled for different targets; pin the sizes so a
         // field added on one side only shows up here rather than as garbage in a map.
-        assert_eq!(core::mem::size_of::<PeerEntry>(), 16);
-        assert_eq!(core::mem::size_of::<GlobalCounters>(), 40);
-        assert_eq!(core::mem::size_of::<FlowCounters>(), 16);
+        assert_eq!(core::mem::size_of::<PeerEntry>(), 32);
+        assert_eq!(core::mem::size_of::<SignalEvent>(), 8);
+        assert_eq!(core::mem::size_of::<GlobalCounters>(), 56);
+        assert_eq!(core::mem::size_of::<FlowCounters>(), 32);
         assert_eq!(core::mem::align_of::<FlowCounters>(), 8);
     }
 }

@@ -7,17 +7,24 @@
 //!
 //! `sk_msg` is not used: it acts on data a local process *sends*, and here nothing is sent by the
 //! daemon once a flow is spliced; every byte comes in from the network on one socket.
+//!
+//! Backpressure: the kernel's redirect queue towards a peer is unbounded, so the daemon watches
+//! each direction's bytes in flight. The program tells it, through `MQS_EVENTS`, when a socket's
+//! redirected bytes pass the point the daemon asked about; a throttled socket's skbs are passed to
+//! its own receive queue, where they count against its window, and the daemon moves them.
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::sk_action::{SK_DROP, SK_PASS},
     helpers::bpf_get_socket_cookie,
     macros::{map, stream_verdict},
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, SockHash},
+    maps::{HashMap, PerCpuArray, RingBuf, SockHash},
     programs::SkBuffContext,
 };
 use aya_log_ebpf::warn;
-use proxy_common::{FlowCounters, FlowKey, GlobalCounters, PeerEntry, direction};
+use proxy_common::{
+    FlowCounters, FlowKey, GlobalCounters, PeerEntry, SignalEvent, direction, throttle,
+};
 
 /// Upper bound on spliced sockets (two per proxied connection).
 const MAX_SOCKETS: u32 = 262_144;
@@ -26,20 +33,23 @@ const MAX_SOCKETS: u32 = 262_144;
 #[map(name = "mqs_socks")]
 static MQS_SOCKS: SockHash<FlowKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
-/// Socket cookie → the cookie of the socket its bytes go to, and which way that is. A socket
-/// without an entry is passed to its own receive queue, so userspace can read it.
+/// Socket cookie → peer cookie, direction, throttle flag and signal point (daemon-written).
+/// A socket without an entry is passed to its own receive queue, so userspace can read it.
 #[map(name = "mqs_peers")]
 static MQS_PEERS: HashMap<FlowKey, PeerEntry> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
-/// Socket cookie → bytes and skbs redirected from that socket, per CPU (no atomics needed).
-/// The daemon creates the entry before the socket enters `MQS_SOCKS` and removes it at close.
+/// Socket cookie → what the program did with that socket's bytes (program-written).
 #[map(name = "mqs_flow_counters")]
-static MQS_FLOW_COUNTERS: PerCpuHashMap<FlowKey, FlowCounters> =
-    PerCpuHashMap::with_max_entries(MAX_SOCKETS, 0);
+static MQS_FLOW_COUNTERS: HashMap<FlowKey, FlowCounters> =
+    HashMap::with_max_entries(MAX_SOCKETS, 0);
 
 /// Totals over all flows, one slot per CPU.
 #[map(name = "mqs_totals")]
 static MQS_TOTALS: PerCpuArray<GlobalCounters> = PerCpuArray::with_max_entries(1, 0);
+
+/// Signal events for the daemon: a socket passed its signal point.
+#[map(name = "mqs_events")]
+static MQS_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 /// Entry point the kernel calls for every skb received on a socket in `MQS_SOCKS`.
 #[stream_verdict]
@@ -65,21 +75,51 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     // context type `bpf_get_socket_cookie` expects for sk_skb programs.
     let cookie: FlowKey = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the entry is copied out at once, so no reference outlives this statement even if
-    // userspace rewrites or deletes the entry concurrently.
+    // userspace replaces or deletes the entry concurrently.
     let Some(entry) = (unsafe { MQS_PEERS.get(cookie) }).copied() else {
         return Ok(SK_PASS);
     };
-    if let Some(flow) = MQS_FLOW_COUNTERS.get_ptr_mut(cookie) {
-        // SAFETY: this CPU's copy of the flow's value; per-CPU values are never shared.
+    let flow = MQS_FLOW_COUNTERS.get_ptr_mut(cookie);
+    let pass = match entry.throttled {
+        throttle::OFF => false,
+        // SAFETY: read of this socket's own counters, written only under the same socket lock.
+        throttle::RETURNING => {
+            flow.is_some_and(|f| unsafe { (*f).passed_bytes } > entry.daemon_read)
+        }
+        _ => true,
+    };
+    if pass {
+        // SAFETY: the flow's value; only this socket's verdicts write it, one at a time under the
+        // socket's lock (see `FlowCounters`), and the daemon never writes it in place.
+        if let Some(flow) = flow {
+            unsafe { (*flow).passed_bytes += len };
+        }
+        if let Some(totals) = totals {
+            // SAFETY: per-CPU slot of an array map, valid for this program run, not shared.
+            unsafe { (*totals).passed_bytes += len };
+        }
+        return Ok(SK_PASS);
+    }
+    let mut signal = false;
+    if let Some(flow) = flow {
+        // SAFETY: as above: a single writer per entry, in place.
         unsafe {
             (*flow).bytes += len;
             (*flow).packets += 1;
+            if (*flow).bytes >= entry.signal_at && (*flow).signaled_at != entry.signal_at {
+                (*flow).signaled_at = entry.signal_at;
+                signal = true;
+            }
         }
     }
     let mut peer = entry.peer_cookie;
     // Flags 0 = queue on the peer's egress (send it out), not BPF_F_INGRESS (its receive queue).
     // The helper returns SK_PASS on success and SK_DROP when the peer is not in MQS_SOCKS.
     let verdict = MQS_SOCKS.redirect_skb(ctx, &mut peer, 0) as u32;
+    let lost_signal = signal
+        && MQS_EVENTS
+            .output::<SignalEvent>(SignalEvent { cookie }, 0)
+            .is_err();
     if verdict == SK_DROP {
         // Rare and serious (the bytes are lost): worth a line in the daemon's log.
         warn!(
@@ -90,6 +130,9 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     if let Some(totals) = totals {
         // SAFETY: per-CPU slot of an array map, valid for this program run, not shared.
         unsafe {
+            if lost_signal {
+                (*totals).signals_lost += 1;
+            }
             if verdict == SK_DROP {
                 (*totals).redirect_failed += 1;
             } else if entry.direction == direction::TO_UPSTREAM {

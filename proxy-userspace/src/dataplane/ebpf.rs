@@ -12,13 +12,13 @@ mod watch;
 pub use loader::{EbpfPrograms, EbpfUnavailable, Maps, ProgramLogger};
 
 use super::{ConnectHandling, DataPath, DataPlane, Flow, FlowEnd, FlowFuture, UserspaceCopy};
-use aya::maps::PerCpuValues;
-use proxy_common::{FlowCounters, PeerEntry, direction};
+use crate::config::DataplaneConfig;
+use proxy_common::{FlowCounters, PeerEntry, direction, throttle};
 use serde_json::{Value, json};
 use std::os::fd::{AsFd, AsRawFd};
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use watch::{Spliced, Watcher};
 
 pub use sockopt::{peek, set_rcvlowat, socket_cookie};
@@ -41,8 +41,26 @@ pub struct SpliceCounters {
     pub rst: AtomicU64,
     /// Spliced pairs closed by `idle_timeout`.
     pub idle: AtomicU64,
-    /// Spliced pairs whose bytes before a FIN did not drain in time.
+    /// Spliced pairs whose bytes before a close did not drain in time.
     pub drain_timeout: AtomicU64,
+    /// Spliced directions throttled now (served by the daemon until they close).
+    pub throttled_active: AtomicU64,
+    /// Directions ever throttled.
+    pub throttles_total: AtomicU64,
+    /// Bytes redirected by the kernel and not yet written into their peer socket, summed over
+    /// directions, as last measured.
+    pub inflight_bytes: AtomicU64,
+}
+
+/// The backpressure and close settings the watcher applies.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `dataplane.max_inflight_per_flow`.
+    pub per_flow: u64,
+    /// `dataplane.max_inflight_total`.
+    pub total: u64,
+    /// `dataplane.close_drain_timeout`.
+    pub close_drain_timeout: Duration,
 }
 
 /// The eBPF data plane: the loaded programs, the watcher thread, and the counters.
@@ -55,7 +73,7 @@ struct Shared {
     watcher: Watcher,
     counters: Arc<SpliceCounters>,
     pin_dir: String,
-    nr_cpus: usize,
+    limits: Limits,
     // Keeps the program attached and the pins and lock in place for the life of the plane.
     _programs: EbpfPrograms,
 }
@@ -69,23 +87,33 @@ impl std::fmt::Debug for EbpfSplice {
 }
 
 impl EbpfSplice {
-    /// Loads and attaches the programs (maps pinned under `pin_dir`) and starts the watcher.
-    pub fn start(pin_dir: &Path) -> Result<EbpfSplice, EbpfUnavailable> {
-        let (mut programs, maps) = EbpfPrograms::load(pin_dir)?;
-        let nr_cpus = aya::util::nr_cpus()
-            .map_err(|(what, e)| EbpfUnavailable::Other(format!("{what}: {e}")))?;
+    /// Loads and attaches the programs (maps pinned under `bpffs_pin`) and starts the watcher.
+    pub fn start(config: &DataplaneConfig) -> Result<EbpfSplice, EbpfUnavailable> {
+        let pin_dir = config.bpffs_pin.as_path();
+        let (mut programs, mut maps) = EbpfPrograms::load(pin_dir)?;
+        let events = maps.events.take();
         let maps = Arc::new(Mutex::new(maps));
         let counters = Arc::new(SpliceCounters::default());
-        let watcher = Watcher::start(maps.clone(), counters.clone(), programs.take_logger())
+        let limits = Limits {
+            per_flow: config.max_inflight_per_flow as u64,
+            total: config.max_inflight_total as u64,
+            close_drain_timeout: config.close_drain_timeout,
+        };
+        let logger = programs.take_logger();
+        let watcher = Watcher::start(maps.clone(), counters.clone(), limits, logger, events)
             .map_err(|e| EbpfUnavailable::Other(format!("splice watcher: {e}")))?;
-        tracing::info!(pin_dir = %pin_dir.display(), "eBPF splice loaded; maps pinned (bpftool map show pinned {}/mqs_socks)", pin_dir.display());
+        tracing::info!(
+            "eBPF splice loaded; maps pinned under {} (bpftool map show pinned {}/mqs_socks)",
+            pin_dir.display(),
+            pin_dir.display()
+        );
         Ok(EbpfSplice {
             shared: Arc::new(Shared {
                 maps,
                 watcher,
                 counters,
                 pin_dir: pin_dir.display().to_string(),
-                nr_cpus,
+                limits,
                 _programs: programs,
             }),
         })
@@ -139,6 +167,13 @@ impl DataPlane for EbpfSplice {
             "packets": totals.packets,
             "empty_skbs_dropped": totals.empty_dropped,
             "redirect_failed": totals.redirect_failed,
+            "passed_bytes": totals.passed_bytes,
+            "signals_lost": totals.signals_lost,
+            "throttled_active": c.throttled_active.load(Relaxed),
+            "throttles_total": c.throttles_total.load(Relaxed),
+            "inflight_bytes": c.inflight_bytes.load(Relaxed),
+            "max_inflight_per_flow": self.shared.limits.per_flow,
+            "max_inflight_total": self.shared.limits.total,
             "closes": {
                 "fin_drained": c.fin_drained.load(Relaxed),
                 "rst": c.rst.load(Relaxed),
@@ -172,7 +207,7 @@ impl Shared {
             }
         };
         match self.insert(&client, &broker) {
-            Ok(cookies) => {
+            Ok((cookies, signal_at)) => {
                 // The kick: the verdict now runs over the CONNECT (and whatever followed it)
                 // that is still queued in the client socket, and over anything the broker sent.
                 for socket in [&client, &broker] {
@@ -186,6 +221,7 @@ impl Shared {
                 self.watcher.add(Spliced {
                     sockets: [client, broker],
                     cookies,
+                    signal_at,
                     broker_preamble_len,
                     idle_timeout,
                     meters,
@@ -228,40 +264,53 @@ impl Shared {
         }
     }
 
-    /// Inserts the pair in map order; on failure every entry made is removed again.
+    /// Inserts the pair in map order; on failure every entry made is removed again. Returns the
+    /// cookies and the first signal point.
     fn insert(
         &self,
         client: &std::net::TcpStream,
         broker: &std::net::TcpStream,
-    ) -> std::io::Result<[u64; 2]> {
+    ) -> std::io::Result<([u64; 2], u64)> {
         let cookies = [
             socket_cookie(client.as_fd())?,
             socket_cookie(broker.as_fd())?,
         ];
         let [client_cookie, broker_cookie] = cookies;
+        // The first signal point, a share of what is left of the total; the watcher moves it (and
+        // throttles) as it measures.
+        let room = self
+            .limits
+            .total
+            .saturating_sub(self.counters.inflight_bytes.load(Relaxed));
+        let ways = 2 * self.counters.spliced_active.load(Relaxed) + 2;
+        let signal_at = self
+            .limits
+            .per_flow
+            .min(room / ways)
+            .max(watch::MIN_SIGNAL_STEP);
+        let entry = |peer_cookie, direction| PeerEntry {
+            peer_cookie,
+            direction,
+            throttled: throttle::OFF,
+            signal_at,
+            daemon_read: 0,
+        };
         let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
         let result = (|| {
             for cookie in cookies {
-                let zero = PerCpuValues::try_from(vec![FlowCounters::default(); self.nr_cpus])?;
                 maps.flow_counters
-                    .insert(cookie, zero, 0)
+                    .insert(cookie, FlowCounters::default(), 0)
                     .map_err(std::io::Error::other)?;
             }
-            let to_broker = PeerEntry {
-                peer_cookie: broker_cookie,
-                direction: direction::TO_UPSTREAM,
-                _pad: 0,
-            };
-            let to_client = PeerEntry {
-                peer_cookie: client_cookie,
-                direction: direction::TO_CLIENT,
-                _pad: 0,
-            };
             maps.peers
-                .insert(client_cookie, to_broker, 0)
+                .insert(
+                    client_cookie,
+                    entry(broker_cookie, direction::TO_UPSTREAM),
+                    0,
+                )
                 .map_err(std::io::Error::other)?;
             maps.peers
-                .insert(broker_cookie, to_client, 0)
+                .insert(broker_cookie, entry(client_cookie, direction::TO_CLIENT), 0)
                 .map_err(std::io::Error::other)?;
             maps.socks
                 .insert(broker_cookie, broker.as_raw_fd(), 0)
@@ -275,15 +324,13 @@ impl Shared {
             remove_pair(&mut maps, cookies);
             return Err(e);
         }
-        Ok(cookies)
+        Ok((cookies, signal_at))
     }
 }
 
-/// Bytes the verdict program redirected from the socket `cookie`, summed over CPUs.
-fn flow_bytes(maps: &Maps, cookie: u64) -> u64 {
-    maps.flow_counters
-        .get(&cookie, 0)
-        .map_or(0, |per_cpu| per_cpu.iter().map(|c| c.bytes).sum())
+/// What the verdict program did with the socket `cookie`'s bytes so far.
+fn flow_counters(maps: &Maps, cookie: u64) -> FlowCounters {
+    maps.flow_counters.get(&cookie, 0).unwrap_or_default()
 }
 
 /// Removes a pair's entries: sockets first (no more redirects), then peers, then counters.

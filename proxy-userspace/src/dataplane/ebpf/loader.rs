@@ -11,7 +11,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError,
-    maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, SockHash},
+    maps::{HashMap, Map, MapData, PerCpuArray, RingBuf, SockHash},
     programs::{ProgramError, SkSkb},
 };
 use proxy_common::{FlowCounters, FlowKey, GlobalCounters, PeerEntry};
@@ -26,6 +26,7 @@ const SOCKS_MAP: &str = "mqs_socks";
 const PEERS_MAP: &str = "mqs_peers";
 const FLOW_COUNTERS_MAP: &str = "mqs_flow_counters";
 const TOTALS_MAP: &str = "mqs_totals";
+const EVENTS_MAP: &str = "mqs_events";
 const VERDICT_PROG: &str = "mqs_verdict";
 
 /// Why the kernel data plane cannot be used; the daemon logs it once and splices in userspace.
@@ -77,10 +78,12 @@ pub struct Maps {
     pub socks: SockHash<MapData, FlowKey>,
     /// Cookie → peer cookie and direction.
     pub peers: HashMap<MapData, FlowKey, PeerEntry>,
-    /// Cookie → bytes/skbs redirected from that socket, per CPU.
-    pub flow_counters: PerCpuHashMap<MapData, FlowKey, FlowCounters>,
+    /// Cookie → what the program did with that socket's bytes.
+    pub flow_counters: HashMap<MapData, FlowKey, FlowCounters>,
     /// Program-wide totals, per CPU.
     pub totals: PerCpuArray<MapData, GlobalCounters>,
+    /// Signal events (a socket passed its signal point), read by the splice watcher.
+    pub events: Option<RingBuf<MapData>>,
 }
 
 /// The loaded and attached data plane; dropping it detaches the program, removes the pins and
@@ -147,12 +150,14 @@ impl EbpfPrograms {
         let peers = take_pinned(PEERS_MAP)?;
         let flow_counters = take_pinned(FLOW_COUNTERS_MAP)?;
         let totals = take_pinned(TOTALS_MAP)?;
+        let events = take_pinned(EVENTS_MAP)?;
         let maps = Maps {
             socks: SockHash::try_from(socks).map_err(|e| other("map", SOCKS_MAP, &e))?,
             peers: HashMap::try_from(peers).map_err(|e| other("map", PEERS_MAP, &e))?,
-            flow_counters: PerCpuHashMap::try_from(flow_counters)
+            flow_counters: HashMap::try_from(flow_counters)
                 .map_err(|e| other("map", FLOW_COUNTERS_MAP, &e))?,
             totals: PerCpuArray::try_from(totals).map_err(|e| other("map", TOTALS_MAP, &e))?,
+            events: Some(RingBuf::try_from(events).map_err(|e| other("map", EVENTS_MAP, &e))?),
         };
 
         let prog: &mut SkSkb = ebpf

@@ -173,6 +173,21 @@ impl Epoll {
         Ok(())
     }
 
+    /// Changes what `fd` is watched for.
+    pub fn modify(&self, fd: BorrowedFd<'_>, events: u32, token: u64) -> io::Result<()> {
+        let mut event = libc::epoll_event { events, u64: token };
+        // SAFETY: both descriptors are valid; `event` is valid for reads during the call.
+        check(unsafe {
+            libc::epoll_ctl(
+                self.fd.as_raw_fd(),
+                libc::EPOLL_CTL_MOD,
+                fd.as_raw_fd(),
+                &raw mut event,
+            )
+        })?;
+        Ok(())
+    }
+
     /// Stops watching `fd` (closing it would too, but only once every duplicate is closed).
     pub fn remove(&self, fd: BorrowedFd<'_>) {
         // SAFETY: both descriptors are valid; a NULL event is allowed for EPOLL_CTL_DEL.
@@ -250,4 +265,23 @@ impl Wakeup {
         // SAFETY: reads 8 bytes into a valid u64, as eventfd requires.
         let _ = unsafe { libc::read(self.fd.as_raw_fd(), (&raw mut value).cast(), 8) };
     }
+}
+
+/// Makes the next `close` of the socket send a reset (`SO_LINGER` with a zero timeout): for a
+/// drain that timed out, the peer must not take the end for a clean one.
+pub fn reset_on_close(fd: BorrowedFd<'_>) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `fd` is live for the borrow; `linger` is a valid `struct linger` of the given size.
+    let _ = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
 }

@@ -1,16 +1,29 @@
 //! The splice watcher: one thread, one epoll set, every spliced socket registered for
 //! `EPOLLRDHUP` alone (edge-triggered), so bytes moving through the kernel never wake it.
 //!
-//! It propagates each side's FIN by the counter rule (shared/notes §3): the peer's write side is
-//! shut only once every byte received before the FIN has been written into the peer; closes both
-//! sockets at once on a reset; and applies `idle_timeout` from the kernel's per-flow counters.
+//! It is woken by a close, by the program's signal that a direction's redirected bytes passed the
+//! point it asked about, or by its own timers, and it:
+//! - propagates each side's FIN by the counter rule (shared/notes §3): the peer's write side is
+//!   shut only once every byte received before the FIN has been written into the peer;
+//! - on a reset of one side, drains what that side sent into the other and closes it with a FIN
+//!   once its peer has acknowledged everything (or resets it after `close_drain_timeout`);
+//! - bounds the bytes the kernel holds for a peer that does not read (backpressure): a direction
+//!   with more than `max_inflight_per_flow` in flight, or the biggest ones when all together pass
+//!   `max_inflight_total`, is throttled. Its skbs then stay in its own socket, whose window closes;
+//!   once the kernel's queue towards the peer is empty the watcher copies the rest itself. A
+//!   throttled direction stays on that copy path until it closes: handing it back to the kernel
+//!   could let newly redirected skbs overtake bytes still in the socket, so it never is;
+//! - applies `idle_timeout` from the kernel's per-flow counters.
 
-use super::sockopt::{Epoll, Event, Wakeup, tcp_bytes, unacked_out};
-use super::{ProgramLogger, SharedMaps, SpliceCounters};
+use super::sockopt::{Epoll, Event, Wakeup, reset_on_close, set_rcvlowat, tcp_bytes, unacked_out};
+use super::{Limits, ProgramLogger, SharedMaps, SpliceCounters};
 use crate::dataplane::{CloseReason, DataPath, FlowEnd};
 use crate::stats::{ByteMeter, Direction};
+use aya::maps::{MapData, RingBuf};
+use proxy_common::{PeerEntry, SignalEvent, direction, throttle};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering::Relaxed;
@@ -18,15 +31,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
-/// Token of the wake-up eventfd; flow tokens are `id << 1 | side` with ids from 1.
+/// Token of the wake-up eventfd; flow tokens are `id << 2 | side` with ids from 1.
 const WAKE_TOKEN: u64 = 0;
 /// Token of the programs' log ring buffer.
 const LOG_TOKEN: u64 = 1;
-/// The first drain re-check after a FIN, doubled up to [`DRAIN_BACKOFF_MAX`].
-const DRAIN_BACKOFF_START: Duration = Duration::from_millis(1);
-const DRAIN_BACKOFF_MAX: Duration = Duration::from_millis(20);
-/// How long the bytes before a FIN may take to drain before both sides are closed.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Token of the signal ring buffer.
+const EVENTS_TOKEN: u64 = 2;
+/// The first re-check of a drain or of bytes in flight, doubled up to the maximum.
+const BACKOFF_START: Duration = Duration::from_millis(1);
+const BACKOFF_MAX: Duration = Duration::from_millis(20);
+/// Smallest step between two signals of one direction: below it the watcher would wake for
+/// ordinary bursts.
+pub const MIN_SIGNAL_STEP: u64 = 64 * 1024;
+/// The copy buffer of a throttled direction.
+const COPY_BUFFER: usize = 64 * 1024;
 
 /// Side index: the client socket.
 const CLIENT: usize = 0;
@@ -39,36 +57,71 @@ pub struct Spliced {
     pub sockets: [TcpStream; 2],
     /// `[client cookie, broker cookie]`.
     pub cookies: [u64; 2],
+    /// The signal point both peer entries were inserted with.
+    pub signal_at: u64,
     pub broker_preamble_len: u64,
     pub idle_timeout: Duration,
     pub meters: Vec<Arc<ByteMeter>>,
     pub done: oneshot::Sender<FlowEnd>,
 }
 
-/// Where one direction (bytes received on a side) stands.
+/// Where a direction (the bytes received on one side, written into the other) stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DirectionState {
+enum Stage {
     Open,
-    /// A FIN arrived; waiting for the bytes before it to reach the peer.
+    /// A FIN arrived on the kernel path; waiting for the bytes before it to reach the peer.
     Draining {
         since: Instant,
         backoff: Duration,
     },
-    /// The FIN was passed on (the peer's write side is shut).
+    /// The end was passed on (the peer's write side is shut), or the direction is dead.
     Closed,
+}
+
+/// A throttled direction: the daemon moves its bytes.
+struct Throttle {
+    /// False while the kernel's queue towards the peer still holds redirected bytes.
+    copying: bool,
+    /// Bytes the daemon read out of the source socket.
+    read_total: u64,
+    /// The peer entry says RETURNING: the kernel takes over once every passed byte is read.
+    returning: bool,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    eof: bool,
+}
+
+struct Way {
+    stage: Stage,
+    /// The peer entry as last written for this direction's source socket.
+    entry: PeerEntry,
+    throttle: Option<Throttle>,
+    /// Bytes of this direction the daemon itself wrote into the peer.
+    daemon_written: u64,
+    /// Bytes redirected by the kernel and not yet in the peer socket, as last measured.
+    inflight: u64,
+    /// Next re-check of `inflight` while it is non-zero.
+    poll_backoff: Duration,
+    poll_pending: bool,
 }
 
 struct FlowState {
     spliced: Spliced,
-    directions: [DirectionState; 2],
+    ways: [Way; 2],
     first_fin: Option<CloseReason>,
-    last_bytes: u64,
+    /// The side that was reset, and since when the other side drains.
+    reset: Option<(usize, Instant)>,
+    interest: [u32; 2],
+    last_activity: u64,
     last_change: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
     Drain(usize),
+    Inflight(usize),
+    ResetDrain,
     Idle,
 }
 
@@ -83,13 +136,18 @@ impl Watcher {
     pub fn start(
         maps: SharedMaps,
         counters: Arc<SpliceCounters>,
+        limits: Limits,
         logger: Option<ProgramLogger>,
+        events: Option<RingBuf<MapData>>,
     ) -> std::io::Result<Watcher> {
         let epoll = Epoll::new()?;
         let wakeup = Arc::new(Wakeup::new()?);
         epoll.add(wakeup.fd(), libc::EPOLLIN as u32, WAKE_TOKEN)?;
         if let Some(logger) = &logger {
             epoll.add(logger.as_fd(), libc::EPOLLIN as u32, LOG_TOKEN)?;
+        }
+        if let Some(events) = &events {
+            epoll.add(events.as_fd(), libc::EPOLLIN as u32, EVENTS_TOKEN)?;
         }
         let inbox = Arc::new(Mutex::new(Vec::new()));
         let mut thread = WatchThread {
@@ -98,10 +156,14 @@ impl Watcher {
             inbox: inbox.clone(),
             maps,
             counters,
+            limits,
             logger,
+            events,
             flows: HashMap::new(),
+            by_cookie: HashMap::new(),
             timers: BinaryHeap::new(),
             next_id: 1,
+            inflight_total: 0,
         };
         std::thread::Builder::new()
             .name("mqs-splice-watch".into())
@@ -125,11 +187,22 @@ struct WatchThread {
     inbox: Arc<Mutex<Vec<Spliced>>>,
     maps: SharedMaps,
     counters: Arc<SpliceCounters>,
+    limits: Limits,
     logger: Option<ProgramLogger>,
+    events: Option<RingBuf<MapData>>,
     flows: HashMap<u64, FlowState>,
+    by_cookie: HashMap<u64, (u64, usize)>,
     timers: BinaryHeap<Reverse<(Instant, u64, Timer)>>,
     next_id: u64,
+    inflight_total: u64,
 }
+
+fn token(id: u64, side: usize) -> u64 {
+    id << 2 | side as u64
+}
+
+/// The interest every spliced socket has: its hang-up, edge-triggered, and nothing else.
+const BASE_INTEREST: u32 = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
 
 impl WatchThread {
     fn run(&mut self) {
@@ -146,18 +219,24 @@ impl WatchThread {
                 std::thread::sleep(Duration::from_millis(10));
             }
             for event in &events {
-                if event.token == WAKE_TOKEN {
-                    self.wakeup.clear();
-                    self.take_inbox();
-                } else if event.token == LOG_TOKEN {
-                    if let Some(logger) = &mut self.logger {
-                        logger.flush();
+                match event.token {
+                    WAKE_TOKEN => {
+                        self.wakeup.clear();
+                        self.take_inbox();
                     }
-                } else {
-                    self.on_event(*event);
+                    LOG_TOKEN => {
+                        if let Some(logger) = &mut self.logger {
+                            logger.flush();
+                        }
+                    }
+                    EVENTS_TOKEN => self.read_signals(),
+                    _ => self.on_socket_event(*event),
                 }
             }
             self.run_due_timers();
+            self.counters
+                .inflight_bytes
+                .store(self.inflight_total, Relaxed);
         }
     }
 
@@ -167,62 +246,105 @@ impl WatchThread {
         for spliced in new {
             let id = self.next_id;
             self.next_id += 1;
-            let interest = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
             for side in [CLIENT, BROKER] {
                 if let Err(e) = self.epoll.add(
                     spliced.sockets[side].as_fd(),
-                    interest,
-                    id << 1 | side as u64,
+                    BASE_INTEREST,
+                    token(id, side),
                 ) {
                     tracing::error!("splice watcher: cannot watch a socket: {e}");
                 }
+                self.by_cookie.insert(spliced.cookies[side], (id, side));
             }
             let now = Instant::now();
-            let idle_check = spliced.idle_timeout / 4;
             self.timers
-                .push(Reverse((now + idle_check, id, Timer::Idle)));
+                .push(Reverse((now + spliced.idle_timeout / 4, id, Timer::Idle)));
+            let way = |side: usize| Way {
+                stage: Stage::Open,
+                entry: PeerEntry {
+                    peer_cookie: spliced.cookies[1 - side],
+                    direction: if side == CLIENT {
+                        direction::TO_UPSTREAM
+                    } else {
+                        direction::TO_CLIENT
+                    },
+                    throttled: throttle::OFF,
+                    signal_at: spliced.signal_at,
+                    daemon_read: 0,
+                },
+                throttle: None,
+                daemon_written: 0,
+                inflight: 0,
+                poll_backoff: BACKOFF_START,
+                poll_pending: false,
+            };
+            let ways = [way(CLIENT), way(BROKER)];
             self.flows.insert(
                 id,
                 FlowState {
                     spliced,
-                    directions: [DirectionState::Open; 2],
+                    ways,
                     first_fin: None,
-                    last_bytes: 0,
+                    reset: None,
+                    interest: [BASE_INTEREST; 2],
+                    last_activity: 0,
                     last_change: now,
                 },
             );
         }
     }
 
-    fn on_event(&mut self, event: Event) {
-        let (id, side) = (event.token >> 1, (event.token & 1) as usize);
+    fn read_signals(&mut self) {
+        let mut cookies = Vec::new();
+        if let Some(events) = &mut self.events {
+            while let Some(item) = events.next() {
+                if item.len() >= std::mem::size_of::<SignalEvent>() {
+                    cookies.push(u64::from_ne_bytes(item[..8].try_into().expect("8 bytes")));
+                }
+            }
+        }
+        for cookie in cookies {
+            if let Some(&(id, side)) = self.by_cookie.get(&cookie) {
+                self.check_inflight(id, side);
+            }
+        }
+        self.enforce_total();
+    }
+
+    fn on_socket_event(&mut self, event: Event) {
+        let (id, side) = (event.token >> 2, (event.token & 1) as usize);
         let Some(flow) = self.flows.get_mut(&id) else {
             return;
         };
         let error = flow.spliced.sockets[side].take_error().ok().flatten();
         if error.is_some() || event.events & libc::EPOLLERR as u32 != 0 {
             tracing::debug!(?error, side = side_name(side), "spliced socket reset");
-            let reason = if side == CLIENT {
-                CloseReason::ClientError
-            } else {
-                CloseReason::BrokerError
-            };
-            self.counters.rst.fetch_add(1, Relaxed);
-            return self.finish(id, reason);
+            return self.on_reset(id, side);
         }
-        if event.events & (libc::EPOLLRDHUP | libc::EPOLLHUP) as u32 != 0
-            && flow.directions[side] == DirectionState::Open
-        {
-            flow.directions[side] = DirectionState::Draining {
-                since: Instant::now(),
-                backoff: DRAIN_BACKOFF_START,
-            };
+        let readable = event.events & libc::EPOLLIN as u32 != 0;
+        let writable = event.events & libc::EPOLLOUT as u32 != 0;
+        let hangup = event.events & (libc::EPOLLRDHUP | libc::EPOLLHUP) as u32 != 0;
+        if hangup && flow.ways[side].stage == Stage::Open {
             flow.first_fin.get_or_insert(if side == CLIENT {
                 CloseReason::ClientClosed
             } else {
                 CloseReason::BrokerClosed
             });
-            self.try_drain(id, side);
+            if flow.ways[side].throttle.is_none() {
+                flow.ways[side].stage = Stage::Draining {
+                    since: Instant::now(),
+                    backoff: BACKOFF_START,
+                };
+                self.try_drain(id, side);
+                return;
+            }
+        }
+        if readable || hangup {
+            self.pump(id, side);
+        }
+        if writable {
+            // This socket can take more of what the other side sent.
+            self.pump(id, 1 - side);
         }
     }
 
@@ -238,35 +360,366 @@ impl WatchThread {
             }
             match timer {
                 Timer::Drain(side) => self.try_drain(id, side),
+                Timer::Inflight(side) => {
+                    if let Some(flow) = self.flows.get_mut(&id) {
+                        flow.ways[side].poll_pending = false;
+                    }
+                    self.check_inflight(id, side);
+                    self.enforce_total();
+                }
+                Timer::ResetDrain => self.try_reset_drain(id),
                 Timer::Idle => self.check_idle(id, now),
             }
         }
     }
 
-    /// The counter rule: once every byte received on `side` before its FIN has been written into
-    /// the other socket, shut that socket's write side; otherwise check again later.
-    fn try_drain(&mut self, id: u64, side: usize) {
+    /// Bytes written into socket `1 - side` that came from `side` (kernel or daemon alike).
+    fn written_into_peer(flow: &FlowState, side: usize) -> std::io::Result<u64> {
+        let peer = 1 - side;
+        let socket = flow.spliced.sockets[peer].as_fd();
+        let mut written = tcp_bytes(socket)?.acked + unacked_out(socket)?;
+        if peer == BROKER {
+            // The broker socket made the connect(): its SYN is one acknowledged "byte"; and the
+            // daemon itself wrote the PROXY header into it.
+            written = written.saturating_sub(1 + flow.spliced.broker_preamble_len);
+        }
+        Ok(written)
+    }
+
+    /// Measures the bytes of direction `side` the kernel holds for the peer, and throttles the
+    /// direction or moves its next signal point.
+    fn check_inflight(&mut self, id: u64, side: usize) {
+        let Some(flow) = self.flows.get(&id) else {
+            return;
+        };
+        let way = &flow.ways[side];
+        // A throttled direction waiting for the kernel's queue to empty is checked whatever else
+        // happened; any other direction only while it is open.
+        if way.throttle.is_none() && (way.stage != Stage::Open || flow.reset.is_some()) {
+            return;
+        }
+        let redirected = {
+            let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+            super::flow_counters(&maps, flow.spliced.cookies[side]).bytes
+        };
+        let Ok(written) = Self::written_into_peer(flow, side) else {
+            return;
+        };
+        let inflight = redirected.saturating_sub(written.saturating_sub(way.daemon_written));
+        let active_ways = 2 * self.flows.len() as u64;
+        let flow = self.flows.get_mut(&id).expect("checked above");
+        let way = &mut flow.ways[side];
+        self.inflight_total = self.inflight_total.saturating_sub(way.inflight) + inflight;
+        way.inflight = inflight;
+
+        if let Some(throttle) = &mut way.throttle {
+            if !throttle.copying {
+                if inflight == 0 {
+                    // The kernel's queue towards the peer is empty: the daemon may write now
+                    // without overtaking anything.
+                    throttle.copying = true;
+                    self.set_interest(id, side, libc::EPOLLIN as u32, true);
+                    self.pump(id, side);
+                } else {
+                    self.schedule_poll(id, side);
+                }
+                return;
+            }
+            if !throttle.returning {
+                return;
+            }
+            let passed = {
+                let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+                super::flow_counters(&maps, flow.spliced.cookies[side]).passed_bytes
+            };
+            if passed > way.entry.daemon_read {
+                // More was passed after the daemon's last read: it reads on at the next edge.
+                return self.schedule_poll(id, side);
+            }
+            // Every passed byte has been read and written into the peer, so the program now
+            // redirects, and for good (it passes only while passed bytes are unread).
+            way.throttle = None;
+            way.poll_backoff = BACKOFF_START;
+            self.counters.throttled_active.fetch_sub(1, Relaxed);
+            tracing::debug!(
+                side = side_name(side),
+                "throttled direction handed back to the kernel"
+            );
+            self.set_interest(id, side, libc::EPOLLIN as u32, false);
+            self.set_interest(id, 1 - side, libc::EPOLLOUT as u32, false);
+            return self.check_inflight(id, side);
+        }
+        if inflight > self.limits.per_flow {
+            return self.throttle(id, side);
+        }
+        let share = self.limits.total.saturating_sub(self.inflight_total) / active_ways.max(1);
+        let step = self.limits.per_flow.min(share).max(MIN_SIGNAL_STEP);
+        let delivered = redirected - inflight;
+        let signal_at = (delivered + step).max(redirected + MIN_SIGNAL_STEP);
+        if signal_at != way.entry.signal_at {
+            way.entry.signal_at = signal_at;
+            let cookie = flow.spliced.cookies[side];
+            let entry = way.entry;
+            let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = maps.peers.insert(cookie, entry, 0);
+        }
+        if inflight > 0 {
+            self.schedule_poll(id, side);
+        } else if let Some(flow) = self.flows.get_mut(&id) {
+            flow.ways[side].poll_backoff = BACKOFF_START;
+        }
+    }
+
+    fn schedule_poll(&mut self, id: u64, side: usize) {
         let Some(flow) = self.flows.get_mut(&id) else {
             return;
         };
-        let DirectionState::Draining { since, backoff } = flow.directions[side] else {
+        let way = &mut flow.ways[side];
+        if way.poll_pending {
+            return;
+        }
+        way.poll_pending = true;
+        let wait = way.poll_backoff;
+        way.poll_backoff = (wait * 2).min(BACKOFF_MAX);
+        self.timers
+            .push(Reverse((Instant::now() + wait, id, Timer::Inflight(side))));
+    }
+
+    /// Over `max_inflight_total`: throttle the directions holding the most, until the excess is
+    /// covered.
+    fn enforce_total(&mut self) {
+        if self.inflight_total <= self.limits.total {
+            return;
+        }
+        let mut candidates: Vec<(u64, u64, usize)> = self
+            .flows
+            .iter()
+            .flat_map(|(&id, flow)| {
+                (0..2).filter_map(move |side| {
+                    let way = &flow.ways[side];
+                    (way.throttle.is_none() && way.stage == Stage::Open && way.inflight > 0)
+                        .then_some((way.inflight, id, side))
+                })
+            })
+            .collect();
+        candidates.sort_unstable_by(|a, b| b.cmp(a));
+        let mut excess = self.inflight_total - self.limits.total;
+        for (inflight, id, side) in candidates {
+            if excess == 0 {
+                break;
+            }
+            self.throttle(id, side);
+            excess = excess.saturating_sub(inflight);
+        }
+    }
+
+    /// Stops redirecting direction `side`: its skbs go to its own socket, whose window closes.
+    fn throttle(&mut self, id: u64, side: usize) {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        let way = &mut flow.ways[side];
+        if way.throttle.is_some() {
+            return;
+        }
+        way.entry.throttled = throttle::ON;
+        let (cookie, entry) = (flow.spliced.cookies[side], way.entry);
+        {
+            let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = maps.peers.insert(cookie, entry, 0);
+        }
+        // A barrier: setting a socket option takes the socket's lock, which every verdict on it
+        // runs under; once it returns, no verdict that read the old entry is still counting, so
+        // the redirected total below is final.
+        let _ = set_rcvlowat(flow.spliced.sockets[side].as_fd(), 1);
+        way.throttle = Some(Throttle {
+            copying: false,
+            read_total: 0,
+            returning: false,
+            buf: vec![0u8; COPY_BUFFER].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            eof: false,
+        });
+        way.poll_backoff = BACKOFF_START;
+        self.counters.throttles_total.fetch_add(1, Relaxed);
+        self.counters.throttled_active.fetch_add(1, Relaxed);
+        tracing::debug!(
+            side = side_name(side),
+            inflight = way.inflight,
+            "direction throttled"
+        );
+        self.check_inflight(id, side);
+    }
+
+    /// Adds (`on`) or removes `bits` from the epoll interest of socket `side`.
+    fn set_interest(&mut self, id: u64, side: usize, bits: u32, on: bool) {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        let wanted = if on {
+            flow.interest[side] | bits
+        } else {
+            flow.interest[side] & !bits
+        };
+        if wanted != flow.interest[side] {
+            flow.interest[side] = wanted;
+            let _ = self
+                .epoll
+                .modify(flow.spliced.sockets[side].as_fd(), wanted, token(id, side));
+        }
+    }
+
+    /// Moves the bytes of throttled direction `side` from its socket into the peer until one of
+    /// them would block (edge-triggered: the next readiness edge calls again).
+    fn pump(&mut self, id: u64, side: usize) {
+        let peer = 1 - side;
+        let mut peer_blocked = false;
+        let mut source_error = false;
+        let mut peer_error = false;
+        let mut finished = false;
+        let mut source_empty = false;
+        {
+            let Some(flow) = self.flows.get_mut(&id) else {
+                return;
+            };
+            let [source, sink] = if side == CLIENT {
+                let [a, b] = &flow.spliced.sockets;
+                [a, b]
+            } else {
+                let [a, b] = &flow.spliced.sockets;
+                [b, a]
+            };
+            let way = &mut flow.ways[side];
+            let Some(throttle) = way.throttle.as_mut().filter(|t| t.copying) else {
+                return;
+            };
+            loop {
+                if throttle.start < throttle.end {
+                    match (&*sink).write(&throttle.buf[throttle.start..throttle.end]) {
+                        Ok(n) => {
+                            throttle.start += n;
+                            way.daemon_written += n as u64;
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                            peer_blocked = true;
+                            break;
+                        }
+                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                        Err(_) => {
+                            peer_error = true;
+                            break;
+                        }
+                    }
+                } else if throttle.eof {
+                    finished = true;
+                    break;
+                } else {
+                    match (&*source).read(&mut throttle.buf) {
+                        Ok(0) => throttle.eof = true,
+                        Ok(n) => {
+                            throttle.start = 0;
+                            throttle.end = n;
+                            throttle.read_total += n as u64;
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                            source_empty = true;
+                            break;
+                        }
+                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                        Err(_) => {
+                            // A reset: everything readable has been read.
+                            throttle.eof = true;
+                            source_error = true;
+                        }
+                    }
+                }
+            }
+        }
+        self.set_interest(id, peer, libc::EPOLLOUT as u32, peer_blocked);
+        if source_empty && !peer_blocked {
+            self.try_return(id, side);
+        }
+        if peer_error {
+            return self.on_reset(id, peer);
+        }
+        if source_error {
+            self.on_reset(id, side);
+        }
+        if finished {
+            let Some(flow) = self.flows.get_mut(&id) else {
+                return;
+            };
+            if flow.reset.is_some() {
+                // The reset drain decides when to close (once the peer acknowledged everything).
+                return self.try_reset_drain(id);
+            }
+            let _ = flow.spliced.sockets[peer].shutdown(Shutdown::Write);
+            flow.ways[side].stage = Stage::Closed;
+            flow.first_fin.get_or_insert(if side == CLIENT {
+                CloseReason::ClientClosed
+            } else {
+                CloseReason::BrokerClosed
+            });
+            self.close_if_done(id);
+        }
+    }
+
+    /// Everything the source held has been written into the peer: if the peer is draining (less
+    /// than half the per-flow limit unacknowledged), offer the direction back to the kernel.
+    fn try_return(&mut self, id: u64, side: usize) {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        if flow.reset.is_some() || flow.ways[side].stage != Stage::Open {
+            return;
+        }
+        let queued = unacked_out(flow.spliced.sockets[1 - side].as_fd()).unwrap_or(u64::MAX);
+        let way = &mut flow.ways[side];
+        let Some(throttle) = way.throttle.as_mut() else {
+            return;
+        };
+        if queued > self.limits.per_flow / 2
+            || (throttle.returning && way.entry.daemon_read == throttle.read_total)
+        {
+            return;
+        }
+        throttle.returning = true;
+        way.entry.throttled = throttle::RETURNING;
+        way.entry.daemon_read = throttle.read_total;
+        let (cookie, entry) = (flow.spliced.cookies[side], way.entry);
+        {
+            let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = maps.peers.insert(cookie, entry, 0);
+        }
+        way.poll_backoff = BACKOFF_START;
+        self.schedule_poll(id, side);
+    }
+
+    /// The counter rule: once every byte received on `side` before its FIN has been written into
+    /// the other socket, shut that socket's write side; otherwise check again later.
+    fn try_drain(&mut self, id: u64, side: usize) {
+        let Some(flow) = self.flows.get(&id) else {
+            return;
+        };
+        let Stage::Draining { since, backoff } = flow.ways[side].stage else {
             return;
         };
         let peer = 1 - side;
-        match drained(&flow.spliced, side) {
+        let drained = tcp_bytes(flow.spliced.sockets[side].as_fd()).and_then(|mine| {
+            Ok(mine.received.saturating_sub(1) <= Self::written_into_peer(flow, side)?)
+        });
+        let flow = self.flows.get_mut(&id).expect("checked above");
+        match drained {
             Ok(true) => {
                 let _ = flow.spliced.sockets[peer].shutdown(Shutdown::Write);
-                flow.directions[side] = DirectionState::Closed;
-                if flow.directions[peer] == DirectionState::Closed {
-                    let reason = flow.first_fin.unwrap_or(CloseReason::ClientClosed);
-                    self.counters.fin_drained.fetch_add(1, Relaxed);
-                    self.finish(id, reason);
-                }
+                flow.ways[side].stage = Stage::Closed;
+                self.close_if_done(id);
             }
-            Ok(false) if since.elapsed() < DRAIN_TIMEOUT => {
-                flow.directions[side] = DirectionState::Draining {
+            Ok(false) if since.elapsed() < self.limits.close_drain_timeout => {
+                flow.ways[side].stage = Stage::Draining {
                     since,
-                    backoff: (backoff * 2).min(DRAIN_BACKOFF_MAX),
+                    backoff: (backoff * 2).min(BACKOFF_MAX),
                 };
                 self.timers
                     .push(Reverse((Instant::now() + backoff, id, Timer::Drain(side))));
@@ -274,41 +727,129 @@ impl WatchThread {
             Ok(false) => {
                 tracing::warn!(
                     side = side_name(side),
-                    "bytes before a FIN did not drain within {DRAIN_TIMEOUT:?}; closing both sides"
+                    "bytes before a FIN did not drain within {:?}; resetting both sides",
+                    self.limits.close_drain_timeout
                 );
                 self.counters.drain_timeout.fetch_add(1, Relaxed);
+                for socket in &flow.spliced.sockets {
+                    reset_on_close(socket.as_fd());
+                }
                 self.finish(id, CloseReason::DrainTimeout);
             }
             Err(e) => {
-                tracing::debug!("drain check failed ({e}); treating as a reset");
-                self.counters.rst.fetch_add(1, Relaxed);
-                let reason = if peer == CLIENT {
-                    CloseReason::ClientError
-                } else {
-                    CloseReason::BrokerError
-                };
-                self.finish(id, reason);
+                tracing::debug!("drain check failed ({e}); treating it as a reset");
+                self.on_reset(id, peer);
             }
         }
     }
 
+    /// Side `side` was reset. What it sent before still goes into the other side, which is then
+    /// closed with a FIN once its peer has acknowledged every byte (`try_reset_drain`).
+    fn on_reset(&mut self, id: u64, side: usize) {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        match flow.reset {
+            Some((first, _)) if first != side => {
+                // Both sides are gone: nothing left to deliver.
+                let reason = if side == CLIENT {
+                    CloseReason::ClientError
+                } else {
+                    CloseReason::BrokerError
+                };
+                return self.finish(id, reason);
+            }
+            Some(_) => return,
+            None => {}
+        }
+        self.counters.rst.fetch_add(1, Relaxed);
+        flow.reset = Some((side, Instant::now()));
+        // Nothing can be delivered into the reset side any more.
+        flow.ways[1 - side].stage = Stage::Closed;
+        // A throttled direction reads out what its socket still holds (the reset does not
+        // discard it), then the drain below waits for the peer to acknowledge it all.
+        self.pump(id, side);
+        self.try_reset_drain(id);
+    }
+
+    fn try_reset_drain(&mut self, id: u64) {
+        let Some(flow) = self.flows.get(&id) else {
+            return;
+        };
+        let Some((side, since)) = flow.reset else {
+            return;
+        };
+        let peer = 1 - side;
+        let way = &flow.ways[side];
+        // A throttled direction first has to copy out what its socket still holds.
+        let copied_out = way
+            .throttle
+            .as_ref()
+            .is_none_or(|t| t.eof && t.start == t.end);
+        let drained = copied_out
+            && tcp_bytes(flow.spliced.sockets[side].as_fd()).is_ok_and(|mine| {
+                let fin = u64::from(way.stage != Stage::Open);
+                Self::written_into_peer(flow, side)
+                    .is_ok_and(|written| mine.received.saturating_sub(fin) <= written)
+            })
+            && unacked_out(flow.spliced.sockets[peer].as_fd()).is_ok_and(|queued| queued == 0);
+        let reason = if side == CLIENT {
+            CloseReason::ClientError
+        } else {
+            CloseReason::BrokerError
+        };
+        if drained {
+            let _ = flow.spliced.sockets[peer].shutdown(Shutdown::Write);
+            return self.finish(id, reason);
+        }
+        if since.elapsed() >= self.limits.close_drain_timeout {
+            tracing::warn!(
+                side = side_name(side),
+                "after a reset, the bytes before it did not reach the other side within {:?}; resetting it too",
+                self.limits.close_drain_timeout
+            );
+            self.counters.drain_timeout.fetch_add(1, Relaxed);
+            reset_on_close(flow.spliced.sockets[peer].as_fd());
+            return self.finish(id, reason);
+        }
+        let wait = (since.elapsed() / 4).clamp(BACKOFF_START, BACKOFF_MAX);
+        self.timers
+            .push(Reverse((Instant::now() + wait, id, Timer::ResetDrain)));
+    }
+
+    fn close_if_done(&mut self, id: u64) {
+        let Some(flow) = self.flows.get(&id) else {
+            return;
+        };
+        if flow.ways.iter().all(|w| w.stage == Stage::Closed) {
+            let reason = flow.first_fin.unwrap_or(CloseReason::ClientClosed);
+            self.counters.fin_drained.fetch_add(1, Relaxed);
+            self.finish(id, reason);
+        }
+    }
+
     fn check_idle(&mut self, id: u64, now: Instant) {
-        let bytes = {
+        let activity = {
             let Some(flow) = self.flows.get(&id) else {
                 return;
             };
             let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
-            flow.spliced
+            let kernel: u64 = flow
+                .spliced
                 .cookies
                 .iter()
-                .map(|c| super::flow_bytes(&maps, *c))
-                .sum::<u64>()
+                .map(|c| {
+                    let counters = super::flow_counters(&maps, *c);
+                    counters.bytes + counters.passed_bytes
+                })
+                .sum();
+            kernel + flow.ways.iter().map(|w| w.daemon_written).sum::<u64>()
         };
         let Some(flow) = self.flows.get_mut(&id) else {
             return;
         };
-        if bytes != flow.last_bytes {
-            flow.last_bytes = bytes;
+        if activity != flow.last_activity {
+            flow.last_activity = activity;
             flow.last_change = now;
         } else if now.duration_since(flow.last_change) >= flow.spliced.idle_timeout {
             self.counters.idle.fetch_add(1, Relaxed);
@@ -324,14 +865,24 @@ impl WatchThread {
             return;
         };
         let spliced = flow.spliced;
-        for socket in &spliced.sockets {
+        for (side, socket) in spliced.sockets.iter().enumerate() {
             self.epoll.remove(socket.as_fd());
+            self.by_cookie.remove(&spliced.cookies[side]);
+        }
+        for way in &flow.ways {
+            self.inflight_total = self.inflight_total.saturating_sub(way.inflight);
+            if way.throttle.is_some() {
+                self.counters.throttled_active.fetch_sub(1, Relaxed);
+            }
         }
         let [to_broker, to_client] = {
             let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
-            let bytes = spliced.cookies.map(|c| super::flow_bytes(&maps, c));
+            let moved = [CLIENT, BROKER].map(|side| {
+                super::flow_counters(&maps, spliced.cookies[side]).bytes
+                    + flow.ways[side].daemon_written
+            });
             super::remove_pair(&mut maps, spliced.cookies);
-            bytes
+            moved
         };
         drop(spliced.sockets);
         for meter in &spliced.meters {
@@ -346,21 +897,6 @@ impl WatchThread {
             reason,
         });
     }
-}
-
-/// Whether every byte received on `side` (less its FIN) has been written into the other socket.
-fn drained(spliced: &Spliced, side: usize) -> std::io::Result<bool> {
-    let peer = 1 - side;
-    let received = tcp_bytes(spliced.sockets[side].as_fd())?.received;
-    let peer_bytes = tcp_bytes(spliced.sockets[peer].as_fd())?;
-    let mut written = peer_bytes.acked + unacked_out(spliced.sockets[peer].as_fd())?;
-    if peer == BROKER {
-        // The broker socket made the connect(): its SYN is one acknowledged "byte"; and the daemon
-        // itself wrote the PROXY header into it.
-        written = written.saturating_sub(1 + spliced.broker_preamble_len);
-    }
-    // The FIN counts as one received byte.
-    Ok(received.saturating_sub(1) <= written)
 }
 
 fn side_name(side: usize) -> &'static str {

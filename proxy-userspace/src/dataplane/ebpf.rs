@@ -152,6 +152,8 @@ impl DataPlane for EbpfSplice {
                         sum.packets += t.packets;
                         sum.empty_dropped += t.empty_dropped;
                         sum.redirect_failed += t.redirect_failed;
+                        sum.passed_bytes += t.passed_bytes;
+                        sum.signals_lost += t.signals_lost;
                         sum
                     })
             })

@@ -43,6 +43,10 @@ const BACKOFF_MAX: Duration = Duration::from_millis(20);
 /// Smallest step between two signals of one direction: below it the watcher would wake for
 /// ordinary bursts.
 pub const MIN_SIGNAL_STEP: u64 = 64 * 1024;
+/// How long a direction may stay over `max_inflight_per_flow` before it is throttled, and how far
+/// over it may go meanwhile.
+const OVER_LIMIT_GRACE: Duration = Duration::from_millis(20);
+const OVER_LIMIT_FACTOR: u64 = 8;
 /// The copy buffer of a throttled direction.
 const COPY_BUFFER: usize = 64 * 1024;
 
@@ -104,6 +108,8 @@ struct Way {
     /// Next re-check of `inflight` while it is non-zero.
     poll_backoff: Duration,
     poll_pending: bool,
+    /// Since when `inflight` has been over the per-flow limit.
+    over_since: Option<Instant>,
 }
 
 struct FlowState {
@@ -277,6 +283,7 @@ impl WatchThread {
                 inflight: 0,
                 poll_backoff: BACKOFF_START,
                 poll_pending: false,
+                over_since: None,
             };
             let ways = [way(CLIENT), way(BROKER)];
             self.flows.insert(
@@ -450,10 +457,21 @@ impl WatchThread {
             return self.check_inflight(id, side);
         }
         if inflight > self.limits.per_flow {
-            return self.throttle(id, side);
+            // A peer that lags for a moment (its socket buffer full, the kernel's sender thread
+            // not yet scheduled) drains within milliseconds; one that stopped reading does not.
+            // Throttle when the excess lasts, or at once when it is far over.
+            let since = *way.over_since.get_or_insert(Instant::now());
+            if inflight > OVER_LIMIT_FACTOR * self.limits.per_flow || since.elapsed() >= OVER_LIMIT_GRACE {
+                way.over_since = None;
+                return self.throttle(id, side);
+            }
+            way.poll_backoff = BACKOFF_START;
+            return self.schedule_poll(id, side);
         }
+        way.over_since = None;
+        // Check again at half the limit: a peer that lags for a moment then still has room.
         let share = self.limits.total.saturating_sub(self.inflight_total) / active_ways.max(1);
-        let step = self.limits.per_flow.min(share).max(MIN_SIGNAL_STEP);
+        let step = (self.limits.per_flow / 2).min(share).max(MIN_SIGNAL_STEP);
         let delivered = redirected - inflight;
         let signal_at = (delivered + step).max(redirected + MIN_SIGNAL_STEP);
         if signal_at != way.entry.signal_at {
@@ -665,8 +683,9 @@ impl WatchThread {
         }
     }
 
-    /// Everything the source held has been written into the peer: if the peer is draining (less
-    /// than half the per-flow limit unacknowledged), offer the direction back to the kernel.
+    /// Everything the source held has been written into the peer, which took it without blocking:
+    /// offer the direction back to the kernel. If the peer is still slow, a later check throttles
+    /// it again; that costs a few syscalls, where keeping a fast flow in userspace costs a copy.
     fn try_return(&mut self, id: u64, side: usize) {
         let Some(flow) = self.flows.get_mut(&id) else {
             return;
@@ -674,14 +693,11 @@ impl WatchThread {
         if flow.reset.is_some() || flow.ways[side].stage != Stage::Open {
             return;
         }
-        let queued = unacked_out(flow.spliced.sockets[1 - side].as_fd()).unwrap_or(u64::MAX);
         let way = &mut flow.ways[side];
         let Some(throttle) = way.throttle.as_mut() else {
             return;
         };
-        if queued > self.limits.per_flow / 2
-            || (throttle.returning && way.entry.daemon_read == throttle.read_total)
-        {
+        if throttle.returning && way.entry.daemon_read == throttle.read_total {
             return;
         }
         throttle.returning = true;

@@ -32,6 +32,9 @@ const SMALL_PAYLOAD: usize = 64;
 const BULK_PAYLOAD: usize = 1024;
 /// Time the eBPF daemon gets to have every held connection in the splice.
 const SPLICE_WAIT: Duration = Duration::from_secs(10);
+/// Descriptors kept free besides two per held connection: listeners, the other phases'
+/// connections, and a proxy's own (epoll, eBPF maps and programs, logs).
+const FD_RESERVE: u64 = 256;
 /// Time a proxy gets to settle (free what a phase used) before its memory is read.
 const SETTLE: Duration = Duration::from_millis(300);
 
@@ -225,12 +228,15 @@ fn main() -> anyhow::Result<()> {
         bail!("MQSPLICE_BIN={} is not a file", mqsplice.display());
     }
     let mut notes = Vec::new();
-    // This process holds both ends of every held connection (client and echo broker).
-    let limit = procfs::raise_open_files(2 * args.conns as u64 + 1024);
-    let fit = (limit as usize).saturating_sub(512) / 2;
+    // This process holds both ends of every held connection (client and echo broker), and
+    // every proxy two descriptors per connection; all inherit this limit, and without
+    // CAP_SYS_RESOURCE its hard limit is as far as anyone here can go.
+    let limit = procfs::raise_open_files(2 * args.conns as u64 + FD_RESERVE);
+    let fit = (limit as usize).saturating_sub(FD_RESERVE as usize) / 2;
     if args.conns > fit {
         let msg = format!(
-            "open-file limit {limit}: held connections reduced from {} to {fit}",
+            "open-file limit {limit} (the hard limit; raising it needs CAP_SYS_RESOURCE): held \
+             connections reduced from {} to {fit}, so that the bench and every proxy fit",
             args.conns
         );
         eprintln!("{msg}");
@@ -249,6 +255,7 @@ fn main() -> anyhow::Result<()> {
         skip("haproxy", "haproxy is not installed".into());
     }
     let tools = Tools {
+        nofile: limit,
         mqsplice,
         nginx,
         haproxy,

@@ -54,6 +54,8 @@ impl PathKind {
 
 /// The programs found on this machine, decided once before the rounds.
 pub struct Tools {
+    /// The open-file limit the proxies inherit (and cannot go past).
+    pub nofile: u64,
     pub mqsplice: PathBuf,
     pub nginx: Option<NginxTool>,
     pub haproxy: Option<PathBuf>,
@@ -397,7 +399,7 @@ stream {{
 }}
 ",
                 load = nginx.load_module,
-                nofile = slots + 64,
+                nofile = (slots as u64 + 64).min(tools.nofile),
             );
             let file = dir.join("nginx.conf");
             std::fs::write(&file, config)?;

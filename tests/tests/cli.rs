@@ -45,19 +45,25 @@ fn check_names_the_key_path_and_line_and_exits_2() {
 }
 
 #[test]
-fn run_fails_fast_with_a_reason_when_ebpf_is_demanded() {
+fn run_fails_fast_with_a_reason_when_ebpf_is_demanded_but_cannot_load() {
     let (text, _, _) = config_for(Mode::Userspace, &["127.0.0.1:1".parse().unwrap()], "");
-    let path = write_config(&text.replace("mode = \"userspace\"", "mode = \"ebpf\""));
+    // A pin directory that is not on bpffs: the eBPF data plane cannot start, whoever runs this.
+    let text = text.replace(
+        "mode = \"userspace\"",
+        "mode = \"ebpf\"\nbpffs_pin = \"/tmp/mqsplice-not-bpffs\"",
+    );
+    let path = write_config(&text);
     let out = Command::new(binary())
         .args(["run", "--config"])
         .arg(&path)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("dataplane.mode = \"ebpf\""), "{stderr}");
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("ebpf"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr.contains("not on a mounted bpf filesystem"),
+        "{stderr}"
     );
 }
 

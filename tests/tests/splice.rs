@@ -141,7 +141,10 @@ fn bulk_each_way(mode: Mode, mib: usize) -> Duration {
             .build()
             .unwrap()
             .block_on(proxy::fetch_stats(stats));
-        println!("ebpf data plane after the bulk transfer: {}", stats["dataplane"]);
+        println!(
+            "ebpf data plane after the bulk transfer: {}",
+            stats["dataplane"]
+        );
     }
     assert_eq!(
         at_server,

@@ -461,7 +461,9 @@ impl WatchThread {
             // not yet scheduled) drains within milliseconds; one that stopped reading does not.
             // Throttle when the excess lasts, or at once when it is far over.
             let since = *way.over_since.get_or_insert(Instant::now());
-            if inflight > OVER_LIMIT_FACTOR * self.limits.per_flow || since.elapsed() >= OVER_LIMIT_GRACE {
+            if inflight > OVER_LIMIT_FACTOR * self.limits.per_flow
+                || since.elapsed() >= OVER_LIMIT_GRACE
+            {
                 way.over_since = None;
                 return self.throttle(id, side);
             }

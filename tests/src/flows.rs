@@ -57,7 +57,9 @@ fn base_block() -> &'static [u8] {
     static BLOCK: OnceLock<Vec<u8>> = OnceLock::new();
     BLOCK.get_or_init(|| {
         let mut rng = Rng::new(0x5eed);
-        (0..MIB / 8).flat_map(|_| rng.next_u64().to_le_bytes()).collect()
+        (0..MIB / 8)
+            .flat_map(|_| rng.next_u64().to_le_bytes())
+            .collect()
     })
 }
 
@@ -301,7 +303,13 @@ pub fn tcp_mem_pages() -> u64 {
         .unwrap()
         .lines()
         .find(|l| l.starts_with("TCP:"))
-        .and_then(|l| l.split_whitespace().skip_while(|w| *w != "mem").nth(1)?.parse().ok())
+        .and_then(|l| {
+            l.split_whitespace()
+                .skip_while(|w| *w != "mem")
+                .nth(1)?
+                .parse()
+                .ok()
+        })
         .unwrap_or(0)
 }
 

@@ -31,7 +31,10 @@ fn settled(mode: Mode, stats_addr: SocketAddr) -> Value {
         json = stats(stats_addr);
         json["connections"]["active"] == 0
     });
-    assert_eq!(json["connections"]["active"], 0, "{mode:?}: flows left open: {json}");
+    assert_eq!(
+        json["connections"]["active"], 0,
+        "{mode:?}: flows left open: {json}"
+    );
     if mode == Mode::Ebpf {
         let pin = json["dataplane"]["bpffs_pin"].as_str().unwrap();
         assert_eq!(
@@ -51,11 +54,11 @@ fn settled(mode: Mode, stats_addr: SocketAddr) -> Value {
 enum Way {
     /// Both send at once; the client shuts its write side and reads to EOF; the broker closes
     /// after its own stream is sent and the client's EOF is read.
-    ClientHalfCloses,
+    HalfClose,
     /// The broker sends first; the client reads all of it, then writes and closes fully at once.
-    ClientWritesAndCloses,
+    ClientClosesAtOnce,
     /// The client sends first; the broker reads all of it, then writes and closes fully at once.
-    BrokerWritesAndCloses,
+    BrokerClosesFirst,
 }
 
 /// One flow of the plan: bytes each way and how it ends.
@@ -70,9 +73,9 @@ struct Plan {
 fn plan(flows: usize) -> Vec<Plan> {
     let mut rng = Rng::new(20_261_125);
     let ways = [
-        Way::ClientHalfCloses,
-        Way::ClientWritesAndCloses,
-        Way::BrokerWritesAndCloses,
+        Way::HalfClose,
+        Way::ClientClosesAtOnce,
+        Way::BrokerClosesFirst,
     ];
     (0..flows)
         .map(|i| Plan {
@@ -94,7 +97,7 @@ const IDLE: Duration = Duration::from_secs(30);
 fn broker_role(i: usize, mut s: TcpStream, p: Plan) -> ([u8; 32], Received) {
     let (_, down_seed) = seeds(i);
     match p.way {
-        Way::ClientHalfCloses => {
+        Way::HalfClose => {
             let mut tx = s.try_clone().unwrap();
             let writer = thread::spawn(move || {
                 let d = write_stream(&mut tx, down_seed, p.down);
@@ -104,11 +107,11 @@ fn broker_role(i: usize, mut s: TcpStream, p: Plan) -> ([u8; 32], Received) {
             let got = read_stream(&mut s, None, IDLE, None);
             (writer.join().unwrap(), got)
         }
-        Way::ClientWritesAndCloses => {
+        Way::ClientClosesAtOnce => {
             let sent = write_stream(&mut s, down_seed, p.down);
             (sent, read_stream(&mut s, None, IDLE, None))
         }
-        Way::BrokerWritesAndCloses => {
+        Way::BrokerClosesFirst => {
             let got = read_stream(&mut s, Some(p.up), IDLE, None);
             let sent = write_stream(&mut s, down_seed, p.down);
             drop(s);
@@ -122,7 +125,7 @@ fn client_role(i: usize, addr: SocketAddr, p: Plan) -> ([u8; 32], Received) {
     let (up_seed, _) = seeds(i);
     let mut s = connect_flow(addr, i);
     match p.way {
-        Way::ClientHalfCloses => {
+        Way::HalfClose => {
             let mut tx = s.try_clone().unwrap();
             let writer = thread::spawn(move || {
                 let d = write_stream(&mut tx, up_seed, p.up);
@@ -132,13 +135,13 @@ fn client_role(i: usize, addr: SocketAddr, p: Plan) -> ([u8; 32], Received) {
             let got = read_stream(&mut s, None, IDLE, None);
             (writer.join().unwrap(), got)
         }
-        Way::ClientWritesAndCloses => {
+        Way::ClientClosesAtOnce => {
             let got = read_stream(&mut s, Some(p.down), IDLE, None);
             let sent = write_stream(&mut s, up_seed, p.up);
             drop(s);
             (sent, got)
         }
-        Way::BrokerWritesAndCloses => {
+        Way::BrokerClosesFirst => {
             let sent = write_stream(&mut s, up_seed, p.up);
             (sent, read_stream(&mut s, None, IDLE, None))
         }
@@ -151,10 +154,7 @@ fn close_three_ways(mode: Mode) {
     let started = Instant::now();
     let plans = Arc::new(plan(FLOWS));
     let total: u64 = plans.iter().map(|p| p.up + p.down).sum();
-    println!(
-        "{mode:?}: {FLOWS} flows, {} MiB in all",
-        total / MIB
-    );
+    println!("{mode:?}: {FLOWS} flows, {} MiB in all", total / MIB);
     let at_broker: Results<([u8; 32], Received)> = Arc::default();
     let (results, roles) = (at_broker.clone(), plans.clone());
     let broker = flow_backend(move |i, s| {
@@ -181,7 +181,8 @@ fn close_three_ways(mode: Mode) {
         at_client.extend(w.join().expect("a client role panicked"));
     }
     assert!(
-        wait_for(Duration::from_secs(30), || at_broker.lock().unwrap().len() == FLOWS),
+        wait_for(Duration::from_secs(30), || at_broker.lock().unwrap().len()
+            == FLOWS),
         "{mode:?}: broker roles finished for only {} of {FLOWS} flows",
         at_broker.lock().unwrap().len()
     );
@@ -190,9 +191,9 @@ fn close_three_ways(mode: Mode) {
         let (up_sent, down_got) = at_client[&i];
         let (down_sent, up_got) = at_broker[&i];
         let (up_end, down_end) = match p.way {
-            Way::ClientHalfCloses => (End::Eof, End::Eof),
-            Way::ClientWritesAndCloses => (End::Eof, End::Limit),
-            Way::BrokerWritesAndCloses => (End::Limit, End::Eof),
+            Way::HalfClose => (End::Eof, End::Eof),
+            Way::ClientClosesAtOnce => (End::Eof, End::Limit),
+            Way::BrokerClosesFirst => (End::Limit, End::Eof),
         };
         assert_eq!(
             (up_got.len, up_got.end, up_got.digest == up_sent),
@@ -297,7 +298,11 @@ fn ebpf_global_limit_throttles_100_fast_clients_to_one_slow_broker() {
     stop.store(true, Relaxed);
     poller.join().unwrap();
     let took = started.elapsed();
-    assert!(all_in, "only {} flows reached the broker", at_broker.lock().unwrap().len());
+    assert!(
+        all_in,
+        "only {} flows reached the broker",
+        at_broker.lock().unwrap().len()
+    );
     let at_broker = at_broker.lock().unwrap();
     for (i, (digest, end)) in sent.iter().enumerate() {
         let got = at_broker[&i];
@@ -306,7 +311,11 @@ fn ebpf_global_limit_throttles_100_fast_clients_to_one_slow_broker() {
             (EACH, End::Eof, true),
             "flow {i}: length, end, digest matches"
         );
-        assert_eq!(*end, End::Eof, "flow {i}: the client did not see the broker's close");
+        assert_eq!(
+            *end,
+            End::Eof,
+            "flow {i}: the client did not see the broker's close"
+        );
     }
     let json = settled(Mode::Ebpf, stats_addr);
     let dataplane = &json["dataplane"];
@@ -320,7 +329,7 @@ fn ebpf_global_limit_throttles_100_fast_clients_to_one_slow_broker() {
     if polls.load(Relaxed) == 0 {
         failures.push("dataplane.inflight_bytes was never reported".to_string());
     }
-    if !dataplane["throttles_total"].as_u64().is_some_and(|n| n > 0) {
+    if dataplane["throttles_total"].as_u64().is_none_or(|n| n == 0) {
         failures.push(format!(
             "dataplane.throttles_total is {}, not > 0",
             dataplane["throttles_total"]
@@ -372,7 +381,11 @@ fn client_rst_while_sending(mode: Mode) {
     let _daemon = Daemon::start(&text, listen, stats_addr);
     let mut client = connect_flow(listen, 0);
     let mut peeked = [0u8; 1];
-    assert_eq!(client.peek(&mut peeked).unwrap(), 1, "the unread bytes did not arrive");
+    assert_eq!(
+        client.peek(&mut peeked).unwrap(),
+        1,
+        "the unread bytes did not arrive"
+    );
 
     // Send for one second, as fast as the slow broker lets us.
     client
@@ -466,7 +479,8 @@ fn client_rst(mode: Mode) {
     let broker = flow_backend(move |_, mut s| {
         let mut out = s.try_clone().unwrap();
         let writer = thread::spawn(move || {
-            out.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+            out.set_write_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
             let chunk = mqsplice_tests::flows::chunk(2, 0);
             for _ in 0..256 {
                 if out.write_all(&chunk).is_err() {
@@ -553,7 +567,12 @@ fn ebpf_512_mib_spliced_transfer_costs_under_2000_voluntary_context_switches() {
     const LEN: u64 = 512 * MIB;
     let (tx, rx) = mpsc::channel();
     let broker = flow_backend(move |_, mut s| {
-        let _ = tx.send(read_stream(&mut s, Some(LEN), Duration::from_secs(30), None));
+        let _ = tx.send(read_stream(
+            &mut s,
+            Some(LEN),
+            Duration::from_secs(30),
+            None,
+        ));
     });
     let (text, listen, stats_addr) = config_for(Mode::Ebpf, &[broker], "");
     let daemon = Daemon::start(&text, listen, stats_addr);
@@ -611,7 +630,9 @@ impl Spawned {
             }
         });
         let spawned = Spawned { child, stderr };
-        let up = wait_for(Duration::from_secs(20), || TcpStream::connect(stats).is_ok());
+        let up = wait_for(Duration::from_secs(20), || {
+            TcpStream::connect(stats).is_ok()
+        });
         assert!(up, "the daemon did not serve stats: {}", spawned.stderr());
         spawned
     }
@@ -705,7 +726,10 @@ fn auto_without_privilege_or_with_a_locked_pin_dir_serves_on_userspace_and_says_
     let (text, listen, stats_addr) = auto_config(&[broker], &pin);
     let second = Daemon::start(&text, listen, stats_addr);
     serves_on_userspace(listen, stats_addr, &second.stderr());
-    if !second.stderr().contains("in use by another mqsplice instance") {
+    if !second
+        .stderr()
+        .contains("in use by another mqsplice instance")
+    {
         failures.push(format!(
             "(b) auto with a held pin directory: stderr does not say \"in use by another \
              mqsplice instance\":\n{}",

@@ -6,8 +6,7 @@
 use mqsplice_tests::Mode;
 use mqsplice_tests::daemon::{Daemon, config_for};
 use mqsplice_tests::flows::{
-    End, KIB, MIB, chunk, connect_flow, flow_backend, mem_available_kib, read_stream,
-    tcp_mem_pages,
+    End, KIB, MIB, chunk, connect_flow, flow_backend, mem_available_kib, read_stream, tcp_mem_pages,
 };
 use sha2::{Digest, Sha256};
 use std::io::{ErrorKind, Write};
@@ -122,7 +121,8 @@ fn stalled_reader_blocks_the_writer(mode: Mode, client_writes: bool) {
         "{what}: all 512 MiB were taken with nobody reading"
     );
 
-    let drain = thread::spawn(move || read_stream(&mut reader, None, Duration::from_secs(30), None));
+    let drain =
+        thread::spawn(move || read_stream(&mut reader, None, Duration::from_secs(30), None));
     writer
         .set_write_timeout(Some(Duration::from_secs(30)))
         .unwrap();

@@ -498,8 +498,8 @@ fn client_rst(mode: Mode) {
     let got = read_stream(&mut client, Some(4 * MIB), Duration::from_secs(10), None);
     assert_eq!(got.end, End::Limit, "{mode:?}: client read {got:?}");
     linger_zero(&client);
-    drop(client);
     let reset_at = Instant::now();
+    drop(client);
     let (got, closed_at) = rx
         .recv_timeout(Duration::from_secs(40))
         .expect("the broker role never ended");

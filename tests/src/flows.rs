@@ -335,3 +335,38 @@ pub fn world_readable(path: &std::path::Path) {
     perms.set_mode(0o755);
     std::fs::set_permissions(path, perms).unwrap();
 }
+
+/// A daemon stopped with SIGTERM when dropped, even on a failed assertion: a clean stop removes
+/// its pinned maps, which a SIGKILL (`Daemon`'s own drop) would leave in bpffs.
+pub struct Graceful(pub crate::daemon::Daemon);
+
+impl Graceful {
+    pub fn start(text: &str, listen: SocketAddr, stats: SocketAddr) -> Graceful {
+        Graceful(crate::daemon::Daemon::start(text, listen, stats))
+    }
+}
+
+impl std::ops::Deref for Graceful {
+    type Target = crate::daemon::Daemon;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Drop for Graceful {
+    fn drop(&mut self) {
+        let Ok(pid) = libc::pid_t::try_from(self.0.child.id()) else {
+            return;
+        };
+        // SAFETY: signalling our own child, which has not been reaped yet (`Daemon` reaps it
+        // only in its own drop, after this), so the pid cannot belong to another process.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.0.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

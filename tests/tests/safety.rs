@@ -4,9 +4,9 @@
 //! does not wake the daemon; `auto` falls back to userspace and says why. The daemon runs as the
 //! built binary (`MQSPLICE_BIN`); the eBPF tests need root (see `Mode::runnable`).
 
-use mqsplice_tests::daemon::{Daemon, config_for, write_config};
+use mqsplice_tests::daemon::{config_for, write_config};
 use mqsplice_tests::flows::{
-    End, KIB, MIB, Received, Rng, bytes_acked, config_with, connect_flow, flow_backend,
+    End, Graceful, KIB, MIB, Received, Rng, bytes_acked, config_with, connect_flow, flow_backend,
     flow_connect, linger_zero, read_stream, stats, voluntary_ctxt_switches, wait_for,
     world_readable, write_stream,
 };
@@ -162,7 +162,7 @@ fn close_three_ways(mode: Mode) {
         results.lock().unwrap().insert(i, r);
     });
     let (text, listen, stats_addr) = config_for(mode, &[broker], "");
-    let daemon = Daemon::start(&text, listen, stats_addr);
+    let daemon = Graceful::start(&text, listen, stats_addr);
     let baseline = daemon.open_fds();
 
     let workers: Vec<_> = (0..AT_ONCE)
@@ -258,7 +258,7 @@ fn ebpf_global_limit_throttles_100_fast_clients_to_one_slow_broker() {
         "",
         "max_inflight_per_flow = \"64MiB\"\nmax_inflight_total = \"16MiB\"",
     );
-    let _daemon = Daemon::start(&text, listen, stats_addr);
+    let _daemon = Graceful::start(&text, listen, stats_addr);
 
     let stop = Arc::new(AtomicBool::new(false));
     let peak = Arc::new(AtomicU64::new(0));
@@ -378,7 +378,7 @@ fn client_rst_while_sending(mode: Mode) {
         let _ = tx.send(got);
     });
     let (text, listen, stats_addr) = config_for(mode, &[broker], "");
-    let _daemon = Daemon::start(&text, listen, stats_addr);
+    let _daemon = Graceful::start(&text, listen, stats_addr);
     let mut client = connect_flow(listen, 0);
     let mut peeked = [0u8; 1];
     assert_eq!(
@@ -443,7 +443,7 @@ fn broker_rst(mode: Mode) {
         let _ = tx.send((got, Instant::now()));
     });
     let (text, listen, stats_addr) = config_for(mode, &[broker], "");
-    let _daemon = Daemon::start(&text, listen, stats_addr);
+    let _daemon = Graceful::start(&text, listen, stats_addr);
     let client = connect_flow(listen, 0);
     let mut tx = client.try_clone().unwrap();
     let writer = thread::spawn(move || {
@@ -493,7 +493,7 @@ fn client_rst(mode: Mode) {
         writer.join().unwrap();
     });
     let (text, listen, stats_addr) = config_for(mode, &[broker], "");
-    let _daemon = Daemon::start(&text, listen, stats_addr);
+    let _daemon = Graceful::start(&text, listen, stats_addr);
     let mut client = connect_flow(listen, 0);
     let got = read_stream(&mut client, Some(4 * MIB), Duration::from_secs(10), None);
     assert_eq!(got.end, End::Limit, "{mode:?}: client read {got:?}");
@@ -575,7 +575,7 @@ fn ebpf_512_mib_spliced_transfer_costs_under_2000_voluntary_context_switches() {
         ));
     });
     let (text, listen, stats_addr) = config_for(Mode::Ebpf, &[broker], "");
-    let daemon = Daemon::start(&text, listen, stats_addr);
+    let daemon = Graceful::start(&text, listen, stats_addr);
     let mut client = connect_flow(listen, 0);
     assert!(
         wait_for(Duration::from_secs(5), || {
@@ -718,13 +718,13 @@ fn auto_without_privilege_or_with_a_locked_pin_dir_serves_on_userspace_and_says_
         return;
     }
     let (text, listen, stats_addr) = config_for(Mode::Ebpf, &[broker], "");
-    let holder = Daemon::start(&text, listen, stats_addr);
+    let holder = Graceful::start(&text, listen, stats_addr);
     let pin = stats(stats_addr)["dataplane"]["bpffs_pin"]
         .as_str()
         .unwrap()
         .to_string();
     let (text, listen, stats_addr) = auto_config(&[broker], &pin);
-    let second = Daemon::start(&text, listen, stats_addr);
+    let second = Graceful::start(&text, listen, stats_addr);
     serves_on_userspace(listen, stats_addr, &second.stderr());
     if !second
         .stderr()

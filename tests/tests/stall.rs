@@ -4,9 +4,10 @@
 //! These judge the host's `MemAvailable`, so they run one at a time and beside no other test file.
 
 use mqsplice_tests::Mode;
-use mqsplice_tests::daemon::{Daemon, config_for};
+use mqsplice_tests::daemon::config_for;
 use mqsplice_tests::flows::{
-    End, KIB, MIB, chunk, connect_flow, flow_backend, mem_available_kib, read_stream, tcp_mem_pages,
+    End, Graceful, KIB, MIB, chunk, connect_flow, flow_backend, mem_available_kib, read_stream,
+    tcp_mem_pages,
 };
 use sha2::{Digest, Sha256};
 use std::io::{ErrorKind, Write};
@@ -94,7 +95,7 @@ fn stalled_reader_blocks_the_writer(mode: Mode, client_writes: bool) {
         let _ = tx.send(s);
     });
     let (text, listen, stats) = config_for(mode, &[broker], "");
-    let _daemon = Daemon::start(&text, listen, stats);
+    let _daemon = Graceful::start(&text, listen, stats);
     let client = connect_flow(listen, 0);
     let server = rx.recv_timeout(Duration::from_secs(10)).unwrap();
     let (mut writer, mut reader) = if client_writes {

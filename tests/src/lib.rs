@@ -5,6 +5,7 @@ pub mod backend;
 pub mod broker;
 pub mod client;
 pub mod daemon;
+pub mod flows;
 pub mod maps;
 pub mod proxy;
 pub mod raw;

@@ -278,18 +278,9 @@ impl Shared {
             socket_cookie(broker.as_fd())?,
         ];
         let [client_cookie, broker_cookie] = cookies;
-        // The first signal point, a share of what is left of the total; the watcher moves it (and
-        // throttles) as it measures.
-        let room = self
-            .limits
-            .total
-            .saturating_sub(self.counters.inflight_bytes.load(Relaxed));
-        let ways = 2 * self.counters.spliced_active.load(Relaxed) + 2;
-        let signal_at = self
-            .limits
-            .per_flow
-            .min(room / ways)
-            .max(watch::MIN_SIGNAL_STEP);
+        // The first signal point: a small share of the total, since many flows may start at
+        // once and each may run up to it before the watcher hears of it.
+        let signal_at = (self.limits.total / 128).clamp(watch::MIN_SIGNAL_STEP, (self.limits.per_flow / 2).max(watch::MIN_SIGNAL_STEP));
         let entry = |peer_cookie, direction| PeerEntry {
             peer_cookie,
             direction,

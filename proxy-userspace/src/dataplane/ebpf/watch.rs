@@ -505,8 +505,8 @@ impl WatchThread {
             .push(Reverse((Instant::now() + wait, id, Timer::Inflight(side))));
     }
 
-    /// Over `max_inflight_total`: throttle the directions holding the most, until the excess is
-    /// covered.
+    /// Over `max_inflight_total`: throttle the directions holding the most, until what they hold
+    /// brings the total down to half the limit.
     fn enforce_total(&mut self) {
         if self.inflight_total <= self.limits.total {
             return;
@@ -523,7 +523,9 @@ impl WatchThread {
             })
             .collect();
         candidates.sort_unstable_by(|a, b| b.cmp(a));
-        let mut excess = self.inflight_total - self.limits.total;
+        // Down to half the limit, not just under it: the directions left running keep adding until
+        // their next signal, and the throttled ones hold theirs until the kernel has sent it.
+        let mut excess = self.inflight_total - self.limits.total / 2;
         for (inflight, id, side) in candidates {
             if excess == 0 {
                 break;

@@ -280,7 +280,10 @@ impl Shared {
         let [client_cookie, broker_cookie] = cookies;
         // The first signal point: a small share of the total, since many flows may start at
         // once and each may run up to it before the watcher hears of it.
-        let signal_at = (self.limits.total / 128).clamp(watch::MIN_SIGNAL_STEP, (self.limits.per_flow / 2).max(watch::MIN_SIGNAL_STEP));
+        let signal_at = (self.limits.total / 128).clamp(
+            watch::MIN_SIGNAL_STEP,
+            (self.limits.per_flow / 2).max(watch::MIN_SIGNAL_STEP),
+        );
         let entry = |peer_cookie, direction| PeerEntry {
             peer_cookie,
             direction,

@@ -86,10 +86,6 @@ enum Stage {
 struct Throttle {
     /// False while the kernel's queue towards the peer still holds redirected bytes.
     copying: bool,
-    /// Bytes the daemon read out of the source socket.
-    read_total: u64,
-    /// The peer entry says RETURNING: the kernel takes over once every passed byte is read.
-    returning: bool,
     buf: Box<[u8]>,
     start: usize,
     end: usize,
@@ -103,6 +99,9 @@ struct Way {
     throttle: Option<Throttle>,
     /// Bytes of this direction the daemon itself wrote into the peer.
     daemon_written: u64,
+    /// Bytes of this direction the daemon read out of the source socket (passed by the program,
+    /// or taken from the socket before the program saw them).
+    daemon_read: u64,
     /// Bytes redirected by the kernel and not yet in the peer socket, as last measured.
     inflight: u64,
     /// Next re-check of `inflight` while it is non-zero.
@@ -280,6 +279,7 @@ impl WatchThread {
                 },
                 throttle: None,
                 daemon_written: 0,
+                daemon_read: 0,
                 inflight: 0,
                 poll_backoff: BACKOFF_START,
                 poll_pending: false,
@@ -337,6 +337,12 @@ impl WatchThread {
             } else {
                 CloseReason::BrokerClosed
             });
+            // Bytes may wait in this socket (passed around a hand-back): then the daemon takes
+            // the direction over, and its copy passes the FIN on.
+            self.check_inflight(id, side);
+            let Some(flow) = self.flows.get_mut(&id) else {
+                return;
+            };
             if flow.ways[side].throttle.is_none() {
                 flow.ways[side].stage = Stage::Draining {
                     since: Instant::now(),
@@ -405,10 +411,11 @@ impl WatchThread {
         if way.throttle.is_none() && (way.stage != Stage::Open || flow.reset.is_some()) {
             return;
         }
-        let redirected = {
+        let counters = {
             let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
-            super::flow_counters(&maps, flow.spliced.cookies[side]).bytes
+            super::flow_counters(&maps, flow.spliced.cookies[side])
         };
+        let (redirected, passed) = (counters.bytes, counters.passed_bytes);
         let Ok(written) = Self::written_into_peer(flow, side) else {
             return;
         };
@@ -432,29 +439,11 @@ impl WatchThread {
                 }
                 return;
             }
-            if !throttle.returning {
-                return;
-            }
-            let passed = {
-                let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
-                super::flow_counters(&maps, flow.spliced.cookies[side]).passed_bytes
-            };
-            if passed > way.entry.daemon_read {
-                // More was passed after the daemon's last read: it reads on at the next edge.
-                return self.schedule_poll(id, side);
-            }
-            // Every passed byte has been read and written into the peer, so the program now
-            // redirects, and for good (it passes only while passed bytes are unread).
-            way.throttle = None;
-            way.poll_backoff = BACKOFF_START;
-            self.counters.throttled_active.fetch_sub(1, Relaxed);
-            tracing::debug!(
-                side = side_name(side),
-                "throttled direction handed back to the kernel"
-            );
-            self.set_interest(id, side, libc::EPOLLIN as u32, false);
-            self.set_interest(id, 1 - side, libc::EPOLLOUT as u32, false);
-            return self.check_inflight(id, side);
+            return;
+        }
+        if passed > way.entry.daemon_read {
+            // A skb slipped into the socket around a hand-back: only the daemon can move it.
+            return self.throttle(id, side);
         }
         if inflight > self.limits.per_flow {
             // A peer that lags for a moment (its socket buffer full, the kernel's sender thread
@@ -556,8 +545,6 @@ impl WatchThread {
         let _ = set_rcvlowat(flow.spliced.sockets[side].as_fd(), 1);
         way.throttle = Some(Throttle {
             copying: false,
-            read_total: 0,
-            returning: false,
             buf: vec![0u8; COPY_BUFFER].into_boxed_slice(),
             start: 0,
             end: 0,
@@ -642,7 +629,7 @@ impl WatchThread {
                         Ok(n) => {
                             throttle.start = 0;
                             throttle.end = n;
-                            throttle.read_total += n as u64;
+                            way.daemon_read += n as u64;
                         }
                         Err(e) if e.kind() == ErrorKind::WouldBlock => {
                             source_empty = true;
@@ -697,22 +684,48 @@ impl WatchThread {
         if flow.reset.is_some() || flow.ways[side].stage != Stage::Open {
             return;
         }
-        let way = &mut flow.ways[side];
-        let Some(throttle) = way.throttle.as_mut() else {
+        let cookie = flow.spliced.cookies[side];
+        // Safe to hand back only when every byte this socket has received was either redirected
+        // by the program or read by the daemon (and, the buffer being empty, written into the
+        // peer): nothing may still wait anywhere in the socket (its queue, or the kernel's
+        // deferred queue of passed skbs), or a redirected skb could overtake it. Counters first,
+        // then TCP's count: anything arriving in between makes the sums differ, and waits.
+        let counters = {
+            let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+            super::flow_counters(&maps, cookie)
+        };
+        let Ok(received) = tcp_bytes(flow.spliced.sockets[side].as_fd()).map(|t| t.received) else {
             return;
         };
-        if throttle.returning && way.entry.daemon_read == throttle.read_total {
+        let way = &mut flow.ways[side];
+        let Some(throttle) = way.throttle.as_ref() else {
+            return;
+        };
+        if received != counters.bytes + way.daemon_read || throttle.start != throttle.end {
             return;
         }
-        throttle.returning = true;
+        // RETURNING with every passed byte counted as read: the program redirects from now on,
+        // unless a skb was passed after the counters were read, which it then keeps passing.
         way.entry.throttled = throttle::RETURNING;
-        way.entry.daemon_read = throttle.read_total;
-        let (cookie, entry) = (flow.spliced.cookies[side], way.entry);
+        way.entry.daemon_read = counters.passed_bytes;
+        let entry = way.entry;
         {
             let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
             let _ = maps.peers.insert(cookie, entry, 0);
         }
+        // Handed back at once: the daemon reads nothing more of this socket, since a read now
+        // could overtake bytes the program redirects. Should a skb have slipped into the socket
+        // meanwhile, the next check sees it passed and throttles afresh.
+        way.throttle = None;
         way.poll_backoff = BACKOFF_START;
+        self.counters.throttled_active.fetch_sub(1, Relaxed);
+        tracing::debug!(
+            side = side_name(side),
+            "throttled direction handed back to the kernel"
+        );
+        self.set_interest(id, side, libc::EPOLLIN as u32, false);
+        self.set_interest(id, 1 - side, libc::EPOLLOUT as u32, false);
+        self.check_inflight(id, side);
         self.schedule_poll(id, side);
     }
 

@@ -678,6 +678,7 @@ fn serves_on_userspace(listen: SocketAddr, stats_addr: SocketAddr, stderr: &str)
 }
 
 #[test]
+#[ignore = "auto keeps userspace until the throttled splice path is proven (duplicate bytes seen under throttle on 6.18); see README"]
 fn auto_without_privilege_or_with_a_locked_pin_dir_serves_on_userspace_and_says_why() {
     use std::os::unix::process::CommandExt;
     let broker = drain_broker();

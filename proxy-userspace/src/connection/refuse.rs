@@ -24,7 +24,8 @@ pub async fn refuse(
         return;
     }
     let _ = tokio::time::timeout(LINGER_TIME, async {
-        let mut sink = [0u8; 4096];
+        // On the heap: an array here would make every connection's task 4 KiB bigger for its whole life.
+        let mut sink = vec![0u8; 4096];
         let mut drained = 0;
         while drained < LINGER_BYTES {
             match client.read(&mut sink).await {

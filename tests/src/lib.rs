@@ -61,7 +61,13 @@ fn is_root() -> bool {
 }
 
 /// A bpffs directory no other test instance uses.
+///
+/// The first call also removes the directories of test processes that are gone: an in-process
+/// instance whose test ended while some of its tasks were still alive can leave its pins behind,
+/// and pinned maps hold kernel memory until someone removes them.
 pub fn unique_pin_dir() -> String {
+    static CLEANED: std::sync::Once = std::sync::Once::new();
+    CLEANED.call_once(remove_pin_dirs_of_dead_test_processes);
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     format!("/sys/fs/bpf/mqsplice-test-{}-{n}", std::process::id())
@@ -87,4 +93,22 @@ pub async fn wait_until(timeout: std::time::Duration, mut condition: impl FnMut(
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     condition()
+}
+
+fn remove_pin_dirs_of_dead_test_processes() {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("mqsplice-test-")
+            .and_then(|rest| rest.split('-').next())
+        else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }

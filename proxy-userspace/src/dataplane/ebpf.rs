@@ -118,11 +118,6 @@ impl EbpfSplice {
             }),
         })
     }
-
-    /// The splice counters (tests read them directly).
-    pub fn counters(&self) -> &SpliceCounters {
-        &self.shared.counters
-    }
 }
 
 impl DataPlane for EbpfSplice {

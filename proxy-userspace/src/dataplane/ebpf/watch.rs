@@ -10,9 +10,10 @@
 //! - bounds the bytes the kernel holds for a peer that does not read (backpressure): a direction
 //!   with more than `max_inflight_per_flow` in flight, or the biggest ones when all together pass
 //!   `max_inflight_total`, is throttled. Its skbs then stay in its own socket, whose window closes;
-//!   once the kernel's queue towards the peer is empty the watcher copies the rest itself. A
-//!   throttled direction stays on that copy path until it closes: handing it back to the kernel
-//!   could let newly redirected skbs overtake bytes still in the socket, so it never is;
+//!   once the kernel's queue towards the peer is empty the watcher copies the rest itself. It
+//!   hands the direction back only when every byte the socket received was either redirected or
+//!   read by the watcher (nothing left in the socket for a redirected skb to overtake), and then
+//!   stops reading it at once;
 //! - applies `idle_timeout` from the kernel's per-flow counters.
 
 use super::sockopt::{Epoll, Event, Wakeup, reset_on_close, set_rcvlowat, tcp_bytes, unacked_out};

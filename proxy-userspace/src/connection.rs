@@ -5,8 +5,7 @@ mod refuse;
 
 use crate::access_log::Entry;
 use crate::balance::SelectKey;
-use crate::dataplane::ConnectHandling;
-use crate::dataplane::{CloseReason, Flow, FlowEnd};
+use crate::dataplane::{ClientStream, CloseReason, ConnectHandling, Flow, FlowEnd};
 use crate::listener::ListenerContext;
 use crate::mqtt;
 use crate::proxy_protocol;
@@ -26,11 +25,12 @@ use tokio::time::Instant;
 pub async fn serve(
     ctx: Arc<ListenerContext>,
     _active: ActiveConnection,
-    mut client: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
 ) {
     let started = Instant::now();
-    let _ = client.set_nodelay(ctx.config.tcp_nodelay);
+    let _ = tcp.set_nodelay(ctx.config.tcp_nodelay);
+    let local = tcp.local_addr().unwrap_or(peer);
     let log =
         |client_id: Option<&str>, broker: Option<SocketAddr>, end: Option<FlowEnd>, close: &str| {
             ctx.access_log.write(&Entry {
@@ -46,18 +46,21 @@ pub async fn serve(
             })
         };
 
+    // 0. The layer the listener's kind puts between TCP and MQTT (none on `tcp`).
+    let mut client = ClientStream::Tcp(tcp);
+
     // 1. Read one complete CONNECT, within connect_packet_timeout: consumed for the userspace
     //    path (`packet` holds its bytes), or only peeked for the splice (`packet` is None).
     let deadline = started + ctx.config.connect_packet_timeout;
     let max_size = ctx.config.max_connect_size;
     let read = tokio::time::timeout_at(deadline, async {
-        match ctx.dataplane.connect_handling() {
-            ConnectHandling::Consume => read_connect(&mut client, max_size)
+        match (ctx.dataplane.connect_handling(), client.as_tcp_mut()) {
+            (ConnectHandling::Peek, Some(tcp)) => {
+                peek_connect(tcp, max_size).await.map(|(_, c)| (None, c))
+            }
+            _ => read_connect(&mut client, max_size)
                 .await
                 .map(|(p, c)| (Some(p), c)),
-            ConnectHandling::Peek => peek_connect(&mut client, max_size)
-                .await
-                .map(|(_, c)| (None, c)),
         }
     })
     .await;
@@ -109,7 +112,6 @@ pub async fn serve(
     server.total.fetch_add(1, Relaxed);
 
     // 3. The PROXY header (if on) and, when it was consumed, the CONNECT, unchanged.
-    let local = client.local_addr().unwrap_or(peer);
     let mut preamble = proxy_protocol::header(ctx.upstream.config.proxy_protocol, peer, local);
     let broker_preamble_len = preamble.len() as u64;
     let consumed = packet.as_ref().map_or(0, |p| p.len() as u64);

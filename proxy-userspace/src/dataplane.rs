@@ -17,7 +17,86 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+
+/// A decrypted or unwrapped client byte stream (TLS, WebSocket): anything the userspace copy
+/// path can read and write.
+pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> ClientIo for T {}
+
+/// The client side of a flow: a bare TCP socket can be spliced in the kernel; anything layered
+/// on top of TCP (TLS, WebSocket) has to be moved by the daemon.
+pub enum ClientStream {
+    Tcp(TcpStream),
+    Layered(Box<dyn ClientIo>),
+}
+
+impl ClientStream {
+    /// The bare TCP socket, if the client speaks MQTT directly on it.
+    pub fn as_tcp_mut(&mut self) -> Option<&mut TcpStream> {
+        match self {
+            ClientStream::Tcp(s) => Some(s),
+            ClientStream::Layered(_) => None,
+        }
+    }
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Layered(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Layered(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Layered(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Layered(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+impl std::fmt::Debug for ClientStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientStream::Tcp(s) => f.debug_tuple("Tcp").field(s).finish(),
+            ClientStream::Layered(_) => f.write_str("Layered"),
+        }
+    }
+}
 
 /// How the connection code must treat the CONNECT before the hand-over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +127,7 @@ impl DataPath {
 /// A connected pair and the limits that apply to it.
 #[derive(Debug)]
 pub struct Flow {
-    pub client: TcpStream,
+    pub client: ClientStream,
     pub broker: TcpStream,
     /// Close both sides when nothing moved either way for this long.
     pub idle_timeout: Duration,

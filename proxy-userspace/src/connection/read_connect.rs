@@ -5,7 +5,7 @@
 //! then exactly the remaining length.
 
 use crate::mqtt::{self, Connect, ConnectError, Framing};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
 
 /// Why no CONNECT could be read.
@@ -28,7 +28,7 @@ const VERSION_PREFIX: usize = 9;
 
 /// Reads one CONNECT (the whole packet's bytes and its parsed fields).
 pub async fn read_connect(
-    client: &mut TcpStream,
+    client: &mut (impl AsyncRead + Unpin),
     max_size: usize,
 ) -> Result<(Vec<u8>, Connect), ReadConnectError> {
     let mut packet = Vec::with_capacity(128);
@@ -54,7 +54,7 @@ pub async fn read_connect(
 }
 
 async fn read_more(
-    client: &mut TcpStream,
+    client: &mut (impl AsyncRead + Unpin),
     packet: &mut Vec<u8>,
     n: usize,
 ) -> Result<(), ReadConnectError> {

@@ -3,8 +3,7 @@
 use crate::listener::ListenerContext;
 use crate::reject::RejectReason;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// How long and how much a refused client may still send before it is closed.
 const LINGER_TIME: Duration = Duration::from_secs(2);
@@ -14,7 +13,7 @@ const LINGER_BYTES: usize = 64 * 1024;
 /// client until EOF (bounded), so its stack does not turn the CONNACK into a reset.
 pub async fn refuse(
     ctx: &ListenerContext,
-    mut client: TcpStream,
+    mut client: impl AsyncRead + AsyncWrite + Unpin,
     reason: RejectReason,
     connack: Option<impl AsRef<[u8]>>,
 ) {

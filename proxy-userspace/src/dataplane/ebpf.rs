@@ -11,7 +11,9 @@ mod watch;
 
 pub use loader::{EbpfPrograms, EbpfUnavailable, Maps, ProgramLogger};
 
-use super::{ConnectHandling, DataPath, DataPlane, Flow, FlowEnd, FlowFuture, UserspaceCopy};
+use super::{
+    ClientStream, ConnectHandling, DataPath, DataPlane, Flow, FlowEnd, FlowFuture, UserspaceCopy,
+};
 use crate::config::DataplaneConfig;
 use proxy_common::{FlowCounters, PeerEntry, direction, throttle};
 use serde_json::{Value, json};
@@ -191,6 +193,21 @@ impl Shared {
             meters,
             broker_preamble_len,
         } = flow;
+        let client = match client {
+            ClientStream::Tcp(client) => client,
+            layered @ ClientStream::Layered(_) => {
+                // TLS or WebSocket: the bytes must pass through the daemon to be unwrapped.
+                let flow = Flow {
+                    client: layered,
+                    broker,
+                    idle_timeout,
+                    buffer_size,
+                    meters,
+                    broker_preamble_len,
+                };
+                return UserspaceCopy.run(flow).await;
+            }
+        };
         // Leave tokio's reactor: from here on only the watcher's epoll set looks at these sockets.
         let (client, broker) = match (client.into_std(), broker.into_std()) {
             (Ok(client), Ok(broker)) => (client, broker),
@@ -240,7 +257,7 @@ impl Shared {
                     );
                 };
                 let flow = Flow {
-                    client,
+                    client: ClientStream::Tcp(client),
                     broker,
                     idle_timeout,
                     buffer_size,

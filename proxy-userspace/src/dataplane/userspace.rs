@@ -3,7 +3,9 @@
 //! Backpressure is TCP's own: while a write to one side is blocked the other side is not read,
 //! so its receive window closes; nothing is buffered beyond `buffer_size` per direction.
 
-use super::{CloseReason, ConnectHandling, DataPath, DataPlane, Flow, FlowEnd, FlowFuture};
+use super::{
+    ClientStream, CloseReason, ConnectHandling, DataPath, DataPlane, Flow, FlowEnd, FlowFuture,
+};
 use crate::stats::{ByteMeter, Direction};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -35,15 +37,71 @@ enum Failure {
     Write,
 }
 
-async fn copy_flow(mut flow: Flow) -> FlowEnd {
+async fn copy_flow(flow: Flow) -> FlowEnd {
+    let Flow {
+        client,
+        mut broker,
+        idle_timeout,
+        buffer_size,
+        meters,
+        ..
+    } = flow;
+    let (broker_read, broker_write) = broker.split();
+    match client {
+        ClientStream::Tcp(mut client) => {
+            let (client_read, client_write) = client.split();
+            let halves = Halves {
+                client_read,
+                client_write,
+                broker_read,
+                broker_write,
+            };
+            copy_pair(halves, idle_timeout, buffer_size, &meters).await
+        }
+        ClientStream::Layered(client) => {
+            let (client_read, client_write) = tokio::io::split(client);
+            let halves = Halves {
+                client_read,
+                client_write,
+                broker_read,
+                broker_write,
+            };
+            copy_pair(halves, idle_timeout, buffer_size, &meters).await
+        }
+    }
+}
+
+/// The read and write halves of both sides of a flow.
+struct Halves<CR, CW, BR, BW> {
+    client_read: CR,
+    client_write: CW,
+    broker_read: BR,
+    broker_write: BW,
+}
+
+async fn copy_pair<CR, CW, BR, BW>(
+    halves: Halves<CR, CW, BR, BW>,
+    idle: Duration,
+    size: usize,
+    meters: &[Arc<ByteMeter>],
+) -> FlowEnd
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    BR: AsyncRead + Unpin,
+    BW: AsyncWrite + Unpin,
+{
+    let Halves {
+        client_read,
+        client_write,
+        broker_read,
+        broker_write,
+    } = halves;
     let progress = Progress {
         started: Instant::now(),
         last_activity_ms: AtomicU64::new(0),
         moved: Default::default(),
     };
-    let (client_read, client_write) = flow.client.split();
-    let (broker_read, broker_write) = flow.broker.split();
-    let (meters, size) = (&flow.meters, flow.buffer_size);
     let up = copy_direction(
         client_read,
         broker_write,
@@ -64,7 +122,6 @@ async fn copy_flow(mut flow: Flow) -> FlowEnd {
 
     let (mut up_done, mut down_done) = (false, false);
     let mut first_fin = None;
-    let idle = flow.idle_timeout;
     let mut idle_deadline = progress.started + idle;
     let reason = loop {
         tokio::select! {

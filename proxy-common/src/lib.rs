@@ -39,20 +39,25 @@ pub struct PeerEntry {
     /// When this socket's redirected bytes reach this count, the program tells the daemon (once
     /// per value) through the event ring buffer, so in-flight bytes are checked without polling.
     pub signal_at: u64,
-    /// With [`throttle::RETURNING`]: how many passed bytes the daemon has read out of this socket
-    /// and written into the peer. Redirecting resumes only once every passed byte is among them.
+    /// How many passed bytes the daemon has read out of this socket and written into the peer.
+    /// The program redirects only while every passed byte is among them, so a redirected skb
+    /// never overtakes a passed one (this is how a throttled direction is handed back).
     pub daemon_read: u64,
+    /// The program stops redirecting by itself before this socket's redirected bytes would pass
+    /// this count: it passes the skb instead (the direction is then throttled) and signals. The
+    /// daemon moves it forward as the peer takes bytes, so what the kernel holds for all peers
+    /// together stays bounded even while the daemon is slow to react.
+    pub hard_limit: u64,
 }
 
 /// Values of [`PeerEntry::throttled`].
 pub mod throttle {
-    /// Redirect every skb.
+    /// Redirect every skb (within the hard limit, and once every passed byte has been read).
     pub const OFF: u32 = 0;
     /// Pass every skb to the socket's own receive queue.
     pub const ON: u32 = 1;
-    /// Redirect an skb only if every byte passed before it has been read by the daemon (which
-    /// wrote them into the peer first); pass it otherwise. Hands a throttled direction back to the
-    /// kernel without letting a redirected skb overtake a passed one.
+    /// Handed back after a throttle: to the program the same as [`OFF`]; it tells the daemon that
+    /// passed bytes may still be unread.
     pub const RETURNING: u32 = 2;
 }
 
@@ -130,7 +135,7 @@ mod tests {
     fn layouts_match_the_kernel_side() {
         // The BPF program and the daemon are compiled for different targets; pin the sizes so a
         // field added on one side only shows up here rather than as garbage in a map.
-        assert_eq!(core::mem::size_of::<PeerEntry>(), 32);
+        assert_eq!(core::mem::size_of::<PeerEntry>(), 40);
         assert_eq!(core::mem::size_of::<SignalEvent>(), 8);
         assert_eq!(core::mem::size_of::<GlobalCounters>(), 56);
         assert_eq!(core::mem::size_of::<FlowCounters>(), 32);

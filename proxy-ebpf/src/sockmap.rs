@@ -11,7 +11,10 @@
 //! Backpressure: the kernel's redirect queue towards a peer is unbounded, so the daemon watches
 //! each direction's bytes in flight. The program tells it, through `MQS_EVENTS`, when a socket's
 //! redirected bytes pass the point the daemon asked about; a throttled socket's skbs are passed to
-//! its own receive queue, where they count against its window, and the daemon moves them.
+//! its own receive queue, where they count against its window, and the daemon moves them. Each
+//! socket also has a hard limit the daemon keeps moving forward as its peer takes bytes; an skb
+//! that would cross it is passed, not redirected, so the kernel's queues stay bounded however
+//! late the daemon reacts.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -80,14 +83,23 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         return Ok(SK_PASS);
     };
     let flow = MQS_FLOW_COUNTERS.get_ptr_mut(cookie);
-    let pass = match entry.throttled {
-        throttle::OFF => false,
-        // SAFETY: read of this socket's own counters, written only under the same socket lock.
-        throttle::RETURNING => {
-            flow.is_some_and(|f| unsafe { (*f).passed_bytes } > entry.daemon_read)
+    // SAFETY: reads of this socket's own counters, written only under the same socket lock.
+    let (redirected, passed) = flow.map_or((0, 0), |f| unsafe { ((*f).bytes, (*f).passed_bytes) });
+    // Passed bytes not yet read by the daemon: redirecting now would overtake them.
+    let unread = passed > entry.daemon_read;
+    let over_limit = redirected + len > entry.hard_limit;
+    let pass = entry.throttled == throttle::ON || unread || over_limit;
+    if over_limit && !unread && entry.throttled != throttle::ON {
+        // Throttling itself: the first skb over the limit. Tell the daemon, which takes over.
+        if MQS_EVENTS
+            .output::<SignalEvent>(SignalEvent { cookie }, 0)
+            .is_err()
+            && let Some(totals) = totals
+        {
+            // SAFETY: per-CPU slot of an array map, valid for this program run, not shared.
+            unsafe { (*totals).signals_lost += 1 };
         }
-        _ => true,
-    };
+    }
     if pass {
         // SAFETY: the flow's value; only this socket's verdicts write it, one at a time under the
         // socket's lock (see `FlowCounters`), and the daemon never writes it in place.

@@ -41,7 +41,7 @@ pub struct StatsConfig {
 /// Which data path moves the bytes of established flows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataplaneMode {
-    /// eBPF when the programs load, userspace otherwise (today: userspace, see README).
+    /// eBPF when the programs load, userspace otherwise (the reason is logged and in stats).
     Auto,
     /// The in-kernel splice, or fail at start.
     Ebpf,

@@ -179,18 +179,29 @@ fn choose_dataplane(config: &DataplaneConfig) -> anyhow::Result<DataplaneChoice>
     };
     match mode {
         DataplaneMode::Userspace => Ok(userspace("dataplane.mode = \"userspace\"".into())),
-        // Until the splice's throttled path is proven to lose and duplicate nothing (see the
-        // README), `auto` does not move anyone onto it.
-        DataplaneMode::Auto => Ok(userspace(
-            "userspace copy (dataplane.mode = \"auto\" keeps the userspace path until the splice's \
-             backpressure is proven; set \"ebpf\" to splice)"
-                .into(),
-        )),
+        DataplaneMode::Auto => match EbpfSplice::start(config) {
+            Ok(plane) => Ok(DataplaneChoice {
+                plane: Arc::new(plane),
+                requested: mode,
+                reason: format!(
+                    "in-kernel sockmap splice (auto), maps pinned under {}",
+                    config.bpffs_pin.display()
+                ),
+            }),
+            Err(e) => {
+                let reason = format!("userspace copy: the eBPF data plane cannot be used: {e}");
+                tracing::warn!("dataplane.mode = \"auto\": {reason}");
+                Ok(userspace(reason))
+            }
+        },
         DataplaneMode::Ebpf => match EbpfSplice::start(config) {
             Ok(plane) => Ok(DataplaneChoice {
                 plane: Arc::new(plane),
                 requested: mode,
-                reason: format!("in-kernel sockmap splice, maps pinned under {}", config.bpffs_pin.display()),
+                reason: format!(
+                    "in-kernel sockmap splice, maps pinned under {}",
+                    config.bpffs_pin.display()
+                ),
             }),
             Err(e) => bail!("dataplane.mode = \"ebpf\": the eBPF data plane cannot be used: {e}"),
         },

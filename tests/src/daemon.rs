@@ -66,8 +66,12 @@ impl Daemon {
     /// after every listener, so probing it leaves no stray connection on the MQTT port).
     pub fn start(text: &str, listen: SocketAddr, stats: SocketAddr) -> Daemon {
         let config_path = write_config(text);
+        // For debugging a failing test: `MQSPLICE_TEST_LOG=mqsplice=debug` raises the daemon's
+        // log level and copies its stderr to /tmp/mqsplice-test-daemon-<pid>.log.
+        let log_level = std::env::var("MQSPLICE_TEST_LOG").ok();
         let mut child = Command::new(crate::proxy::binary())
-            .args(["run", "--config"])
+            .args(["run", "--log-level", log_level.as_deref().unwrap_or("info")])
+            .args(["--config"])
             .arg(&config_path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -77,8 +81,15 @@ impl Daemon {
         let stderr = Arc::new(Mutex::new(String::new()));
         let pipe = child.stderr.take().unwrap();
         let sink = stderr.clone();
+        let mut copy = log_level.and_then(|_| {
+            std::fs::File::create(format!("/tmp/mqsplice-test-daemon-{}.log", child.id())).ok()
+        });
         std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if let Some(file) = &mut copy {
+                    use std::io::Write;
+                    let _ = writeln!(file, "{line}");
+                }
                 let mut all = sink.lock().unwrap();
                 all.push_str(&line);
                 all.push('\n');

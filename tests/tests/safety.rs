@@ -232,7 +232,6 @@ fn ebpf_200_flows_50_at_a_time_close_three_ways_losing_nothing() {
 // ---------------------------------------------------------------------------------------------
 // Global in-flight limit.
 
-#[ignore = "issue 8 open: the peak of inflight_bytes overshoots 16 MiB + 8 MiB in about 1 run of 3 (watcher latency); see README"]
 #[test]
 fn ebpf_global_limit_throttles_100_fast_clients_to_one_slow_broker() {
     if !Mode::Ebpf.runnable() {
@@ -679,7 +678,6 @@ fn serves_on_userspace(listen: SocketAddr, stats_addr: SocketAddr, stderr: &str)
 }
 
 #[test]
-#[ignore = "auto keeps userspace until the throttled splice path is proven (duplicate bytes seen under throttle on 6.18); see README"]
 fn auto_without_privilege_or_with_a_locked_pin_dir_serves_on_userspace_and_says_why() {
     use std::os::unix::process::CommandExt;
     let broker = drain_broker();

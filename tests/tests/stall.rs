@@ -160,7 +160,6 @@ fn userspace_stalled_broker_blocks_a_client_writing_512_mib() {
 }
 
 #[test]
-#[ignore = "issue 8 open: once in a full suite run the throttle did not engage before 256 MiB (passes alone); see README"]
 fn ebpf_stalled_broker_blocks_a_client_writing_512_mib() {
     if !Mode::Ebpf.runnable() {
         return;
@@ -174,7 +173,6 @@ fn userspace_client_that_never_reads_blocks_a_broker_writing_512_mib() {
 }
 
 #[test]
-#[ignore = "known defect: the throttled broker → client path duplicated an skb in about 1 run of 4 on 6.18; see README"]
 fn ebpf_client_that_never_reads_blocks_a_broker_writing_512_mib() {
     if !Mode::Ebpf.runnable() {
         return;

@@ -216,7 +216,7 @@ impl Shared {
             }
         };
         match self.insert(&client, &broker) {
-            Ok((cookies, signal_at)) => {
+            Ok((cookies, signal_at, hard_limit)) => {
                 // The kick: the verdict now runs over the CONNECT (and whatever followed it)
                 // that is still queued in the client socket, and over anything the broker sent.
                 for socket in [&client, &broker] {
@@ -231,6 +231,7 @@ impl Shared {
                     sockets: [client, broker],
                     cookies,
                     signal_at,
+                    hard_limit,
                     broker_preamble_len,
                     idle_timeout,
                     meters,
@@ -275,24 +276,23 @@ impl Shared {
         &self,
         client: &std::net::TcpStream,
         broker: &std::net::TcpStream,
-    ) -> std::io::Result<([u64; 2], u64)> {
+    ) -> std::io::Result<([u64; 2], u64, u64)> {
         let cookies = [
             socket_cookie(client.as_fd())?,
             socket_cookie(broker.as_fd())?,
         ];
         let [client_cookie, broker_cookie] = cookies;
-        // The first signal point: a small share of the total, since many flows may start at
-        // once and each may run up to it before the watcher hears of it.
-        let signal_at = (self.limits.total / 128).clamp(
-            watch::MIN_SIGNAL_STEP,
-            (self.limits.per_flow / 2).max(watch::MIN_SIGNAL_STEP),
-        );
+        // The first hard limit: this flow's share of the total, counting itself.
+        let flows = self.counters.spliced_active.load(Relaxed) + 1;
+        let hard_limit = watch::grant(&self.limits, flows);
+        let signal_at = hard_limit / 2;
         let entry = |peer_cookie, direction| PeerEntry {
             peer_cookie,
             direction,
             throttled: throttle::OFF,
             signal_at,
             daemon_read: 0,
+            hard_limit,
         };
         let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
         let result = (|| {
@@ -323,7 +323,7 @@ impl Shared {
             remove_pair(&mut maps, cookies);
             return Err(e);
         }
-        Ok((cookies, signal_at))
+        Ok((cookies, signal_at, hard_limit))
     }
 }
 

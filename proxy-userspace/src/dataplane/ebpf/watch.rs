@@ -44,12 +44,27 @@ const BACKOFF_MAX: Duration = Duration::from_millis(20);
 /// Smallest step between two signals of one direction: below it the watcher would wake for
 /// ordinary bursts.
 pub const MIN_SIGNAL_STEP: u64 = 64 * 1024;
+/// Smallest hard limit ahead of what a direction's peer has taken: under global pressure every
+/// direction still gets this much, so the kernel may hold up to this per direction beyond
+/// `max_inflight_total`.
+pub const MIN_GRANT: u64 = 16 * 1024;
 /// How long a direction may stay over `max_inflight_per_flow` before it is throttled, and how far
 /// over it may go meanwhile.
 const OVER_LIMIT_GRACE: Duration = Duration::from_millis(20);
 const OVER_LIMIT_FACTOR: u64 = 8;
 /// The copy buffer of a throttled direction.
 const COPY_BUFFER: usize = 64 * 1024;
+
+/// How far ahead of what its peer has taken a direction's hard limit is set when `flows` pairs
+/// are spliced: an equal share of `max_inflight_total`, never more than the per-flow limit's
+/// "far over" bound, never less than [`MIN_GRANT`]. Shares, not first-come reservations: idle
+/// flows' limits cost nothing, and however many directions fill theirs at once, the kernel holds
+/// at most the total plus `MIN_GRANT` per direction.
+pub fn grant(limits: &Limits, flows: u64) -> u64 {
+    (limits.total / (2 * flows).max(1))
+        .min(OVER_LIMIT_FACTOR * limits.per_flow)
+        .max(MIN_GRANT)
+}
 
 /// Side index: the client socket.
 const CLIENT: usize = 0;
@@ -64,6 +79,8 @@ pub struct Spliced {
     pub cookies: [u64; 2],
     /// The signal point both peer entries were inserted with.
     pub signal_at: u64,
+    /// The hard limit both peer entries were inserted with.
+    pub hard_limit: u64,
     pub broker_preamble_len: u64,
     pub idle_timeout: Duration,
     pub meters: Vec<Arc<ByteMeter>>,
@@ -126,6 +143,8 @@ struct FlowState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
     Drain(usize),
+    /// A throttled direction read its FIN before every byte ahead of it had arrived.
+    Pump(usize),
     Inflight(usize),
     ResetDrain,
     Idle,
@@ -277,6 +296,7 @@ impl WatchThread {
                     throttled: throttle::OFF,
                     signal_at: spliced.signal_at,
                     daemon_read: 0,
+                    hard_limit: spliced.hard_limit,
                 },
                 throttle: None,
                 daemon_written: 0,
@@ -299,6 +319,12 @@ impl WatchThread {
                     last_change: now,
                 },
             );
+            // The kernel has carried this pair since the kick, before the watcher knew its
+            // cookies: a signal it sent meanwhile found no flow here. Above all one at the hard
+            // limit, after which the program passes and only the daemon can move the bytes.
+            for side in [CLIENT, BROKER] {
+                self.check_inflight(id, side);
+            }
         }
     }
 
@@ -382,6 +408,7 @@ impl WatchThread {
                     self.enforce_total();
                 }
                 Timer::ResetDrain => self.try_reset_drain(id),
+                Timer::Pump(side) => self.pump(id, side),
                 Timer::Idle => self.check_idle(id, now),
             }
         }
@@ -421,7 +448,7 @@ impl WatchThread {
             return;
         };
         let inflight = redirected.saturating_sub(written.saturating_sub(way.daemon_written));
-        let active_ways = 2 * self.flows.len() as u64;
+        let flows = self.flows.len() as u64;
         let flow = self.flows.get_mut(&id).expect("checked above");
         let way = &mut flow.ways[side];
         self.inflight_total = self.inflight_total.saturating_sub(way.inflight) + inflight;
@@ -432,6 +459,7 @@ impl WatchThread {
                 if inflight == 0 {
                     // The kernel's queue towards the peer is empty: the daemon may write now
                     // without overtaking anything.
+                    tracing::trace!(cookie = flow.spliced.cookies[side], "throttled: copying");
                     throttle.copying = true;
                     self.set_interest(id, side, libc::EPOLLIN as u32, true);
                     self.pump(id, side);
@@ -461,13 +489,18 @@ impl WatchThread {
             return self.schedule_poll(id, side);
         }
         way.over_since = None;
-        // Check again at half the limit: a peer that lags for a moment then still has room.
-        let share = self.limits.total.saturating_sub(self.inflight_total) / active_ways.max(1);
-        let step = (self.limits.per_flow / 2).min(share).max(MIN_SIGNAL_STEP);
+        // The hard limit: what the kernel may hold for this direction beyond what the peer has
+        // taken, an equal share of the total.
+        let grant = grant(&self.limits, flows);
         let delivered = redirected - inflight;
-        let signal_at = (delivered + step).max(redirected + MIN_SIGNAL_STEP);
-        if signal_at != way.entry.signal_at {
+        let hard_limit = delivered + grant;
+        // Signal halfway there, so a peer that keeps up gets its limit moved before reaching it;
+        // at least a burst's worth ahead, or the watcher would wake for ordinary bursts.
+        let step = (self.limits.per_flow / 2).min(grant / 2);
+        let signal_at = (delivered + step).max(redirected + MIN_SIGNAL_STEP.min(step));
+        if signal_at != way.entry.signal_at || hard_limit != way.entry.hard_limit {
             way.entry.signal_at = signal_at;
+            way.entry.hard_limit = hard_limit;
             let cookie = flow.spliced.cookies[side];
             let entry = way.entry;
             let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
@@ -556,6 +589,7 @@ impl WatchThread {
         self.counters.throttled_active.fetch_add(1, Relaxed);
         tracing::debug!(
             side = side_name(side),
+            cookie,
             inflight = way.inflight,
             "direction throttled"
         );
@@ -589,10 +623,12 @@ impl WatchThread {
         let mut peer_error = false;
         let mut finished = false;
         let mut source_empty = false;
+        let mut fin_early = false;
         {
             let Some(flow) = self.flows.get_mut(&id) else {
                 return;
             };
+            let cookie = flow.spliced.cookies[side];
             let [source, sink] = if side == CLIENT {
                 let [a, b] = &flow.spliced.sockets;
                 [a, b]
@@ -626,6 +662,21 @@ impl WatchThread {
                     break;
                 } else {
                     match (&*source).read(&mut throttle.buf) {
+                        // A read of 0 says the FIN is next in the socket's *message* queue; a
+                        // passed skb the kernel deferred (its own queue was busy) may still be on
+                        // its way there. TCP's count decides: everything before the FIN must have
+                        // been redirected or read.
+                        Ok(0)
+                            if !all_read_before_fin(
+                                source,
+                                cookie,
+                                &self.maps,
+                                way.daemon_read,
+                            ) =>
+                        {
+                            fin_early = true;
+                            break;
+                        }
                         Ok(0) => throttle.eof = true,
                         Ok(n) => {
                             throttle.start = 0;
@@ -647,6 +698,11 @@ impl WatchThread {
             }
         }
         self.set_interest(id, peer, libc::EPOLLOUT as u32, peer_blocked);
+        if fin_early {
+            // Look again shortly: the deferred skb's arrival may not raise another edge.
+            let at = Instant::now() + BACKOFF_START;
+            self.timers.push(Reverse((at, id, Timer::Pump(side))));
+        }
         if source_empty && !peer_blocked {
             self.try_return(id, side);
         }
@@ -709,6 +765,9 @@ impl WatchThread {
         // unless a skb was passed after the counters were read, which it then keeps passing.
         way.entry.throttled = throttle::RETURNING;
         way.entry.daemon_read = counters.passed_bytes;
+        // Nothing is in flight now; the check below sets the limit and signal point proper.
+        way.entry.hard_limit = counters.bytes + MIN_GRANT;
+        way.entry.signal_at = counters.bytes + MIN_GRANT / 2;
         let entry = way.entry;
         {
             let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
@@ -722,6 +781,7 @@ impl WatchThread {
         self.counters.throttled_active.fetch_sub(1, Relaxed);
         tracing::debug!(
             side = side_name(side),
+            cookie,
             "throttled direction handed back to the kernel"
         );
         self.set_interest(id, side, libc::EPOLLIN as u32, false);
@@ -899,12 +959,14 @@ impl WatchThread {
             return;
         };
         let spliced = flow.spliced;
+        tracing::trace!(cookies = ?spliced.cookies, ?reason, "spliced flow finished");
         for (side, socket) in spliced.sockets.iter().enumerate() {
             self.epoll.remove(socket.as_fd());
             self.by_cookie.remove(&spliced.cookies[side]);
         }
         for way in &flow.ways {
             self.inflight_total = self.inflight_total.saturating_sub(way.inflight);
+
             if way.throttle.is_some() {
                 self.counters.throttled_active.fetch_sub(1, Relaxed);
             }
@@ -931,6 +993,22 @@ impl WatchThread {
             reason,
         });
     }
+}
+
+/// Whether every byte socket `source` received before its FIN was either redirected by the
+/// program or read by the daemon (`daemon_read`): only then is a read of 0 the end of the stream.
+fn all_read_before_fin(
+    source: &TcpStream,
+    cookie: u64,
+    maps: &SharedMaps,
+    daemon_read: u64,
+) -> bool {
+    let redirected = {
+        let maps = maps.lock().unwrap_or_else(|p| p.into_inner());
+        super::flow_counters(&maps, cookie).bytes
+    };
+    tcp_bytes(source.as_fd())
+        .is_ok_and(|t| t.received.saturating_sub(1) <= redirected + daemon_read)
 }
 
 fn side_name(side: usize) -> &'static str {

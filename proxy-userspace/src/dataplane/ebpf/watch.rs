@@ -52,8 +52,9 @@ pub const MIN_GRANT: u64 = 16 * 1024;
 /// over it may go meanwhile.
 const OVER_LIMIT_GRACE: Duration = Duration::from_millis(20);
 const OVER_LIMIT_FACTOR: u64 = 8;
-/// The copy buffer of a throttled direction.
-const COPY_BUFFER: usize = 64 * 1024;
+/// Added to the largest receive buffer a socket can have when sizing the watcher's read buffer:
+/// room for the skbs that may arrive beyond it.
+const READ_BUFFER_SLACK: usize = 1024 * 1024;
 
 /// How far ahead of what its peer has taken a direction's hard limit is set when `flows` pairs
 /// are spliced: an equal share of `max_inflight_total`, never more than the per-flow limit's
@@ -104,9 +105,10 @@ enum Stage {
 struct Throttle {
     /// False while the kernel's queue towards the peer still holds redirected bytes.
     copying: bool,
-    buf: Box<[u8]>,
+    /// Bytes read from the source that the peer did not take yet (from `start`); empty, and
+    /// holding no memory, whenever the peer keeps up.
+    pending: Vec<u8>,
     start: usize,
-    end: usize,
     eof: bool,
 }
 
@@ -189,6 +191,7 @@ impl Watcher {
             timers: BinaryHeap::new(),
             next_id: 1,
             inflight_total: 0,
+            read_buf: Vec::new(),
         };
         std::thread::Builder::new()
             .name("mqs-splice-watch".into())
@@ -220,6 +223,8 @@ struct WatchThread {
     timers: BinaryHeap<Reverse<(Instant, u64, Timer)>>,
     next_id: u64,
     inflight_total: u64,
+    /// Read buffer of every throttled direction, allocated at the first throttle.
+    read_buf: Vec<u8>,
 }
 
 fn token(id: u64, side: usize) -> u64 {
@@ -269,6 +274,12 @@ impl WatchThread {
         let new: Vec<Spliced> =
             std::mem::take(&mut *self.inbox.lock().unwrap_or_else(|p| p.into_inner()));
         for spliced in new {
+            tracing::trace!(
+                cookies = ?spliced.cookies,
+                client = ?spliced.sockets[CLIENT].peer_addr().ok(),
+                broker_local = ?spliced.sockets[BROKER].local_addr().ok(),
+                "spliced flow registered"
+            );
             let id = self.next_id;
             self.next_id += 1;
             for side in [CLIENT, BROKER] {
@@ -459,7 +470,14 @@ impl WatchThread {
                 if inflight == 0 {
                     // The kernel's queue towards the peer is empty: the daemon may write now
                     // without overtaking anything.
-                    tracing::trace!(cookie = flow.spliced.cookies[side], "throttled: copying");
+                    tracing::trace!(
+                        cookie = flow.spliced.cookies[side],
+                        redirected,
+                        passed,
+                        written,
+                        daemon_written = way.daemon_written,
+                        "throttled: copying"
+                    );
                     throttle.copying = true;
                     self.set_interest(id, side, libc::EPOLLIN as u32, true);
                     self.pump(id, side);
@@ -579,9 +597,8 @@ impl WatchThread {
         let _ = set_rcvlowat(flow.spliced.sockets[side].as_fd(), 1);
         way.throttle = Some(Throttle {
             copying: false,
-            buf: vec![0u8; COPY_BUFFER].into_boxed_slice(),
+            pending: Vec::new(),
             start: 0,
-            end: 0,
             eof: false,
         });
         way.poll_backoff = BACKOFF_START;
@@ -640,12 +657,23 @@ impl WatchThread {
             let Some(throttle) = way.throttle.as_mut().filter(|t| t.copying) else {
                 return;
             };
+            // One read takes everything the socket holds: a read that stops inside one of the
+            // kernel's queued messages can return some of its bytes a second time later (seen
+            // on 6.18), so the buffer is larger than any socket's receive queue can grow.
+            if self.read_buf.is_empty() {
+                self.read_buf = vec![0u8; max_receive_queue() + READ_BUFFER_SLACK];
+            }
+            let read_buf = &mut self.read_buf;
             loop {
-                if throttle.start < throttle.end {
-                    match (&*sink).write(&throttle.buf[throttle.start..throttle.end]) {
+                if throttle.start < throttle.pending.len() {
+                    match (&*sink).write(&throttle.pending[throttle.start..]) {
                         Ok(n) => {
                             throttle.start += n;
                             way.daemon_written += n as u64;
+                            if throttle.start == throttle.pending.len() {
+                                throttle.pending = Vec::new();
+                                throttle.start = 0;
+                            }
                         }
                         Err(e) if e.kind() == ErrorKind::WouldBlock => {
                             peer_blocked = true;
@@ -661,7 +689,7 @@ impl WatchThread {
                     finished = true;
                     break;
                 } else {
-                    match (&*source).read(&mut throttle.buf) {
+                    match (&*source).read(read_buf) {
                         // A read of 0 says the FIN is next in the socket's *message* queue; a
                         // passed skb the kernel deferred (its own queue was busy) may still be on
                         // its way there. TCP's count decides: everything before the FIN must have
@@ -679,9 +707,30 @@ impl WatchThread {
                         }
                         Ok(0) => throttle.eof = true,
                         Ok(n) => {
-                            throttle.start = 0;
-                            throttle.end = n;
                             way.daemon_read += n as u64;
+                            // Straight into the peer; what it does not take now is kept.
+                            let mut done = 0;
+                            while done < n {
+                                match (&*sink).write(&read_buf[done..n]) {
+                                    Ok(k) => {
+                                        done += k;
+                                        way.daemon_written += k as u64;
+                                    }
+                                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                                    Err(_) => {
+                                        peer_error = true;
+                                        break;
+                                    }
+                                }
+                            }
+                            if done < n {
+                                throttle.pending = read_buf[done..n].to_vec();
+                                throttle.start = 0;
+                            }
+                            if peer_error {
+                                break;
+                            }
                         }
                         Err(e) if e.kind() == ErrorKind::WouldBlock => {
                             source_empty = true;
@@ -758,7 +807,7 @@ impl WatchThread {
         let Some(throttle) = way.throttle.as_ref() else {
             return;
         };
-        if received != counters.bytes + way.daemon_read || throttle.start != throttle.end {
+        if received != counters.bytes + way.daemon_read || !throttle.pending.is_empty() {
             return;
         }
         // RETURNING with every passed byte counted as read: the program redirects from now on,
@@ -879,7 +928,7 @@ impl WatchThread {
         let copied_out = way
             .throttle
             .as_ref()
-            .is_none_or(|t| t.eof && t.start == t.end);
+            .is_none_or(|t| t.eof && t.pending.is_empty());
         let drained = copied_out
             && tcp_bytes(flow.spliced.sockets[side].as_fd()).is_ok_and(|mine| {
                 let fin = u64::from(way.stage != Stage::Open);
@@ -993,6 +1042,19 @@ impl WatchThread {
             reason,
         });
     }
+}
+
+/// The most a socket's receive queue can hold: TCP's autotuning maximum, or twice
+/// `net.core.rmem_max` (what `SO_RCVBUF` may set), whichever is larger.
+fn max_receive_queue() -> usize {
+    let read = |path: &str, field: usize| {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(field)?.parse::<usize>().ok())
+    };
+    let tcp_max = read("/proc/sys/net/ipv4/tcp_rmem", 2).unwrap_or(6 * 1024 * 1024);
+    let core_max = read("/proc/sys/net/core/rmem_max", 0).unwrap_or(0);
+    tcp_max.max(2 * core_max)
 }
 
 /// Whether every byte socket `source` received before its FIN was either redirected by the

@@ -1,5 +1,6 @@
 //! One client connection from accept to close, top to bottom in [`serve`].
 
+mod identity;
 mod read_connect;
 mod refuse;
 
@@ -46,8 +47,28 @@ pub async fn serve(
             })
         };
 
-    // 0. The layer the listener's kind puts between TCP and MQTT (none on `tcp`).
-    let mut client = ClientStream::Tcp(tcp);
+    // 0. The layer the listener's kind puts between TCP and MQTT (none on `tcp`): a TLS
+    //    handshake, within connect_packet_timeout, counted by outcome.
+    let mut identity = None;
+    let mut client = match &ctx.tls {
+        None => ClientStream::Tcp(tcp),
+        Some(tls) => match tls.accept(tcp, ctx.config.connect_packet_timeout).await {
+            Ok(stream) => {
+                identity = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| c.to_vec());
+                ClientStream::Layered(Box::new(stream))
+            }
+            Err(failure) => {
+                tracing::debug!(client = %peer, "TLS handshake failed: {}", failure.as_str());
+                ctx.count(|c| c.reject(RejectReason::TlsHandshake));
+                return log(None, None, None, RejectReason::TlsHandshake.as_str());
+            }
+        },
+    };
 
     // 1. Read one complete CONNECT, within connect_packet_timeout: consumed for the userspace
     //    path (`packet` holds its bytes), or only peeked for the splice (`packet` is None).
@@ -85,6 +106,18 @@ pub async fn serve(
             )
             .await;
             return log(None, None, None, RejectReason::ConnectTimeout.as_str());
+        }
+    };
+    // 1b. The certificate's identity in place of the client's, when the listener says so.
+    let version = connect.version;
+    let (packet, connect) = match identity::apply(&ctx.config, identity.as_deref(), packet, connect)
+    {
+        Ok(rewritten) => rewritten,
+        Err(error) => {
+            tracing::info!(client = %peer, "refused: {error}");
+            let connack = mqtt::not_authorized(version);
+            refuse::refuse(&ctx, client, RejectReason::CertIdentity, Some(connack)).await;
+            return log(None, None, None, RejectReason::CertIdentity.as_str());
         }
     };
     let client_id = Some(connect.client_id.as_str());

@@ -58,7 +58,16 @@ fn main() -> ExitCode {
 
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
-            Ok(_) => {
+            Ok(loaded) => {
+                // The files a tls listener names must be readable and fit together too.
+                for listener in &loaded.listeners {
+                    if let Some(tls) = &listener.tls
+                        && let Err(e) = mqsplice::tls::ServerTls::new(tls, &[])
+                    {
+                        eprintln!("mqsplice: listener {:?}: {e:#}", listener.name);
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                }
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
             }
@@ -96,10 +105,22 @@ fn main() -> ExitCode {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let running = mqsplice::start(config).await?;
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
-        _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); break }
+            _ = terminate.recv() => { tracing::info!("SIGTERM: stopping"); break }
+            _ = hangup.recv() => {
+                for (listener, result) in running.reload_tls() {
+                    match result {
+                        Ok(()) => tracing::info!(%listener, "SIGHUP: TLS certificate, key and CAs reloaded"),
+                        Err(e) => tracing::error!(%listener, "SIGHUP: TLS files not reloaded, keeping the old ones: {e:#}"),
+                    }
+                }
+            }
+        }
     }
     running.shutdown();
     Ok(())

@@ -119,4 +119,23 @@ pub struct RawListener {
     pub tcp_nodelay: Option<Spanned<bool>>,
     pub buffer_size: Option<Spanned<NumOrStr>>,
     pub max_connections: Option<Spanned<i64>>,
+    pub tls: Option<Spanned<RawTls>>,
+    pub rewrite_client_id: Option<Spanned<String>>,
+    pub rewrite_username: Option<Spanned<String>>,
+}
+
+/// A listener's `tls = { ... }` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+    pub client_ca: Option<Spanned<String>>,
+    pub verify_client: Option<Spanned<String>>,
+    pub verify_depth: Option<Spanned<i64>>,
+    pub protocols: Option<Spanned<Vec<String>>>,
+    pub ciphers: Option<Spanned<super::tls::CiphersValue>>,
+    pub session_cache: Option<Spanned<NumOrStr>>,
+    pub session_timeout: Option<Spanned<NumOrStr>>,
+    pub alpn: Option<Spanned<Vec<String>>>,
 }

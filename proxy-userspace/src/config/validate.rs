@@ -513,13 +513,16 @@ fn listener(raw: &RawListener, path: &str) -> Result<ListenerConfig, Invalid> {
     })
 }
 
+/// A listener's `tls` table, `rewrite_client_id` and `rewrite_username`.
+type ListenerTls = (Option<TlsConfig>, Option<CertField>, Option<CertField>);
+
 /// A listener's `tls` table and rewrite keys, which only a TLS listener with client
 /// certificates can have.
 fn listener_tls(
     raw: &RawListener,
     path: &str,
     kind: ListenerKind,
-) -> Result<(Option<TlsConfig>, Option<CertField>, Option<CertField>), Invalid> {
+) -> Result<ListenerTls, Invalid> {
     let tls = match (&raw.tls, kind) {
         (Some(table), ListenerKind::Tls) => {
             Some(tls_table(table.get_ref(), &format!("{path}.tls"))?)

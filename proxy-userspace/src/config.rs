@@ -13,7 +13,7 @@ pub mod tls;
 pub mod units;
 mod validate;
 
-pub use tls::{CertField, TlsConfig, TlsVersion, VerifyClient};
+pub use tls::{CertField, TlsConfig, TlsVersion, UpstreamTlsConfig, VerifyClient};
 
 pub use validate::{
     DEFAULT_BPFFS_PIN, DEFAULT_BUFFER_SIZE, DEFAULT_CLOSE_DRAIN_TIMEOUT,
@@ -158,6 +158,8 @@ pub struct UpstreamConfig {
     pub resolve_interval: Duration,
     /// At least one.
     pub servers: Vec<ServerConfig>,
+    /// `upstream_tls`: TLS from mqsplice to the brokers; `None` is plain TCP.
+    pub tls: Option<UpstreamTlsConfig>,
 }
 
 /// What a listener speaks.
@@ -456,6 +458,7 @@ upstream = "emqx"
                         ..server("127.0.0.1:18833")
                     },
                 ],
+                tls: None,
             }],
             listeners: vec![ListenerConfig {
                 name: "mqtt".into(),
@@ -500,6 +503,7 @@ upstream = "emqx"
                 connect_timeout: secs(60),
                 resolve_interval: secs(30),
                 servers: vec![server("127.0.0.1:1883")],
+                tls: None,
             }],
             listeners: vec![ListenerConfig {
                 name: "mqtt".into(),
@@ -943,6 +947,33 @@ upstream = "emqx"
             "listener[0].tls.verfy_client",
             7,
             "unknown field `verfy_client`",
+        );
+    }
+
+    #[test]
+    fn upstream_tls_table() {
+        let config = Config::from_toml_str(&upstream_with(
+            "upstream_tls = { ca = \"brokers-ca.pem\", server_name = \"emqx.internal\" }",
+        ))
+        .unwrap();
+        assert_eq!(
+            config.upstreams[0].tls,
+            Some(UpstreamTlsConfig {
+                ca: "brokers-ca.pem".into(),
+                server_name: Some("emqx.internal".into()),
+            })
+        );
+        assert_err(
+            &upstream_with("upstream_tls = { server_name = \"emqx.internal\" }"),
+            "upstream[0].upstream_tls.ca",
+            3,
+            "missing field `ca`",
+        );
+        assert_err(
+            &upstream_with("upstream_tls = { ca = \"ca.pem\", server_name = \"not a name\" }"),
+            "upstream[0].upstream_tls.server_name",
+            3,
+            "not a valid DNS name or IP address",
         );
     }
 

@@ -144,31 +144,63 @@ pub async fn serve(
     });
     server.total.fetch_add(1, Relaxed);
 
-    // 3. The PROXY header (if on) and, when it was consumed, the CONNECT, unchanged.
+    // 3. The PROXY header (if on), then TLS to the broker (if `upstream_tls`), then the CONNECT
+    //    when it was consumed. Without TLS both go in one write.
     let mut preamble = proxy_protocol::header(ctx.upstream.config.proxy_protocol, peer, local);
     let broker_preamble_len = preamble.len() as u64;
     let consumed = packet.as_ref().map_or(0, |p| p.len() as u64);
-    if let Some(packet) = &packet {
-        preamble.extend_from_slice(packet);
-    }
-    if !preamble.is_empty()
-        && let Err(error) = broker.stream.write_all(&preamble).await
-    {
-        tracing::warn!(client = %peer, broker = ?broker_addr, "writing the CONNECT failed: {error}");
-        return log(
+    let broker_error = |what: &str, error: std::io::Error| {
+        tracing::warn!(client = %peer, broker = ?broker_addr, "{what} failed: {error}");
+        log(
             client_id,
             broker_addr,
             None,
             CloseReason::BrokerError.as_str(),
-        );
-    }
+        )
+    };
+    let broker_stream = match &ctx.upstream.tls {
+        None => {
+            if let Some(packet) = &packet {
+                preamble.extend_from_slice(packet);
+            }
+            if !preamble.is_empty()
+                && let Err(error) = broker.stream.write_all(&preamble).await
+            {
+                return broker_error("writing the CONNECT", error);
+            }
+            ClientStream::Tcp(broker.stream)
+        }
+        Some(tls) => {
+            if !preamble.is_empty()
+                && let Err(error) = broker.stream.write_all(&preamble).await
+            {
+                return broker_error("writing the PROXY header", error);
+            }
+            let handshake = tokio::time::timeout(
+                ctx.upstream.config.connect_timeout,
+                tls.connect(broker.stream, &server.config.addr),
+            )
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+            let mut stream = match handshake {
+                Ok(stream) => ClientStream::Layered(Box::new(stream)),
+                Err(error) => return broker_error("the TLS handshake with the broker", error),
+            };
+            if let Some(packet) = &packet
+                && let Err(error) = stream.write_all(packet).await
+            {
+                return broker_error("writing the CONNECT", error);
+            }
+            stream
+        }
+    };
     server.bytes.add(Direction::ToBroker, consumed);
     ctx.bytes.add(Direction::ToBroker, consumed);
 
     // 4. Hand the pair to the data plane until both sides are done.
     let flow = Flow {
         client,
-        broker: broker.stream,
+        broker: broker_stream,
         idle_timeout: ctx.config.idle_timeout,
         buffer_size: ctx.config.buffer_size,
         meters: vec![Arc::clone(&ctx.bytes), Arc::clone(&server.bytes)],

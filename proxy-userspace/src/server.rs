@@ -5,7 +5,7 @@ use crate::config::{Config, DataplaneConfig, DataplaneMode, ListenerKind};
 use crate::dataplane::{DataPlane, EbpfSplice, UserspaceCopy};
 use crate::listener::{ListenerContext, accept_loop};
 use crate::stats::{ConnectionCounters, serve_stats};
-use crate::tls::{DEFAULT_ALPN_MQTT, ServerTls};
+use crate::tls::{DEFAULT_ALPN_MQTT, ServerTls, UpstreamTls};
 use crate::upstream::{Resolve, SystemResolver, Upstream};
 use anyhow::{Context, bail};
 use serde_json::{Map, Value, json};
@@ -110,10 +110,14 @@ pub async fn start_with(config: Config, options: Options) -> anyhow::Result<Runn
 
     let mut upstreams: Vec<Arc<Upstream>> = Vec::new();
     for upstream_config in &config.upstreams {
-        let upstream = Arc::new(Upstream::new(
-            upstream_config.clone(),
-            options.resolver.clone(),
-        ));
+        let mut upstream = Upstream::new(upstream_config.clone(), options.resolver.clone());
+        if let Some(tls) = &upstream_config.tls {
+            upstream.tls =
+                Some(UpstreamTls::new(tls).with_context(|| {
+                    format!("upstream {:?}: upstream_tls", upstream_config.name)
+                })?);
+        }
+        let upstream = Arc::new(upstream);
         upstream.resolve_all().await;
         tasks.push(tokio::spawn(upstream.clone().keep_resolving()));
         upstreams.push(upstream);
@@ -152,10 +156,11 @@ pub async fn start_with(config: Config, options: Options) -> anyhow::Result<Runn
             }
             _ => None,
         };
-        // Nothing below TLS can be spliced: the kernel here has no kTLS.
-        let plane: Arc<dyn DataPlane> = match tls {
-            Some(_) => Arc::new(UserspaceCopy),
-            None => dataplane.plane.clone(),
+        // Nothing below TLS can be spliced, on either side: the kernel here has no kTLS.
+        let plane: Arc<dyn DataPlane> = if tls.is_some() || upstream.tls.is_some() {
+            Arc::new(UserspaceCopy)
+        } else {
+            dataplane.plane.clone()
         };
         tracing::info!(listener = %listener_config.name, %addr, upstream = %upstream.config.name, "listening");
         let ctx = Arc::new(ListenerContext {

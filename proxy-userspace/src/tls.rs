@@ -6,10 +6,12 @@ mod identity;
 mod load;
 mod resume;
 mod stats;
+mod upstream;
 mod verify;
 
 pub use identity::{IdentityError, cert_field};
 pub use stats::{HandshakeFailure, TlsStats};
+pub use upstream::UpstreamTls;
 pub use verify::ChainTooLong;
 
 use crate::config::{TlsConfig, TlsVersion, VerifyClient};

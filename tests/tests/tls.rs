@@ -514,3 +514,75 @@ async fn sighup_serves_a_new_certificate_and_keeps_established_connections() {
     assert_eq!(json["listeners"]["mqtts"]["tls"]["reloads"], 1);
     daemon.terminate();
 }
+
+#[tokio::test]
+async fn upstream_tls_speaks_tls_to_the_broker_after_a_plain_proxy_header() {
+    let pki = Pki::new();
+    let broker = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let broker_addr = broker.local_addr().unwrap();
+    let server_config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(pki.server.full_chain(), pki.server.key_der())
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+    let text = format!(
+        r#"
+[stats]
+listen = "off"
+[log]
+access = "off"
+[[upstream]]
+name = "brokers"
+servers = [{{ addr = "{broker_addr}" }}]
+proxy_protocol = "v1"
+upstream_tls = {{ ca = "{ca}", server_name = "localhost" }}
+[[listener]]
+name = "mqtt"
+kind = "tcp"
+listen = "127.0.0.1:0"
+upstream = "brokers"
+"#,
+        ca = pki.ca_path.display()
+    );
+    let running = mqsplice_tests::proxy::start(&text).await;
+    let addr = running.listener_addr("mqtt").unwrap();
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    let connect = connect_v311("to-a-tls-broker");
+    client.write_all(&connect).await.unwrap();
+
+    let (mut tcp, _) = tokio::time::timeout(WAIT, broker.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    // The PROXY header comes in the clear, before the handshake, as brokers expect it.
+    let mut header = Vec::new();
+    while !header.ends_with(b"\r\n") {
+        let mut byte = [0u8; 1];
+        tcp.read_exact(&mut byte).await.unwrap();
+        header.push(byte[0]);
+    }
+    assert!(header.starts_with(b"PROXY TCP4 127.0.0.1 "), "{header:?}");
+    let mut tls = tokio::time::timeout(WAIT, acceptor.accept(tcp))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut got = vec![0u8; connect.len()];
+    tls.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, connect);
+    tls.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(WAIT, client.read_exact(&mut connack))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    assert_eq!(
+        running.stats()["listeners"]["mqtt"]["data_path"],
+        "userspace"
+    );
+}

@@ -91,6 +91,15 @@ pub struct RawUpstream {
     pub connect_timeout: Option<Spanned<NumOrStr>>,
     pub resolve_interval: Option<Spanned<NumOrStr>>,
     pub servers: Option<Spanned<Vec<RawServer>>>,
+    pub upstream_tls: Option<Spanned<RawUpstreamTls>>,
+}
+
+/// An upstream's `upstream_tls = { ca, server_name }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamTls {
+    pub ca: Spanned<String>,
+    pub server_name: Option<Spanned<String>>,
 }
 
 /// One `servers[]` entry.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::raw::{NumOrStr, RawTls};
+use super::raw::{NumOrStr, RawTls, RawUpstreamTls};
 use super::validate::{Invalid, field, positive_duration, required};
 
 /// Default of `tls.verify_depth` (NGINX's `ssl_verify_depth`).
@@ -86,6 +86,35 @@ pub struct TlsConfig {
     pub session_timeout: Duration,
     /// ALPN protocol names; `None` takes the listener kind's default, an empty list turns it off.
     pub alpn: Option<Vec<String>>,
+}
+
+/// An upstream's `upstream_tls`: mqsplice connects to its brokers with TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTlsConfig {
+    /// PEM trust anchors the brokers' certificates must chain to.
+    pub ca: PathBuf,
+    /// The name the brokers' certificates must carry; the host of each server's `addr` when absent.
+    pub server_name: Option<String>,
+}
+
+/// A name a broker certificate is checked against: a DNS name or an IP address.
+pub fn server_name_value(value: &str) -> Result<String, String> {
+    rustls_pki_types::ServerName::try_from(value)
+        .map(|_| value.to_owned())
+        .map_err(|_| format!("{value:?} is not a valid DNS name or IP address"))
+}
+
+/// Validates an upstream's `upstream_tls` table found at `path`.
+pub fn upstream_tls_table(raw: &RawUpstreamTls, path: &str) -> Result<UpstreamTlsConfig, Invalid> {
+    Ok(UpstreamTlsConfig {
+        ca: required(&raw.ca, &format!("{path}.ca"), non_empty_path)?,
+        server_name: field(
+            &raw.server_name,
+            &format!("{path}.server_name"),
+            None,
+            |n| server_name_value(n).map(Some),
+        )?,
+    })
 }
 
 /// `tls.verify_client`.

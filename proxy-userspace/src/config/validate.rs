@@ -10,7 +10,7 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::raw::{NumOrStr, RawConfig, RawListener, RawServer, RawUpstream};
-use super::tls::{parse_cert_field, tls_table};
+use super::tls::{parse_cert_field, tls_table, upstream_tls_table};
 use super::units::{parse_duration, parse_size};
 use super::{
     AccessLog, BalanceMethod, CertField, Config, DataplaneConfig, DataplaneMode, ListenerConfig,
@@ -439,6 +439,11 @@ fn upstream(raw: &RawUpstream, path: &str) -> Result<UpstreamConfig, Invalid> {
             format!("every server of upstream {name:?} is a backup; at least one must be primary"),
         ));
     }
+    let tls = raw
+        .upstream_tls
+        .as_ref()
+        .map(|t| upstream_tls_table(t.get_ref(), &format!("{path}.upstream_tls")))
+        .transpose()?;
     Ok(UpstreamConfig {
         name,
         balance,
@@ -446,6 +451,7 @@ fn upstream(raw: &RawUpstream, path: &str) -> Result<UpstreamConfig, Invalid> {
         connect_timeout,
         resolve_interval,
         servers,
+        tls,
     })
 }
 
@@ -518,11 +524,7 @@ type ListenerTls = (Option<TlsConfig>, Option<CertField>, Option<CertField>);
 
 /// A listener's `tls` table and rewrite keys, which only a TLS listener with client
 /// certificates can have.
-fn listener_tls(
-    raw: &RawListener,
-    path: &str,
-    kind: ListenerKind,
-) -> Result<ListenerTls, Invalid> {
+fn listener_tls(raw: &RawListener, path: &str, kind: ListenerKind) -> Result<ListenerTls, Invalid> {
     let tls = match (&raw.tls, kind) {
         (Some(table), ListenerKind::Tls) => {
             Some(tls_table(table.get_ref(), &format!("{path}.tls"))?)

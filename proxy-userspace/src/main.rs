@@ -31,6 +31,10 @@ enum Command {
         /// Path of the TOML configuration file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Runtime worker threads (default: one per CPU the process may run on); 1 pins the
+        /// whole data path to one core, as NGINX's `worker_processes 1` does.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        worker_threads: Option<u16>,
     },
     /// Validate a configuration file and exit (0 when valid).
     Check {
@@ -76,7 +80,10 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Run { config } => {
+        Command::Run {
+            config,
+            worker_threads,
+        } => {
             let config = match Config::load(&config) {
                 Ok(config) => config,
                 Err(e) => {
@@ -85,7 +92,12 @@ fn main() -> ExitCode {
                 }
             };
             raise_open_file_limit();
-            let runtime = match tokio::runtime::Runtime::new() {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.enable_all();
+            if let Some(n) = worker_threads {
+                builder.worker_threads(usize::from(n));
+            }
+            let runtime = match builder.build() {
                 Ok(runtime) => runtime,
                 Err(e) => {
                     eprintln!("mqsplice: cannot start the runtime: {e}");

@@ -586,3 +586,37 @@ upstream = "brokers"
         "userspace"
     );
 }
+
+#[tokio::test]
+async fn a_resumed_session_keeps_its_client_certificate_for_the_rewrite() {
+    let pki = Pki::new();
+    let client = pki.client(&Spec {
+        serial: Some(&[0x01, 0x02, 0x03]),
+        ..Spec::leaf("device")
+    });
+    let mut backend = Backend::start().await;
+    let (running, addr) = start(&config(
+        &pki,
+        backend.addr,
+        REQUIRED,
+        "rewrite_client_id = \"cert_serial\"",
+    ))
+    .await;
+    let config = pki.client_config(Some(&client));
+    for attempt in 0..2 {
+        let mut tls = tls_connect(addr, config.clone()).await.unwrap();
+        let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        assert_eq!(resumed, attempt == 1);
+        tls.write_all(&connect_v311("claimed")).await.unwrap();
+        let mut conn = backend.next(WAIT).await;
+        let mut got = vec![0u8; connect_v311("010203").len()];
+        conn.read_exact(&mut got).await.unwrap();
+        assert_eq!(parse_connect(&got).unwrap().client_id, "010203");
+        // A CONNACK from the "broker", so the client reads the TLS 1.3 tickets behind it.
+        conn.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
+        let mut connack = [0u8; 4];
+        tls.read_exact(&mut connack).await.unwrap();
+        tls.shutdown().await.unwrap();
+    }
+    assert_eq!(tls_stats(&running)["resumed"], 1);
+}

@@ -12,7 +12,7 @@
 //!
 //! Flags: `--rounds N`, `--round-trips N`, `--stream-ms N`, `--window N`,
 //! `--conns N`, `--paths a,b,…`, `--quick`. `--tls` runs the TLS benchmark instead (see
-//! [`tls`]), with `--tls-seconds N`, `--tls-clients N`, `--tls-mib N`.
+//! [`tls`]), with `--tls-rounds N`, `--tls-seconds N`, `--tls-clients N`, `--tls-mib N`.
 
 mod broker;
 mod load;
@@ -89,19 +89,22 @@ impl Args {
                 }
                 "--tls" => {
                     args.tls.get_or_insert(tls::TlsArgs {
+                        rounds: 3,
                         seconds: Duration::from_secs(5),
                         clients: 16,
                         mib: 1024,
                     });
                 }
-                "--tls-seconds" | "--tls-clients" | "--tls-mib" => {
+                "--tls-rounds" | "--tls-seconds" | "--tls-clients" | "--tls-mib" => {
                     let n = value(&flag)?;
                     let t = args.tls.get_or_insert(tls::TlsArgs {
+                        rounds: 3,
                         seconds: Duration::from_secs(5),
                         clients: 16,
                         mib: 1024,
                     });
                     match flag.as_str() {
+                        "--tls-rounds" => t.rounds = n as usize,
                         "--tls-seconds" => t.seconds = Duration::from_secs(n),
                         "--tls-clients" => t.clients = n as usize,
                         _ => t.mib = n as usize,
@@ -116,7 +119,7 @@ impl Args {
                 "-h" | "--help" => {
                     println!(
                         "usage: bench [--rounds N] [--round-trips N] [--stream-ms N] [--window N] [--conns N] [--paths a,b] [--quick]\n\
-                         \x20      bench --tls [--tls-seconds N] [--tls-clients N] [--tls-mib N]\n\
+                         \x20      bench --tls [--tls-rounds N] [--tls-seconds N] [--tls-clients N] [--tls-mib N]\n\
                          paths: {}\n(MQSPLICE_BIN must name the built mqsplice)",
                         PathKind::ALL.map(|k| k.name()).join(",")
                     );

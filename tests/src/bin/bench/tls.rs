@@ -36,9 +36,10 @@ const BUSY_FLOOR: f64 = 0.95;
 /// Time before each measurement in which the load runs unmeasured.
 const WARMUP: Duration = Duration::from_millis(500);
 
-/// `--tls-seconds`, `--tls-clients`, `--tls-mib`.
+/// `--tls-rounds`, `--tls-seconds`, `--tls-clients`, `--tls-mib`.
 #[derive(Debug, Clone)]
 pub struct TlsArgs {
+    pub rounds: usize,
     pub seconds: Duration,
     pub clients: usize,
     pub mib: usize,
@@ -507,7 +508,48 @@ fn pin_to(cpu: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the whole TLS benchmark and prints its table; the JSON goes to `out`.
+/// The median of `values` (the upper one of an even count).
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// One measurement of a server with a certificate: handshakes and throughput.
+#[derive(Debug, Clone, Default)]
+struct Round {
+    /// Per mode (full, resumed): handshakes, resumed, server CPU ns, wall ns.
+    handshakes: Vec<(u64, u64, u64, u64)>,
+    /// MB/s, server CPU ns, wall ns, bytes.
+    throughput: (f64, u64, u64, u64),
+}
+
+fn measure(
+    tools: &Tools,
+    args: &TlsArgs,
+    name: &str,
+    cert: &Path,
+    key: &Path,
+) -> anyhow::Result<Round> {
+    let server = match name {
+        "mqsplice" => start_mqsplice(tools, cert, key)?,
+        _ => start_nginx(
+            tools.nginx.as_ref().context("nginx not available")?,
+            cert,
+            key,
+        )?,
+    };
+    let mut round = Round::default();
+    for resume in [false, true] {
+        round
+            .handshakes
+            .push(handshake_load(&server, resume, args.clients, args.seconds)?);
+    }
+    round.throughput = throughput(&server, args.mib)?;
+    Ok(round)
+}
+
+/// Runs the whole TLS benchmark (`rounds` interleaved rounds, a fresh server each time, medians)
+/// and prints its tables; the JSON goes to `out`.
 pub fn run(tools: &Tools, args: &TlsArgs, out: &Path) -> anyhow::Result<()> {
     if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
         bail!("the TLS bench needs two CPUs (server on CPU 0, load on CPU 1)");
@@ -515,40 +557,71 @@ pub fn run(tools: &Tools, args: &TlsArgs, out: &Path) -> anyhow::Result<()> {
     pin_to(1)?;
     let dir = std::env::temp_dir().join(format!("mqsplice-bench-tls-pki-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    let mut servers: Vec<&'static str> = vec!["mqsplice"];
+    if tools.nginx.is_some() {
+        servers.push("nginx");
+    }
     let mut rows: Vec<Value> = Vec::new();
     let mut table = String::from(
-        "| server | certificate | handshake | server CPU µs/session start | server core busy | handshakes/s | resumed |\n|---|---|---|---:|---:|---:|---:|\n",
+        "| server | certificate | handshake | server CPU µs/session start | server core busy | sessions/s | resumed |\n|---|---|---|---:|---:|---:|---:|\n",
     );
     let mut throughput_table = String::from(
         "| server | certificate | MB/s each way | server CPU s/GB | server core busy |\n|---|---|---:|---:|---:|\n",
     );
     for kind in [KeyKind::EcdsaP256, KeyKind::Rsa2048] {
         let (cert, key) = write_certificate(&dir, kind)?;
-        let mut servers: Vec<&'static str> = vec!["mqsplice"];
-        if tools.nginx.is_some() {
-            servers.push("nginx");
-        }
-        for name in servers {
-            let server = match name {
-                "mqsplice" => start_mqsplice(tools, &cert, &key)?,
-                _ => start_nginx(tools.nginx.as_ref().expect("checked"), &cert, &key)?,
-            };
-            for (mode, resume) in [("full", false), ("resumed", true)] {
-                let (n, resumed, cpu_ns, wall_ns) =
-                    handshake_load(&server, resume, args.clients, args.seconds)?;
-                let per = cpu_ns as f64 / n.max(1) as f64 / 1e3;
-                let busy = cpu_ns as f64 / wall_ns as f64;
-                let rate = n as f64 / (wall_ns as f64 / 1e9);
-                let shown_rate = if busy >= BUSY_FLOOR {
-                    format!("{rate:.0}")
-                } else {
-                    format!("– (core {:.0}% busy)", busy * 100.0)
-                };
+        let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); servers.len()];
+        for r in 0..args.rounds {
+            // Alternate which server goes first, so neither always runs on a warmer machine.
+            for i in 0..servers.len() {
+                let at = (i + r) % servers.len();
+                let name = servers[at];
+                let round = measure(tools, args, name, &cert, &key)
+                    .with_context(|| format!("{name} {} round {}", kind.name(), r + 1))?;
+                let (n, _, cpu, _) = round.handshakes[0];
                 eprintln!(
-                    "{name} {} {mode}: {n} handshakes ({resumed} resumed), {per:.1} µs CPU each, core {:.0}% busy, {rate:.0}/s",
+                    "round {}/{} {name} {}: full {:.1} µs/session, resumed {:.1} µs/session, {:.0} MB/s",
+                    r + 1,
+                    args.rounds,
                     kind.name(),
-                    busy * 100.0
+                    cpu as f64 / n.max(1) as f64 / 1e3,
+                    {
+                        let (n, _, cpu, _) = round.handshakes[1];
+                        cpu as f64 / n.max(1) as f64 / 1e3
+                    },
+                    round.throughput.0
                 );
+                rounds[at].push(round);
+            }
+        }
+        for (name, rounds) in servers.iter().zip(&rounds) {
+            for (m, mode) in ["full", "resumed"].into_iter().enumerate() {
+                let samples: Vec<(u64, u64, u64, u64)> =
+                    rounds.iter().map(|r| r.handshakes[m]).collect();
+                let per = median(
+                    &mut samples
+                        .iter()
+                        .map(|(n, _, cpu, _)| *cpu as f64 / (*n).max(1) as f64 / 1e3)
+                        .collect::<Vec<_>>(),
+                );
+                let busy = median(
+                    &mut samples
+                        .iter()
+                        .map(|(_, _, cpu, wall)| *cpu as f64 / *wall as f64)
+                        .collect::<Vec<_>>(),
+                );
+                // A rate only from rounds whose server core was busy enough.
+                let mut rates: Vec<f64> = samples
+                    .iter()
+                    .filter(|(_, _, cpu, wall)| *cpu as f64 / *wall as f64 >= BUSY_FLOOR)
+                    .map(|(n, _, _, wall)| *n as f64 / (*wall as f64 / 1e9))
+                    .collect();
+                let rate = (!rates.is_empty()).then(|| median(&mut rates));
+                let shown_rate = rate.map_or_else(
+                    || format!("– (core {:.0}% busy)", busy * 100.0),
+                    |r| format!("{r:.0}"),
+                );
+                let (n, resumed) = samples.iter().fold((0, 0), |(n, r), s| (n + s.0, r + s.1));
                 table.push_str(&format!(
                     "| {name} | {} | {mode} | {per:.1} | {:.0}% | {shown_rate} | {resumed}/{n} |\n",
                     kind.name(),
@@ -556,18 +629,25 @@ pub fn run(tools: &Tools, args: &TlsArgs, out: &Path) -> anyhow::Result<()> {
                 ));
                 rows.push(json!({
                     "server": name, "certificate": kind.name(), "handshake": mode,
-                    "handshakes": n, "resumed": resumed, "server_cpu_ns": cpu_ns,
-                    "wall_ns": wall_ns, "cpu_us_per_handshake": per, "busy": busy,
-                    "rate_per_s": (busy >= BUSY_FLOOR).then_some(rate),
+                    "cpu_us_per_session_start": per, "busy": busy, "rate_per_s": rate,
+                    "sessions": n, "resumed": resumed,
+                    "samples": samples.iter().map(|s| json!({
+                        "sessions": s.0, "resumed": s.1, "server_cpu_ns": s.2, "wall_ns": s.3
+                    })).collect::<Vec<_>>(),
                 }));
             }
-            let (mb_s, cpu_ns, wall_ns, bytes) = throughput(&server, args.mib)?;
-            let s_per_gb = cpu_ns as f64 / 1e9 / (bytes as f64 / 1e9);
-            let busy = cpu_ns as f64 / wall_ns as f64;
-            eprintln!(
-                "{name} {} throughput: {mb_s:.0} MB/s each way, {s_per_gb:.2} s/GB, core {:.0}% busy",
-                kind.name(),
-                busy * 100.0
+            let mb_s = median(&mut rounds.iter().map(|r| r.throughput.0).collect::<Vec<_>>());
+            let s_per_gb = median(
+                &mut rounds
+                    .iter()
+                    .map(|r| r.throughput.1 as f64 / r.throughput.3 as f64)
+                    .collect::<Vec<_>>(),
+            );
+            let busy = median(
+                &mut rounds
+                    .iter()
+                    .map(|r| r.throughput.1 as f64 / r.throughput.2 as f64)
+                    .collect::<Vec<_>>(),
             );
             throughput_table.push_str(&format!(
                 "| {name} | {} | {mb_s:.0} | {s_per_gb:.2} | {:.0}% |\n",
@@ -576,13 +656,14 @@ pub fn run(tools: &Tools, args: &TlsArgs, out: &Path) -> anyhow::Result<()> {
             ));
             rows.push(json!({
                 "server": name, "certificate": kind.name(), "throughput_mb_s": mb_s,
-                "server_cpu_s_per_gb": s_per_gb, "busy": busy, "bytes": bytes,
+                "server_cpu_s_per_gb": s_per_gb, "busy": busy,
             }));
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
     println!(
-        "## TLS ({} s per handshake measurement, {} client threads on CPU 1, server on CPU 0; TLS 1.3, X25519)\n\n{table}\n{throughput_table}",
+        "## TLS (medians of {} rounds; {} s per handshake measurement, {} client threads on CPU 1, server on CPU 0 with one worker; TLS 1.3, X25519)\n\n{table}\n{throughput_table}",
+        args.rounds,
         args.seconds.as_secs_f64(),
         args.clients
     );

@@ -54,12 +54,15 @@ pub async fn serve(
         None => ClientStream::Tcp(tcp),
         Some(tls) => match tls.accept(tcp, ctx.config.connect_packet_timeout).await {
             Ok(stream) => {
-                identity = stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .map(|c| c.to_vec());
+                // Copied only when a rewrite will read it.
+                if ctx.config.rewrite_client_id.is_some() || ctx.config.rewrite_username.is_some() {
+                    identity = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| c.to_vec());
+                }
                 ClientStream::Layered(Box::new(stream))
             }
             Err(failure) => {

@@ -125,7 +125,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); break }
             _ = terminate.recv() => { tracing::info!("SIGTERM: stopping"); break }
             _ = hangup.recv() => {
-                for (listener, result) in running.reload_tls() {
+                let reloaded = running.reload_tls();
+                if reloaded.is_empty() {
+                    tracing::info!("SIGHUP: no TLS listener, nothing to reload");
+                }
+                for (listener, result) in reloaded {
                     match result {
                         Ok(()) => tracing::info!(%listener, "SIGHUP: TLS certificate, key and CAs reloaded"),
                         Err(e) => tracing::error!(%listener, "SIGHUP: TLS files not reloaded, keeping the old ones: {e:#}"),

@@ -445,7 +445,7 @@ fn check_refuses_old_protocols_and_openssl_cipher_strings() {
 }
 
 #[tokio::test]
-async fn sighup_serves_a_new_certificate_and_keeps_established_connections() {
+async fn sighup_serves_a_new_certificate_keeps_established_connections_and_survives_a_bad_file() {
     let pki = Pki::new();
     let mut backend = Backend::start().await;
     let listen: SocketAddr = format!("127.0.0.1:{}", mqsplice_tests::free_port())
@@ -512,6 +512,22 @@ async fn sighup_serves_a_new_certificate_and_keeps_established_connections() {
     assert_eq!(ping, [0xd0, 0x00]);
     let json = fetch_stats(stats).await;
     assert_eq!(json["listeners"]["mqtts"]["tls"]["reloads"], 1);
+
+    // A broken key file on the next SIGHUP: the error is logged, the last good files stay.
+    std::fs::write(&pki.server_key, "not a key").unwrap();
+    Command::new("kill")
+        .args(["-HUP", &daemon.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(
+        wait_until(WAIT, || daemon.stderr().contains("not reloaded")).await,
+        "{}",
+        daemon.stderr()
+    );
+    let still = tls_connect(listen, pki.client_config(None)).await.unwrap();
+    assert_eq!(server_serial(&still), "0BADC0DE");
+    let json = fetch_stats(stats).await;
+    assert_eq!(json["listeners"]["mqtts"]["tls"]["reload_failures"], 1);
     daemon.terminate();
 }
 

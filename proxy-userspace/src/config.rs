@@ -9,8 +9,11 @@ use std::time::Duration;
 
 mod locate;
 mod raw;
+pub mod tls;
 pub mod units;
 mod validate;
+
+pub use tls::{CertField, TlsConfig, TlsVersion, UpstreamTlsConfig, VerifyClient};
 
 pub use validate::{
     DEFAULT_BPFFS_PIN, DEFAULT_BUFFER_SIZE, DEFAULT_CLOSE_DRAIN_TIMEOUT,
@@ -155,12 +158,26 @@ pub struct UpstreamConfig {
     pub resolve_interval: Duration,
     /// At least one.
     pub servers: Vec<ServerConfig>,
+    /// `upstream_tls`: TLS from mqsplice to the brokers; `None` is plain TCP.
+    pub tls: Option<UpstreamTlsConfig>,
 }
 
 /// What a listener speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ListenerKind {
     Tcp,
+    /// TLS terminated by mqsplice (rustls); the `tls` table says how.
+    Tls,
+}
+
+impl ListenerKind {
+    /// The configuration spelling, also used in stats.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerKind::Tcp => "tcp",
+            ListenerKind::Tls => "tls",
+        }
+    }
 }
 
 /// One `[[listener]]`.
@@ -183,6 +200,12 @@ pub struct ListenerConfig {
     pub buffer_size: usize,
     /// Default 100000.
     pub max_connections: usize,
+    /// The `tls` table; present exactly when the kind terminates TLS.
+    pub tls: Option<TlsConfig>,
+    /// Replace the CONNECT's client identifier with this field of the client certificate.
+    pub rewrite_client_id: Option<CertField>,
+    /// Replace (or add) the CONNECT's user name with this field of the client certificate.
+    pub rewrite_username: Option<CertField>,
 }
 
 /// A configuration that could not be read or is not valid; the message names the key path and line.
@@ -435,6 +458,7 @@ upstream = "emqx"
                         ..server("127.0.0.1:18833")
                     },
                 ],
+                tls: None,
             }],
             listeners: vec![ListenerConfig {
                 name: "mqtt".into(),
@@ -447,6 +471,9 @@ upstream = "emqx"
                 tcp_nodelay: true,
                 buffer_size: 16 * 1024,
                 max_connections: 100_000,
+                tls: None,
+                rewrite_client_id: None,
+                rewrite_username: None,
             }],
         };
         assert_eq!(config, expected);
@@ -476,6 +503,7 @@ upstream = "emqx"
                 connect_timeout: secs(60),
                 resolve_interval: secs(30),
                 servers: vec![server("127.0.0.1:1883")],
+                tls: None,
             }],
             listeners: vec![ListenerConfig {
                 name: "mqtt".into(),
@@ -488,6 +516,9 @@ upstream = "emqx"
                 tcp_nodelay: true,
                 buffer_size: 16 * 1024,
                 max_connections: 100_000,
+                tls: None,
+                rewrite_client_id: None,
+                rewrite_username: None,
             }],
         };
         assert_eq!(config, expected);
@@ -805,7 +836,7 @@ upstream = "emqx"
 
     #[test]
     fn listener_kind_and_listen() {
-        for kind in ["tls", "ws", "wss"] {
+        for kind in ["ws", "wss"] {
             assert_err(
                 &MINIMAL.replace("kind = \"tcp\"", &format!("kind = \"{kind}\"")),
                 "listener[0].kind",
@@ -844,6 +875,105 @@ upstream = "emqx"
             "stats.listen",
             2,
             "not a socket address",
+        );
+    }
+
+    #[test]
+    fn tls_listener_table() {
+        let tls = |table: &str| {
+            MINIMAL.replace(
+                "kind = \"tcp\"",
+                &format!("kind = \"tls\"\ntls = {{ cert = \"c.pem\", key = \"k.pem\"{table} }}"),
+            )
+        };
+        let config = Config::from_toml_str(&tls("")).unwrap();
+        let t = config.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(config.listeners[0].kind, ListenerKind::Tls);
+        assert_eq!(t.verify_client, VerifyClient::Off);
+        assert_eq!(t.protocols, vec![TlsVersion::Tls12, TlsVersion::Tls13]);
+        assert_eq!(t.session_timeout, Duration::from_secs(300));
+        assert_eq!((t.alpn.clone(), t.ciphers.clone()), (None, None));
+        let config = Config::from_toml_str(&tls(
+            ", client_ca = \"ca.pem\", verify_client = \"required\", verify_depth = 2, \
+             protocols = [\"TLSv1.3\"], ciphers = [\"TLS13_AES_128_GCM_SHA256\"], \
+             session_cache = 100, session_timeout = \"10m\", alpn = []",
+        ))
+        .unwrap();
+        let t = config.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(t.client_ca, Some(PathBuf::from("ca.pem")));
+        assert_eq!(
+            (t.verify_client, t.verify_depth),
+            (VerifyClient::Required, 2)
+        );
+        assert_eq!(t.protocols, vec![TlsVersion::Tls13]);
+        assert_eq!(
+            (t.session_cache, t.session_timeout),
+            (100, Duration::from_secs(600))
+        );
+        assert_eq!(t.alpn, Some(vec![]));
+
+        assert_err(
+            &MINIMAL.replace("kind = \"tcp\"", "kind = \"tls\""),
+            "listener[0].tls",
+            6,
+            "needs a tls = { cert",
+        );
+        assert_err(
+            &tls(", protocols = [\"TLSv1\", \"TLSv1.2\"]"),
+            "listener[0].tls.protocols",
+            7,
+            "TLSv1 is not supported (rustls speaks TLS 1.2 and 1.3 only); accepted: \"TLSv1.2\", \"TLSv1.3\"",
+        );
+        assert_err(
+            &tls(", ciphers = \"HIGH:!aNULL:!MD5\""),
+            "listener[0].tls.ciphers",
+            7,
+            "OpenSSL cipher string, which rustls does not read; ciphers takes a list of IANA/rustls suite names",
+        );
+        assert_err(
+            &tls(", verify_client = \"required\""),
+            "listener[0].tls.client_ca",
+            7,
+            "verify_client needs client_ca",
+        );
+        assert_err(
+            &listener_with("rewrite_client_id = \"cert_serial\""),
+            "listener[0].rewrite_client_id",
+            9,
+            "needs a client certificate",
+        );
+        assert_err(
+            &tls(", verfy_client = \"on\""),
+            "listener[0].tls.verfy_client",
+            7,
+            "unknown field `verfy_client`",
+        );
+    }
+
+    #[test]
+    fn upstream_tls_table() {
+        let config = Config::from_toml_str(&upstream_with(
+            "upstream_tls = { ca = \"brokers-ca.pem\", server_name = \"emqx.internal\" }",
+        ))
+        .unwrap();
+        assert_eq!(
+            config.upstreams[0].tls,
+            Some(UpstreamTlsConfig {
+                ca: "brokers-ca.pem".into(),
+                server_name: Some("emqx.internal".into()),
+            })
+        );
+        assert_err(
+            &upstream_with("upstream_tls = { server_name = \"emqx.internal\" }"),
+            "upstream[0].upstream_tls.ca",
+            3,
+            "missing field `ca`",
+        );
+        assert_err(
+            &upstream_with("upstream_tls = { ca = \"ca.pem\", server_name = \"not a name\" }"),
+            "upstream[0].upstream_tls.server_name",
+            3,
+            "not a valid DNS name or IP address",
         );
     }
 

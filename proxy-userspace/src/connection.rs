@@ -1,5 +1,6 @@
 //! One client connection from accept to close, top to bottom in [`serve`].
 
+mod identity;
 mod read_connect;
 mod refuse;
 
@@ -46,8 +47,31 @@ pub async fn serve(
             })
         };
 
-    // 0. The layer the listener's kind puts between TCP and MQTT (none on `tcp`).
-    let mut client = ClientStream::Tcp(tcp);
+    // 0. The layer the listener's kind puts between TCP and MQTT (none on `tcp`): a TLS
+    //    handshake, within connect_packet_timeout, counted by outcome.
+    let mut identity = None;
+    let mut client = match &ctx.tls {
+        None => ClientStream::Tcp(tcp),
+        Some(tls) => match tls.accept(tcp, ctx.config.connect_packet_timeout).await {
+            Ok(stream) => {
+                // Copied only when a rewrite will read it.
+                if ctx.config.rewrite_client_id.is_some() || ctx.config.rewrite_username.is_some() {
+                    identity = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| c.to_vec());
+                }
+                ClientStream::Layered(Box::new(stream))
+            }
+            Err(failure) => {
+                tracing::debug!(client = %peer, "TLS handshake failed: {}", failure.as_str());
+                ctx.count(|c| c.reject(RejectReason::TlsHandshake));
+                return log(None, None, None, RejectReason::TlsHandshake.as_str());
+            }
+        },
+    };
 
     // 1. Read one complete CONNECT, within connect_packet_timeout: consumed for the userspace
     //    path (`packet` holds its bytes), or only peeked for the splice (`packet` is None).
@@ -87,6 +111,18 @@ pub async fn serve(
             return log(None, None, None, RejectReason::ConnectTimeout.as_str());
         }
     };
+    // 1b. The certificate's identity in place of the client's, when the listener says so.
+    let version = connect.version;
+    let (packet, connect) = match identity::apply(&ctx.config, identity.as_deref(), packet, connect)
+    {
+        Ok(rewritten) => rewritten,
+        Err(error) => {
+            tracing::info!(client = %peer, "refused: {error}");
+            let connack = mqtt::not_authorized(version);
+            refuse::refuse(&ctx, client, RejectReason::CertIdentity, Some(connack)).await;
+            return log(None, None, None, RejectReason::CertIdentity.as_str());
+        }
+    };
     let client_id = Some(connect.client_id.as_str());
 
     // 2. Choose a broker and connect, trying the next choice on failure.
@@ -111,31 +147,63 @@ pub async fn serve(
     });
     server.total.fetch_add(1, Relaxed);
 
-    // 3. The PROXY header (if on) and, when it was consumed, the CONNECT, unchanged.
+    // 3. The PROXY header (if on), then TLS to the broker (if `upstream_tls`), then the CONNECT
+    //    when it was consumed. Without TLS both go in one write.
     let mut preamble = proxy_protocol::header(ctx.upstream.config.proxy_protocol, peer, local);
     let broker_preamble_len = preamble.len() as u64;
     let consumed = packet.as_ref().map_or(0, |p| p.len() as u64);
-    if let Some(packet) = &packet {
-        preamble.extend_from_slice(packet);
-    }
-    if !preamble.is_empty()
-        && let Err(error) = broker.stream.write_all(&preamble).await
-    {
-        tracing::warn!(client = %peer, broker = ?broker_addr, "writing the CONNECT failed: {error}");
-        return log(
+    let broker_error = |what: &str, error: std::io::Error| {
+        tracing::warn!(client = %peer, broker = ?broker_addr, "{what} failed: {error}");
+        log(
             client_id,
             broker_addr,
             None,
             CloseReason::BrokerError.as_str(),
-        );
-    }
+        )
+    };
+    let broker_stream = match &ctx.upstream.tls {
+        None => {
+            if let Some(packet) = &packet {
+                preamble.extend_from_slice(packet);
+            }
+            if !preamble.is_empty()
+                && let Err(error) = broker.stream.write_all(&preamble).await
+            {
+                return broker_error("writing the CONNECT", error);
+            }
+            ClientStream::Tcp(broker.stream)
+        }
+        Some(tls) => {
+            if !preamble.is_empty()
+                && let Err(error) = broker.stream.write_all(&preamble).await
+            {
+                return broker_error("writing the PROXY header", error);
+            }
+            let handshake = tokio::time::timeout(
+                ctx.upstream.config.connect_timeout,
+                tls.connect(broker.stream, &server.config.addr),
+            )
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+            let mut stream = match handshake {
+                Ok(stream) => ClientStream::Layered(Box::new(stream)),
+                Err(error) => return broker_error("the TLS handshake with the broker", error),
+            };
+            if let Some(packet) = &packet
+                && let Err(error) = stream.write_all(packet).await
+            {
+                return broker_error("writing the CONNECT", error);
+            }
+            stream
+        }
+    };
     server.bytes.add(Direction::ToBroker, consumed);
     ctx.bytes.add(Direction::ToBroker, consumed);
 
     // 4. Hand the pair to the data plane until both sides are done.
     let flow = Flow {
         client,
-        broker: broker.stream,
+        broker: broker_stream,
         idle_timeout: ctx.config.idle_timeout,
         buffer_size: ctx.config.buffer_size,
         meters: vec![Arc::clone(&ctx.bytes), Arc::clone(&server.bytes)],

@@ -128,7 +128,8 @@ impl DataPath {
 #[derive(Debug)]
 pub struct Flow {
     pub client: ClientStream,
-    pub broker: TcpStream,
+    /// Bare TCP, or TLS to the broker (`upstream_tls`): the same two shapes as a client's.
+    pub broker: ClientStream,
     /// Close both sides when nothing moved either way for this long.
     pub idle_timeout: Duration,
     /// Per-direction buffer of the userspace copy path.

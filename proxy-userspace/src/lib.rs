@@ -18,6 +18,7 @@ pub mod proxy_protocol;
 pub mod reject;
 pub mod server;
 pub mod stats;
+pub mod tls;
 pub mod upstream;
 
 pub use server::{Options, Running, start, start_with};

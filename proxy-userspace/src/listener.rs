@@ -24,6 +24,8 @@ pub struct ListenerContext {
     /// The process-wide counters, updated alongside the listener's.
     pub global: Arc<ConnectionCounters>,
     pub access_log: Arc<AccessLog>,
+    /// The TLS server side of a `tls` listener.
+    pub tls: Option<Arc<crate::tls::ServerTls>>,
 }
 
 impl std::fmt::Debug for dyn DataPlane {

@@ -31,6 +31,10 @@ enum Command {
         /// Path of the TOML configuration file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Runtime worker threads (default: one per CPU the process may run on); 1 pins the
+        /// whole data path to one core, as NGINX's `worker_processes 1` does.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        worker_threads: Option<u16>,
     },
     /// Validate a configuration file and exit (0 when valid).
     Check {
@@ -58,7 +62,16 @@ fn main() -> ExitCode {
 
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
-            Ok(_) => {
+            Ok(loaded) => {
+                // The files a tls listener names must be readable and fit together too.
+                for listener in &loaded.listeners {
+                    if let Some(tls) = &listener.tls
+                        && let Err(e) = mqsplice::tls::ServerTls::new(tls, &[])
+                    {
+                        eprintln!("mqsplice: listener {:?}: {e:#}", listener.name);
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                }
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
             }
@@ -67,7 +80,10 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Run { config } => {
+        Command::Run {
+            config,
+            worker_threads,
+        } => {
             let config = match Config::load(&config) {
                 Ok(config) => config,
                 Err(e) => {
@@ -76,7 +92,12 @@ fn main() -> ExitCode {
                 }
             };
             raise_open_file_limit();
-            let runtime = match tokio::runtime::Runtime::new() {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.enable_all();
+            if let Some(n) = worker_threads {
+                builder.worker_threads(usize::from(n));
+            }
+            let runtime = match builder.build() {
                 Ok(runtime) => runtime,
                 Err(e) => {
                     eprintln!("mqsplice: cannot start the runtime: {e}");
@@ -96,10 +117,26 @@ fn main() -> ExitCode {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let running = mqsplice::start(config).await?;
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
-        _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); break }
+            _ = terminate.recv() => { tracing::info!("SIGTERM: stopping"); break }
+            _ = hangup.recv() => {
+                let reloaded = running.reload_tls();
+                if reloaded.is_empty() {
+                    tracing::info!("SIGHUP: no TLS listener, nothing to reload");
+                }
+                for (listener, result) in reloaded {
+                    match result {
+                        Ok(()) => tracing::info!(%listener, "SIGHUP: TLS certificate, key and CAs reloaded"),
+                        Err(e) => tracing::error!(%listener, "SIGHUP: TLS files not reloaded, keeping the old ones: {e:#}"),
+                    }
+                }
+            }
+        }
     }
     running.shutdown();
     Ok(())

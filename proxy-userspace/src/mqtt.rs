@@ -12,13 +12,16 @@
 
 mod connack;
 mod connect;
+mod rewrite;
 mod wire;
 
 pub use connack::{
-    Connack, V3_SERVER_UNAVAILABLE, V3_UNACCEPTABLE_PROTOCOL_VERSION, V5_MALFORMED_PACKET,
-    V5_PACKET_TOO_LARGE, V5_SERVER_UNAVAILABLE, connack, server_unavailable,
+    Connack, V3_NOT_AUTHORIZED, V3_SERVER_UNAVAILABLE, V3_UNACCEPTABLE_PROTOCOL_VERSION,
+    V5_MALFORMED_PACKET, V5_NOT_AUTHORIZED, V5_PACKET_TOO_LARGE, V5_SERVER_UNAVAILABLE, connack,
+    not_authorized, server_unavailable,
 };
 pub use connect::{
     Connect, ConnectError, Field, Framing, ProtocolVersion, StringProblem, Will, frame_connect,
     parse_connect, sniff_version,
 };
+pub use rewrite::{RewriteError, rewrite_connect};

@@ -23,11 +23,16 @@ pub enum RejectReason {
     OverLimit,
     /// The client closed or reset before sending a complete CONNECT (port probes, TCP health checks).
     Closed,
+    /// The TLS handshake failed (the listener's `tls` stats say why).
+    TlsHandshake,
+    /// The CONNECT could not be rewritten from the client certificate (none sent under
+    /// `verify_client = "optional"`, or it lacks the field).
+    CertIdentity,
 }
 
 impl RejectReason {
     /// Every reason, in the order the stats JSON lists them.
-    pub const ALL: [RejectReason; 7] = [
+    pub const ALL: [RejectReason; 9] = [
         RejectReason::Malformed,
         RejectReason::BadProtocol,
         RejectReason::TooLarge,
@@ -35,6 +40,8 @@ impl RejectReason {
         RejectReason::NoUpstream,
         RejectReason::OverLimit,
         RejectReason::Closed,
+        RejectReason::TlsHandshake,
+        RejectReason::CertIdentity,
     ];
 
     /// The stats and access-log key for this reason.
@@ -47,6 +54,8 @@ impl RejectReason {
             RejectReason::NoUpstream => "no_upstream",
             RejectReason::OverLimit => "over_limit",
             RejectReason::Closed => "closed",
+            RejectReason::TlsHandshake => "tls_handshake",
+            RejectReason::CertIdentity => "cert_identity",
         }
     }
 }

@@ -1,10 +1,11 @@
 //! Start-up: turn a [`Config`] into bound listeners, upstreams, a data plane and the stats endpoint.
 
 use crate::access_log::AccessLog;
-use crate::config::{Config, DataplaneConfig, DataplaneMode};
+use crate::config::{Config, DataplaneConfig, DataplaneMode, ListenerKind};
 use crate::dataplane::{DataPlane, EbpfSplice, UserspaceCopy};
 use crate::listener::{ListenerContext, accept_loop};
 use crate::stats::{ConnectionCounters, serve_stats};
+use crate::tls::{DEFAULT_ALPN_MQTT, ServerTls, UpstreamTls};
 use crate::upstream::{Resolve, SystemResolver, Upstream};
 use anyhow::{Context, bail};
 use serde_json::{Map, Value, json};
@@ -45,6 +46,7 @@ pub struct Running {
     stats_addr: Option<SocketAddr>,
     snapshot: Arc<dyn Fn() -> Value + Send + Sync>,
     tasks: Vec<JoinHandle<()>>,
+    tls: Vec<(String, Arc<ServerTls>)>,
 }
 
 impl Running {
@@ -64,6 +66,15 @@ impl Running {
     /// The same JSON `GET /stats` returns.
     pub fn stats(&self) -> Value {
         (self.snapshot)()
+    }
+
+    /// Re-reads every TLS listener's certificate, key and CA files (SIGHUP): new handshakes use
+    /// them, established connections keep theirs. A listener whose files fail keeps the old ones.
+    pub fn reload_tls(&self) -> Vec<(String, anyhow::Result<()>)> {
+        self.tls
+            .iter()
+            .map(|(name, tls)| (name.clone(), tls.reload()))
+            .collect()
     }
 
     /// Stops accepting connections and serving stats.
@@ -99,10 +110,14 @@ pub async fn start_with(config: Config, options: Options) -> anyhow::Result<Runn
 
     let mut upstreams: Vec<Arc<Upstream>> = Vec::new();
     for upstream_config in &config.upstreams {
-        let upstream = Arc::new(Upstream::new(
-            upstream_config.clone(),
-            options.resolver.clone(),
-        ));
+        let mut upstream = Upstream::new(upstream_config.clone(), options.resolver.clone());
+        if let Some(tls) = &upstream_config.tls {
+            upstream.tls =
+                Some(UpstreamTls::new(tls).with_context(|| {
+                    format!("upstream {:?}: upstream_tls", upstream_config.name)
+                })?);
+        }
+        let upstream = Arc::new(upstream);
         upstream.resolve_all().await;
         tasks.push(tokio::spawn(upstream.clone().keep_resolving()));
         upstreams.push(upstream);
@@ -110,6 +125,7 @@ pub async fn start_with(config: Config, options: Options) -> anyhow::Result<Runn
 
     let mut contexts = Vec::new();
     let mut bound = Vec::new();
+    let mut tls_listeners = Vec::new();
     for listener_config in &config.listeners {
         let Some(upstream) = upstreams
             .iter()
@@ -130,15 +146,32 @@ pub async fn start_with(config: Config, options: Options) -> anyhow::Result<Runn
                 )
             })?;
         let addr = socket.local_addr()?;
+        let tls = match (listener_config.kind, &listener_config.tls) {
+            (ListenerKind::Tls, Some(tls_config)) => {
+                let tls = ServerTls::new(tls_config, DEFAULT_ALPN_MQTT)
+                    .with_context(|| format!("listener {:?}", listener_config.name))?;
+                let tls = Arc::new(tls);
+                tls_listeners.push((listener_config.name.clone(), tls.clone()));
+                Some(tls)
+            }
+            _ => None,
+        };
+        // Nothing below TLS can be spliced, on either side: the kernel here has no kTLS.
+        let plane: Arc<dyn DataPlane> = if tls.is_some() || upstream.tls.is_some() {
+            Arc::new(UserspaceCopy)
+        } else {
+            dataplane.plane.clone()
+        };
         tracing::info!(listener = %listener_config.name, %addr, upstream = %upstream.config.name, "listening");
         let ctx = Arc::new(ListenerContext {
             config: listener_config.clone(),
             upstream: upstream.clone(),
-            dataplane: dataplane.plane.clone(),
+            dataplane: plane,
             counters: ConnectionCounters::default(),
             bytes: Arc::default(),
             global: global.clone(),
             access_log: access_log.clone(),
+            tls,
         });
         bound.push((listener_config.name.clone(), addr));
         contexts.push(ctx.clone());
@@ -167,6 +200,7 @@ pub async fn start_with(config: Config, options: Options) -> anyhow::Result<Runn
         stats_addr,
         snapshot,
         tasks,
+        tls: tls_listeners,
     })
 }
 
@@ -231,10 +265,16 @@ fn stats_json(
         .iter()
         .map(|ctx| {
             let mut entry = ctx.counters.to_json();
-            entry["kind"] = json!("tcp");
+            entry["kind"] = json!(ctx.config.kind.as_str());
             entry["listen"] = json!(ctx.config.listen.to_string());
             entry["upstream"] = json!(ctx.config.upstream);
             entry["data_path"] = json!(ctx.dataplane.path().as_str());
+            if let Some(tls) = &ctx.tls {
+                entry["data_path_reason"] = json!(
+                    "TLS is terminated in the daemon (no kTLS), so bytes are copied in userspace"
+                );
+                entry["tls"] = tls.stats.to_json();
+            }
             entry["bytes_from_clients"] = json!(ctx.bytes.to_broker.load(Relaxed));
             entry["bytes_to_clients"] = json!(ctx.bytes.to_client.load(Relaxed));
             (ctx.config.name.clone(), entry)

@@ -139,6 +139,8 @@ pub struct Upstream {
     servers: Vec<Arc<Server>>,
     balancer: Balancer,
     resolver: Arc<dyn Resolve>,
+    /// TLS to the brokers (`upstream_tls`), built by the caller from the files it names.
+    pub tls: Option<crate::tls::UpstreamTls>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -174,6 +176,7 @@ impl Upstream {
             servers,
             balancer,
             resolver,
+            tls: None,
         }
     }
 

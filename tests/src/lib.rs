@@ -7,6 +7,7 @@ pub mod client;
 pub mod daemon;
 pub mod flows;
 pub mod maps;
+pub mod pki;
 pub mod proxy;
 pub mod raw;
 

@@ -91,6 +91,15 @@ pub struct RawUpstream {
     pub connect_timeout: Option<Spanned<NumOrStr>>,
     pub resolve_interval: Option<Spanned<NumOrStr>>,
     pub servers: Option<Spanned<Vec<RawServer>>>,
+    pub upstream_tls: Option<Spanned<RawUpstreamTls>>,
+}
+
+/// An upstream's `upstream_tls = { ca, server_name }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamTls {
+    pub ca: Spanned<String>,
+    pub server_name: Option<Spanned<String>>,
 }
 
 /// One `servers[]` entry.
@@ -119,4 +128,23 @@ pub struct RawListener {
     pub tcp_nodelay: Option<Spanned<bool>>,
     pub buffer_size: Option<Spanned<NumOrStr>>,
     pub max_connections: Option<Spanned<i64>>,
+    pub tls: Option<Spanned<RawTls>>,
+    pub rewrite_client_id: Option<Spanned<String>>,
+    pub rewrite_username: Option<Spanned<String>>,
+}
+
+/// A listener's `tls = { ... }` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+    pub client_ca: Option<Spanned<String>>,
+    pub verify_client: Option<Spanned<String>>,
+    pub verify_depth: Option<Spanned<i64>>,
+    pub protocols: Option<Spanned<Vec<String>>>,
+    pub ciphers: Option<Spanned<super::tls::CiphersValue>>,
+    pub session_cache: Option<Spanned<NumOrStr>>,
+    pub session_timeout: Option<Spanned<NumOrStr>>,
+    pub alpn: Option<Spanned<Vec<String>>>,
 }

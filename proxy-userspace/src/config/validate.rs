@@ -10,10 +10,12 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::raw::{NumOrStr, RawConfig, RawListener, RawServer, RawUpstream};
+use super::tls::{parse_cert_field, tls_table, upstream_tls_table};
 use super::units::{parse_duration, parse_size};
 use super::{
-    AccessLog, BalanceMethod, Config, DataplaneConfig, DataplaneMode, ListenerConfig, ListenerKind,
-    LogConfig, ProxyProtocol, ServerConfig, StatsConfig, UpstreamConfig,
+    AccessLog, BalanceMethod, CertField, Config, DataplaneConfig, DataplaneMode, ListenerConfig,
+    ListenerKind, LogConfig, ProxyProtocol, ServerConfig, StatsConfig, TlsConfig, UpstreamConfig,
+    VerifyClient,
 };
 
 /// Default of `stats.listen`.
@@ -71,7 +73,11 @@ pub struct Invalid {
 }
 
 impl Invalid {
-    fn at(path: impl Into<String>, span: Option<Range<usize>>, reason: impl Into<String>) -> Self {
+    pub(super) fn at(
+        path: impl Into<String>,
+        span: Option<Range<usize>>,
+        reason: impl Into<String>,
+    ) -> Self {
         Invalid {
             path: path.into(),
             span,
@@ -81,7 +87,7 @@ impl Invalid {
 }
 
 /// Applies `rule` to an optional spanned value, or returns `default` when the key is absent.
-fn field<T, U>(
+pub(super) fn field<T, U>(
     value: &Option<Spanned<T>>,
     path: &str,
     default: U,
@@ -94,7 +100,7 @@ fn field<T, U>(
 }
 
 /// Applies `rule` to a required spanned value.
-fn required<T, U>(
+pub(super) fn required<T, U>(
     value: &Spanned<T>,
     path: &str,
     rule: impl FnOnce(&T) -> Result<U, String>,
@@ -171,9 +177,10 @@ pub fn parse_proxy_protocol(value: &str) -> Result<ProxyProtocol, String> {
 pub fn parse_listener_kind(value: &str) -> Result<ListenerKind, String> {
     match value {
         "tcp" => Ok(ListenerKind::Tcp),
-        "tls" | "ws" | "wss" => Err(format!("listener kind {value:?} is not supported yet")),
+        "tls" => Ok(ListenerKind::Tls),
+        "ws" | "wss" => Err(format!("listener kind {value:?} is not supported yet")),
         _ => Err(format!(
-            "unknown listener kind {value:?}, expected one of: tcp (tls, ws, wss are not supported yet)"
+            "unknown listener kind {value:?}, expected one of: tcp, tls (ws, wss are not supported yet)"
         )),
     }
 }
@@ -432,6 +439,11 @@ fn upstream(raw: &RawUpstream, path: &str) -> Result<UpstreamConfig, Invalid> {
             format!("every server of upstream {name:?} is a backup; at least one must be primary"),
         ));
     }
+    let tls = raw
+        .upstream_tls
+        .as_ref()
+        .map(|t| upstream_tls_table(t.get_ref(), &format!("{path}.upstream_tls")))
+        .transpose()?;
     Ok(UpstreamConfig {
         name,
         balance,
@@ -439,6 +451,7 @@ fn upstream(raw: &RawUpstream, path: &str) -> Result<UpstreamConfig, Invalid> {
         connect_timeout,
         resolve_interval,
         servers,
+        tls,
     })
 }
 
@@ -488,6 +501,7 @@ fn listener(raw: &RawListener, path: &str) -> Result<ListenerConfig, Invalid> {
         DEFAULT_MAX_CONNECTIONS,
         max_connections_value,
     )?;
+    let (tls, rewrite_client_id, rewrite_username) = listener_tls(raw, path, kind)?;
     Ok(ListenerConfig {
         name,
         kind,
@@ -499,7 +513,58 @@ fn listener(raw: &RawListener, path: &str) -> Result<ListenerConfig, Invalid> {
         tcp_nodelay,
         buffer_size,
         max_connections,
+        tls,
+        rewrite_client_id,
+        rewrite_username,
     })
+}
+
+/// A listener's `tls` table, `rewrite_client_id` and `rewrite_username`.
+type ListenerTls = (Option<TlsConfig>, Option<CertField>, Option<CertField>);
+
+/// A listener's `tls` table and rewrite keys, which only a TLS listener with client
+/// certificates can have.
+fn listener_tls(raw: &RawListener, path: &str, kind: ListenerKind) -> Result<ListenerTls, Invalid> {
+    let tls = match (&raw.tls, kind) {
+        (Some(table), ListenerKind::Tls) => {
+            Some(tls_table(table.get_ref(), &format!("{path}.tls"))?)
+        }
+        (None, ListenerKind::Tls) => {
+            return Err(Invalid::at(
+                format!("{path}.tls"),
+                Some(raw.kind.span()),
+                "a tls listener needs a tls = { cert = \"...\", key = \"...\" } table",
+            ));
+        }
+        (Some(table), _) => {
+            return Err(Invalid::at(
+                format!("{path}.tls"),
+                Some(table.span()),
+                format!("a {:?} listener takes no tls table", kind.as_str()),
+            ));
+        }
+        (None, _) => None,
+    };
+    let rewrite = |value: &Option<Spanned<String>>, key: &str| {
+        let key_path = format!("{path}.{key}");
+        let parsed = field(value, &key_path, None, |s| parse_cert_field(s).map(Some))?;
+        let verifies = tls
+            .as_ref()
+            .is_some_and(|t| t.verify_client != VerifyClient::Off);
+        match (parsed, value) {
+            (Some(_), Some(v)) if !verifies => Err(Invalid::at(
+                key_path,
+                Some(v.span()),
+                format!(
+                    "{key} needs a client certificate: a tls listener with verify_client = \"required\" or \"optional\""
+                ),
+            )),
+            _ => Ok(parsed),
+        }
+    };
+    let client_id = rewrite(&raw.rewrite_client_id, "rewrite_client_id")?;
+    let username = rewrite(&raw.rewrite_username, "rewrite_username")?;
+    Ok((tls, client_id, username))
 }
 
 /// Validates a whole raw document, first error wins (in file order within each section).
@@ -679,7 +744,8 @@ mod tests {
                 .contains("off, v1, v2")
         );
         assert_eq!(parse_listener_kind("tcp"), Ok(ListenerKind::Tcp));
-        for kind in ["tls", "ws", "wss"] {
+        assert_eq!(parse_listener_kind("tls"), Ok(ListenerKind::Tls));
+        for kind in ["ws", "wss"] {
             assert_eq!(
                 parse_listener_kind(kind).unwrap_err(),
                 format!("listener kind \"{kind}\" is not supported yet")

@@ -193,12 +193,12 @@ impl Shared {
             meters,
             broker_preamble_len,
         } = flow;
-        let client = match client {
-            ClientStream::Tcp(client) => client,
-            layered @ ClientStream::Layered(_) => {
+        let (client, broker) = match (client, broker) {
+            (ClientStream::Tcp(client), ClientStream::Tcp(broker)) => (client, broker),
+            (client, broker) => {
                 // TLS or WebSocket: the bytes must pass through the daemon to be unwrapped.
                 let flow = Flow {
-                    client: layered,
+                    client,
                     broker,
                     idle_timeout,
                     buffer_size,
@@ -259,7 +259,7 @@ impl Shared {
                 };
                 let flow = Flow {
                     client: ClientStream::Tcp(client),
-                    broker,
+                    broker: ClientStream::Tcp(broker),
                     idle_timeout,
                     buffer_size,
                     meters,

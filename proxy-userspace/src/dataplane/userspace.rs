@@ -46,10 +46,10 @@ async fn copy_flow(flow: Flow) -> FlowEnd {
         meters,
         ..
     } = flow;
-    let (broker_read, broker_write) = broker.split();
-    match client {
-        ClientStream::Tcp(mut client) => {
+    match (client, &mut broker) {
+        (ClientStream::Tcp(mut client), ClientStream::Tcp(broker)) => {
             let (client_read, client_write) = client.split();
+            let (broker_read, broker_write) = broker.split();
             let halves = Halves {
                 client_read,
                 client_write,
@@ -58,8 +58,10 @@ async fn copy_flow(flow: Flow) -> FlowEnd {
             };
             copy_pair(halves, idle_timeout, buffer_size, &meters).await
         }
-        ClientStream::Layered(client) => {
+        // TLS or WebSocket on either side: split through a lock, as tokio does for any stream.
+        (client, _) => {
             let (client_read, client_write) = tokio::io::split(client);
+            let (broker_read, broker_write) = tokio::io::split(broker);
             let halves = Halves {
                 client_read,
                 client_write,

@@ -14,6 +14,10 @@ pub const V3_SERVER_UNAVAILABLE: u8 = 0x03;
 pub const V5_MALFORMED_PACKET: u8 = 0x81;
 /// 5.0 reason code for "no broker can take you now"; clients back off and retry.
 pub const V5_SERVER_UNAVAILABLE: u8 = 0x88;
+/// 3.x return code for a client the server will not accept (no usable client certificate).
+pub const V3_NOT_AUTHORIZED: u8 = 0x05;
+/// 5.0 reason code for a client the server will not accept (no usable client certificate).
+pub const V5_NOT_AUTHORIZED: u8 = 0x87;
 /// 5.0 reason code for a CONNECT larger than the proxy accepts.
 pub const V5_PACKET_TOO_LARGE: u8 = 0x95;
 
@@ -59,6 +63,14 @@ pub fn server_unavailable(version: ProtocolVersion) -> Connack {
     match version {
         ProtocolVersion::V3_1 | ProtocolVersion::V3_1_1 => connack(version, V3_SERVER_UNAVAILABLE),
         ProtocolVersion::V5 => connack(version, V5_SERVER_UNAVAILABLE),
+    }
+}
+
+/// The CONNACK sent when the client's certificate cannot give the identity it must connect as.
+pub fn not_authorized(version: ProtocolVersion) -> Connack {
+    match version {
+        ProtocolVersion::V3_1 | ProtocolVersion::V3_1_1 => connack(version, V3_NOT_AUTHORIZED),
+        ProtocolVersion::V5 => connack(version, V5_NOT_AUTHORIZED),
     }
 }
 

@@ -124,6 +124,9 @@ pub struct Connect {
     /// Byte offsets of the client id's UTF-8 content within the packet (its two-byte length
     /// prefix is the two bytes before), so the CONNECT can be re-encoded with another id.
     pub client_id_range: Range<usize>,
+    /// Byte offset of the user name field (its length prefix) within the packet, or of where it
+    /// would go (before the password) when there is none, so the user name can be set too.
+    pub username_at: usize,
     /// Length of the whole CONNECT; bytes after it belong to the next packets.
     pub packet_len: usize,
 }
@@ -471,6 +474,7 @@ pub fn parse_connect(packet: &[u8]) -> Result<Connect, ConnectError> {
         string(&mut r, Field::WillTopic)?;
         r.length_prefixed().ok_or(truncated(Field::WillPayload))?;
     }
+    let username_at = r.position();
     let username = if has_username {
         Some(string(&mut r, Field::Username)?.to_owned())
     } else {
@@ -495,6 +499,7 @@ pub fn parse_connect(packet: &[u8]) -> Result<Connect, ConnectError> {
         has_password,
         session_expiry_interval,
         client_id_range,
+        username_at,
         packet_len: total_len,
     })
 }
@@ -755,6 +760,7 @@ mod tests {
                 has_password: false,
                 session_expiry_interval: None,
                 client_id_range: 14..18,
+                username_at: 18,
                 packet_len: 18,
             }
         );

@@ -42,6 +42,11 @@ impl<'a> Reader<'a> {
         Reader { buf, pos }
     }
 
+    /// Offset of the next byte to read.
+    pub(crate) fn position(&self) -> usize {
+        self.pos
+    }
+
     /// Bytes left before the end of the packet.
     pub(crate) fn remaining(&self) -> usize {
         self.buf.len().saturating_sub(self.pos)

@@ -11,13 +11,15 @@
 //! stdout as markdown and to `target/bench/bench.json`.
 //!
 //! Flags: `--rounds N`, `--round-trips N`, `--stream-ms N`, `--window N`,
-//! `--conns N`, `--paths a,b,…`, `--quick`.
+//! `--conns N`, `--paths a,b,…`, `--quick`. `--tls` runs the TLS benchmark instead (see
+//! [`tls`]), with `--tls-rounds N`, `--tls-seconds N`, `--tls-clients N`, `--tls-mib N`.
 
 mod broker;
 mod load;
 mod paths;
 mod procfs;
 mod report;
+mod tls;
 
 use anyhow::{Context, bail};
 use paths::{PathKind, Peer, Tools, find_nginx, find_program, start_peer};
@@ -47,6 +49,8 @@ struct Args {
     window: u64,
     conns: usize,
     paths: Option<Vec<String>>,
+    /// `--tls`: the TLS benchmark instead of the plain one.
+    tls: Option<tls::TlsArgs>,
 }
 
 impl Args {
@@ -59,6 +63,7 @@ impl Args {
             window: 256,
             conns: 10_000,
             paths: None,
+            tls: None,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -82,6 +87,29 @@ impl Args {
                     let list = it.next().context("--paths needs a value")?;
                     args.paths = Some(list.split(',').map(str::to_owned).collect());
                 }
+                "--tls" => {
+                    args.tls.get_or_insert(tls::TlsArgs {
+                        rounds: 3,
+                        seconds: Duration::from_secs(5),
+                        clients: 16,
+                        mib: 1024,
+                    });
+                }
+                "--tls-rounds" | "--tls-seconds" | "--tls-clients" | "--tls-mib" => {
+                    let n = value(&flag)?;
+                    let t = args.tls.get_or_insert(tls::TlsArgs {
+                        rounds: 3,
+                        seconds: Duration::from_secs(5),
+                        clients: 16,
+                        mib: 1024,
+                    });
+                    match flag.as_str() {
+                        "--tls-rounds" => t.rounds = n as usize,
+                        "--tls-seconds" => t.seconds = Duration::from_secs(n),
+                        "--tls-clients" => t.clients = n as usize,
+                        _ => t.mib = n as usize,
+                    }
+                }
                 "--quick" => {
                     args.rounds = 1;
                     args.round_trips = 2000;
@@ -91,6 +119,7 @@ impl Args {
                 "-h" | "--help" => {
                     println!(
                         "usage: bench [--rounds N] [--round-trips N] [--stream-ms N] [--window N] [--conns N] [--paths a,b] [--quick]\n\
+                         \x20      bench --tls [--tls-rounds N] [--tls-seconds N] [--tls-clients N] [--tls-mib N]\n\
                          paths: {}\n(MQSPLICE_BIN must name the built mqsplice)",
                         PathKind::ALL.map(|k| k.name()).join(",")
                     );
@@ -242,6 +271,18 @@ fn main() -> anyhow::Result<()> {
         eprintln!("{msg}");
         notes.push(msg);
         args.conns = fit.max(1);
+    }
+
+    if let Some(tls_args) = &args.tls {
+        let tools = Tools {
+            nofile: limit,
+            mqsplice,
+            nginx: find_nginx()
+                .map_err(|why| println!("skipping nginx: {why}"))
+                .ok(),
+            haproxy: None,
+        };
+        return tls::run(&tools, tls_args, &output_dir());
     }
 
     let mut skipped = Vec::new();

@@ -63,8 +63,8 @@ pub struct Tools {
 
 /// The nginx binary and the `load_module` line its stream module needs (empty when built in).
 pub struct NginxTool {
-    binary: PathBuf,
-    load_module: String,
+    pub binary: PathBuf,
+    pub load_module: String,
 }
 
 /// Finds `name` in PATH or the sbin directories (which a non-root PATH often lacks).

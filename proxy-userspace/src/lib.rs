@@ -19,5 +19,6 @@ pub mod reject;
 pub mod server;
 pub mod stats;
 pub mod upstream;
+pub mod ws;
 
 pub use server::{Options, Running, start, start_with};

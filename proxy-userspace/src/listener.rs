@@ -24,6 +24,8 @@ pub struct ListenerContext {
     /// The process-wide counters, updated alongside the listener's.
     pub global: Arc<ConnectionCounters>,
     pub access_log: Arc<AccessLog>,
+    /// The WebSocket settings and counters of a `ws` listener.
+    pub ws: Option<crate::ws::WsListener>,
 }
 
 impl std::fmt::Debug for dyn DataPlane {

@@ -23,11 +23,13 @@ pub enum RejectReason {
     OverLimit,
     /// The client closed or reset before sending a complete CONNECT (port probes, TCP health checks).
     Closed,
+    /// A ws listener's HTTP upgrade failed (the listener's `ws.upgrades_failed` says why).
+    WsHandshake,
 }
 
 impl RejectReason {
     /// Every reason, in the order the stats JSON lists them.
-    pub const ALL: [RejectReason; 7] = [
+    pub const ALL: [RejectReason; 8] = [
         RejectReason::Malformed,
         RejectReason::BadProtocol,
         RejectReason::TooLarge,
@@ -35,6 +37,7 @@ impl RejectReason {
         RejectReason::NoUpstream,
         RejectReason::OverLimit,
         RejectReason::Closed,
+        RejectReason::WsHandshake,
     ];
 
     /// The stats and access-log key for this reason.
@@ -47,6 +50,7 @@ impl RejectReason {
             RejectReason::NoUpstream => "no_upstream",
             RejectReason::OverLimit => "over_limit",
             RejectReason::Closed => "closed",
+            RejectReason::WsHandshake => "ws_handshake",
         }
     }
 }

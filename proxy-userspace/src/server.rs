@@ -6,6 +6,7 @@ use crate::dataplane::{DataPlane, EbpfSplice, UserspaceCopy};
 use crate::listener::{ListenerContext, accept_loop};
 use crate::stats::{ConnectionCounters, serve_stats};
 use crate::upstream::{Resolve, SystemResolver, Upstream};
+use crate::ws::WsListener;
 use anyhow::{Context, bail};
 use serde_json::{Map, Value, json};
 use std::net::SocketAddr;
@@ -131,14 +132,24 @@ pub async fn start_with(config: Config, options: Options) -> anyhow::Result<Runn
             })?;
         let addr = socket.local_addr()?;
         tracing::info!(listener = %listener_config.name, %addr, upstream = %upstream.config.name, "listening");
+        let ws = listener_config.ws.clone().map(|config| WsListener {
+            config,
+            stats: Arc::default(),
+        });
+        // WebSocket frames must be unwrapped by the daemon, whatever dataplane.mode says.
+        let plane: Arc<dyn DataPlane> = match ws {
+            Some(_) => Arc::new(UserspaceCopy),
+            None => dataplane.plane.clone(),
+        };
         let ctx = Arc::new(ListenerContext {
             config: listener_config.clone(),
             upstream: upstream.clone(),
-            dataplane: dataplane.plane.clone(),
+            dataplane: plane,
             counters: ConnectionCounters::default(),
             bytes: Arc::default(),
             global: global.clone(),
             access_log: access_log.clone(),
+            ws,
         });
         bound.push((listener_config.name.clone(), addr));
         contexts.push(ctx.clone());
@@ -220,7 +231,10 @@ fn stats_json(
         .iter()
         .map(|ctx| {
             let mut entry = ctx.counters.to_json();
-            entry["kind"] = json!("tcp");
+            entry["kind"] = json!(ctx.config.kind.as_str());
+            if let Some(ws) = &ctx.ws {
+                entry["ws"] = ws.stats.to_json();
+            }
             entry["listen"] = json!(ctx.config.listen.to_string());
             entry["upstream"] = json!(ctx.config.upstream);
             entry["data_path"] = json!(ctx.dataplane.path().as_str());

@@ -13,7 +13,7 @@ use super::raw::{NumOrStr, RawConfig, RawListener, RawServer, RawUpstream};
 use super::units::{parse_duration, parse_size};
 use super::{
     AccessLog, BalanceMethod, Config, DataplaneConfig, DataplaneMode, ListenerConfig, ListenerKind,
-    LogConfig, ProxyProtocol, ServerConfig, StatsConfig, UpstreamConfig,
+    LogConfig, ProxyProtocol, ServerConfig, StatsConfig, UpstreamConfig, UpstreamProtocol,
 };
 
 /// Default of `stats.listen`.
@@ -71,7 +71,11 @@ pub struct Invalid {
 }
 
 impl Invalid {
-    fn at(path: impl Into<String>, span: Option<Range<usize>>, reason: impl Into<String>) -> Self {
+    pub(super) fn at(
+        path: impl Into<String>,
+        span: Option<Range<usize>>,
+        reason: impl Into<String>,
+    ) -> Self {
         Invalid {
             path: path.into(),
             span,
@@ -81,7 +85,7 @@ impl Invalid {
 }
 
 /// Applies `rule` to an optional spanned value, or returns `default` when the key is absent.
-fn field<T, U>(
+pub(super) fn field<T, U>(
     value: &Option<Spanned<T>>,
     path: &str,
     default: U,
@@ -171,9 +175,10 @@ pub fn parse_proxy_protocol(value: &str) -> Result<ProxyProtocol, String> {
 pub fn parse_listener_kind(value: &str) -> Result<ListenerKind, String> {
     match value {
         "tcp" => Ok(ListenerKind::Tcp),
-        "tls" | "ws" | "wss" => Err(format!("listener kind {value:?} is not supported yet")),
+        "ws" => Ok(ListenerKind::Ws),
+        "tls" | "wss" => Err(format!("listener kind {value:?} is not supported yet")),
         _ => Err(format!(
-            "unknown listener kind {value:?}, expected one of: tcp (tls, ws, wss are not supported yet)"
+            "unknown listener kind {value:?}, expected one of: tcp, ws (tls, wss are not supported yet)"
         )),
     }
 }
@@ -432,6 +437,17 @@ fn upstream(raw: &RawUpstream, path: &str) -> Result<UpstreamConfig, Invalid> {
             format!("every server of upstream {name:?} is a backup; at least one must be primary"),
         ));
     }
+    let (upstream_protocol, upstream_host) = super::ws::upstream(raw, path)?;
+    if upstream_protocol == UpstreamProtocol::Ws
+        && proxy_protocol != ProxyProtocol::Off
+        && let Some(p) = &raw.proxy_protocol
+    {
+        return Err(Invalid::at(
+            format!("{path}.proxy_protocol"),
+            Some(p.span()),
+            "proxy_protocol cannot be used with upstream_protocol = \"ws\" (X-Forwarded-For and X-Real-IP carry the client's address)",
+        ));
+    }
     Ok(UpstreamConfig {
         name,
         balance,
@@ -439,6 +455,8 @@ fn upstream(raw: &RawUpstream, path: &str) -> Result<UpstreamConfig, Invalid> {
         connect_timeout,
         resolve_interval,
         servers,
+        upstream_protocol,
+        upstream_host,
     })
 }
 
@@ -488,6 +506,7 @@ fn listener(raw: &RawListener, path: &str) -> Result<ListenerConfig, Invalid> {
         DEFAULT_MAX_CONNECTIONS,
         max_connections_value,
     )?;
+    let ws = super::ws::listener(raw, path, kind == ListenerKind::Ws)?;
     Ok(ListenerConfig {
         name,
         kind,
@@ -499,6 +518,7 @@ fn listener(raw: &RawListener, path: &str) -> Result<ListenerConfig, Invalid> {
         tcp_nodelay,
         buffer_size,
         max_connections,
+        ws,
     })
 }
 
@@ -636,6 +656,19 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Invalid> {
                 ),
             ));
         }
+        let upstream_index = upstream_index[&l.upstream];
+        if upstreams[upstream_index].upstream_protocol == UpstreamProtocol::Ws
+            && l.kind != ListenerKind::Ws
+        {
+            return Err(Invalid::at(
+                format!("{path}.upstream"),
+                Some(raw_listener.upstream.span()),
+                format!(
+                    "upstream {:?} speaks WebSocket (upstream_protocol = \"ws\"); only ws listeners can use it",
+                    l.upstream
+                ),
+            ));
+        }
         listeners.push(l);
     }
 
@@ -679,7 +712,8 @@ mod tests {
                 .contains("off, v1, v2")
         );
         assert_eq!(parse_listener_kind("tcp"), Ok(ListenerKind::Tcp));
-        for kind in ["tls", "ws", "wss"] {
+        assert_eq!(parse_listener_kind("ws"), Ok(ListenerKind::Ws));
+        for kind in ["tls", "wss"] {
             assert_eq!(
                 parse_listener_kind(kind).unwrap_err(),
                 format!("listener kind \"{kind}\" is not supported yet")

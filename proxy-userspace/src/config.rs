@@ -833,6 +833,56 @@ upstream = "emqx"
     }
 
     #[test]
+    fn ws_listener_keys() {
+        let ws = MINIMAL.replace("kind = \"tcp\"", "kind = \"ws\"");
+        let config = Config::from_toml_str(&format!(
+            "{ws}path = [\"/mqtt\", \"/ws\"]\nmax_frame_size = \"64KiB\"\ntrust_forwarded_for = [\"10.0.0.0/8\"]\n"
+        ))
+        .unwrap();
+        let listener = &config.listeners[0];
+        assert_eq!(listener.kind, ListenerKind::Ws);
+        let ws_config = listener.ws.as_ref().unwrap();
+        assert_eq!(ws_config.paths, ["/mqtt", "/ws"]);
+        assert_eq!(ws_config.max_frame_size, 64 * 1024);
+        assert!(!ws_config.require_subprotocol);
+        assert_eq!(
+            Config::from_toml_str(&ws).unwrap().listeners[0]
+                .ws
+                .as_ref()
+                .unwrap()
+                .paths,
+            [DEFAULT_WS_PATH]
+        );
+        assert_err(
+            &listener_with("path = \"/mqtt\""),
+            "listener[0].path",
+            9,
+            "path applies only to ws listeners",
+        );
+        assert_err(
+            &format!("{ws}max_frame_size = 10\n"),
+            "listener[0].max_frame_size",
+            9,
+            "between 128 bytes and 256MiB",
+        );
+        assert_err(
+            &MINIMAL.replace("servers =", "upstream_protocol = \"ws\"\nservers ="),
+            "listener[0].upstream",
+            9,
+            "only ws listeners can use it",
+        );
+        assert_err(
+            &ws.replace(
+                "servers =",
+                "upstream_protocol = \"ws\"\nproxy_protocol = \"v2\"\nservers =",
+            ),
+            "upstream[0].proxy_protocol",
+            4,
+            "cannot be used with upstream_protocol",
+        );
+    }
+
+    #[test]
     fn listener_kind_and_listen() {
         for kind in ["tls", "wss"] {
             assert_err(

@@ -9,6 +9,7 @@ pub mod flows;
 pub mod maps;
 pub mod proxy;
 pub mod raw;
+pub mod ws;
 
 /// The data path a test runs on, named in every test whose outcome depends on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

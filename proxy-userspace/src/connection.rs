@@ -144,8 +144,10 @@ pub async fn serve(
     if ctx.upstream.config.upstream_protocol == UpstreamProtocol::Ws
         && let Some(upgrade) = &upgrade
     {
+        let meters = [Arc::clone(&ctx.bytes), Arc::clone(&server.bytes)];
         let end = serve_ws_broker(
             &ctx,
+            &meters,
             client,
             broker.stream,
             upgrade,
@@ -198,6 +200,7 @@ pub async fn serve(
 /// that failed.
 async fn serve_ws_broker(
     ctx: &ListenerContext,
+    meters: &[Arc<crate::stats::ByteMeter>],
     client: ClientStream,
     broker: TcpStream,
     upgrade: &ws::Upgrade,
@@ -240,16 +243,15 @@ async fn serve_ws_broker(
     if broker_ws.write_all(&packet).await.is_err() || broker_ws.flush().await.is_err() {
         return None;
     }
-    let meters = [Arc::clone(&ctx.bytes)];
     let mut end = copy_layered(
         client,
         Box::new(broker_ws),
         ctx.config.idle_timeout,
         ctx.config.buffer_size,
-        &meters,
+        meters,
     )
     .await;
-    for meter in &meters {
+    for meter in meters {
         meter.add(Direction::ToBroker, packet.len() as u64);
     }
     end.bytes_to_broker += packet.len() as u64;

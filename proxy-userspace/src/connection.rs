@@ -145,17 +145,14 @@ pub async fn serve(
         && let Some(upgrade) = &upgrade
     {
         let meters = [Arc::clone(&ctx.bytes), Arc::clone(&server.bytes)];
-        let end = serve_ws_broker(
-            &ctx,
-            &meters,
-            client,
-            broker.stream,
+        let client = WsClient {
+            stream: client,
             upgrade,
             socket_peer,
-            peer,
-            packet,
-        )
-        .await;
+            addr: peer,
+            connect: packet,
+        };
+        let end = serve_ws_broker(&ctx, &meters, client, broker.stream).await;
         let close = end.map_or(CloseReason::BrokerError.as_str(), |e| e.reason.as_str());
         return log(client_id, broker_addr, end, close);
     }
@@ -195,18 +192,26 @@ pub async fn serve(
     log(client_id, broker_addr, Some(end), end.reason.as_str());
 }
 
+/// A WebSocket client on its way to a WebSocket broker.
+struct WsClient<'a> {
+    stream: ClientStream,
+    upgrade: &'a ws::Upgrade,
+    /// The address the client's socket came from.
+    socket_peer: SocketAddr,
+    /// The client's address (X-Forwarded-For when trusted).
+    addr: SocketAddr,
+    /// The CONNECT's bytes, read from the client.
+    connect: Option<Vec<u8>>,
+}
+
 /// Steps 3 and 4 for an `upstream_protocol = "ws"` upstream: the broker gets its own upgrade
 /// (within the upstream's connect_timeout) and the CONNECT as the first frame; `None` when
 /// that failed.
 async fn serve_ws_broker(
     ctx: &ListenerContext,
     meters: &[Arc<crate::stats::ByteMeter>],
-    client: ClientStream,
+    client: WsClient<'_>,
     broker: TcpStream,
-    upgrade: &ws::Upgrade,
-    socket_peer: SocketAddr,
-    client_addr: SocketAddr,
-    packet: Option<Vec<u8>>,
 ) -> Option<FlowEnd> {
     let broker_addr = broker.peer_addr().ok()?;
     let max_frame = ctx
@@ -220,10 +225,10 @@ async fn serve_ws_broker(
         ws::connect_broker(
             broker,
             broker_addr,
-            upgrade,
+            client.upgrade,
             ctx.upstream.config.upstream_host.as_deref(),
-            socket_peer.ip(),
-            client_addr.ip(),
+            client.socket_peer.ip(),
+            client.addr.ip(),
             config,
         ),
     )
@@ -231,20 +236,20 @@ async fn serve_ws_broker(
     let mut broker_ws = match upgraded {
         Ok(Ok(ws)) => ws,
         Ok(Err(error)) => {
-            tracing::warn!(client = %client_addr, broker = %broker_addr, "WebSocket upgrade to the broker failed: {error}");
+            tracing::warn!(client = %client.addr, broker = %broker_addr, "WebSocket upgrade to the broker failed: {error}");
             return None;
         }
         Err(_) => {
-            tracing::warn!(client = %client_addr, broker = %broker_addr, "WebSocket upgrade to the broker timed out");
+            tracing::warn!(client = %client.addr, broker = %broker_addr, "WebSocket upgrade to the broker timed out");
             return None;
         }
     };
-    let packet = packet.unwrap_or_default();
+    let packet = client.connect.unwrap_or_default();
     if broker_ws.write_all(&packet).await.is_err() || broker_ws.flush().await.is_err() {
         return None;
     }
     let mut end = copy_layered(
-        client,
+        client.stream,
         Box::new(broker_ws),
         ctx.config.idle_timeout,
         ctx.config.buffer_size,

@@ -10,14 +10,18 @@
 //! spreads over all of them; medians with min–max, ratios and the project's targets go to
 //! stdout as markdown and to `target/bench/bench.json`.
 //!
+//! Then MQTT over WebSocket (see `ws`): mqsplice (ws → tcp) against NGINX (ws → ws) and the
+//! direct WebSocket, latency and 64 B message throughput.
+//!
 //! Flags: `--rounds N`, `--round-trips N`, `--stream-ms N`, `--window N`,
-//! `--conns N`, `--paths a,b,…`, `--quick`.
+//! `--conns N`, `--paths a,b,…`, `--quick`, `--ws-only`, `--no-ws`.
 
 mod broker;
 mod load;
 mod paths;
 mod procfs;
 mod report;
+mod ws;
 
 use anyhow::{Context, bail};
 use paths::{PathKind, Peer, Tools, find_nginx, find_program, start_peer};
@@ -47,6 +51,10 @@ struct Args {
     window: u64,
     conns: usize,
     paths: Option<Vec<String>>,
+    /// Run the WebSocket comparison (`--no-ws` turns it off).
+    ws: bool,
+    /// Run only the WebSocket comparison.
+    ws_only: bool,
 }
 
 impl Args {
@@ -59,6 +67,8 @@ impl Args {
             window: 256,
             conns: 10_000,
             paths: None,
+            ws: true,
+            ws_only: false,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -82,6 +92,8 @@ impl Args {
                     let list = it.next().context("--paths needs a value")?;
                     args.paths = Some(list.split(',').map(str::to_owned).collect());
                 }
+                "--ws-only" => args.ws_only = true,
+                "--no-ws" => args.ws = false,
                 "--quick" => {
                     args.rounds = 1;
                     args.round_trips = 2000;
@@ -90,7 +102,7 @@ impl Args {
                 }
                 "-h" | "--help" => {
                     println!(
-                        "usage: bench [--rounds N] [--round-trips N] [--stream-ms N] [--window N] [--conns N] [--paths a,b] [--quick]\n\
+                        "usage: bench [--rounds N] [--round-trips N] [--stream-ms N] [--window N] [--conns N] [--paths a,b] [--quick] [--ws-only] [--no-ws]\n\
                          paths: {}\n(MQSPLICE_BIN must name the built mqsplice)",
                         PathKind::ALL.map(|k| k.name()).join(",")
                     );
@@ -244,6 +256,10 @@ fn main() -> anyhow::Result<()> {
         args.conns = fit.max(1);
     }
 
+    if args.ws_only {
+        let nginx = find_nginx().ok();
+        return run_ws(&args, &mqsplice, nginx.as_ref());
+    }
     let mut skipped = Vec::new();
     let mut skip = |name: &str, why: String| {
         println!("skipping {name}: {why}");
@@ -256,7 +272,7 @@ fn main() -> anyhow::Result<()> {
     }
     let tools = Tools {
         nofile: limit,
-        mqsplice,
+        mqsplice: mqsplice.clone(),
         nginx,
         haproxy,
     };
@@ -397,9 +413,41 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(&file, serde_json::to_string_pretty(&results.json(params))?)
         .with_context(|| format!("write {}", file.display()))?;
     eprintln!("wrote {} ({elapsed:.0} s of rounds)", file.display());
+    if args.ws {
+        run_ws(&args, &mqsplice, tools.nginx.as_ref())?;
+    }
     if !results.failures.is_empty() {
         eprintln!("{} round(s) failed (listed above)", results.failures.len());
         std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// The WebSocket comparison, its table on stdout and its figures in `bench-ws.json`.
+fn run_ws(
+    args: &Args,
+    mqsplice: &std::path::Path,
+    nginx: Option<&paths::NginxTool>,
+) -> anyhow::Result<()> {
+    let figures = ws::compare(
+        mqsplice,
+        nginx,
+        args.rounds,
+        args.round_trips,
+        args.stream,
+        args.window,
+    );
+    let dir = output_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let file = dir.join("bench-ws.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&figures)?)
+        .with_context(|| format!("write {}", file.display()))?;
+    eprintln!("wrote {}", file.display());
+    if figures["failures"]
+        .as_array()
+        .is_some_and(|f| !f.is_empty())
+    {
+        bail!("WebSocket rounds failed (listed above)");
     }
     Ok(())
 }

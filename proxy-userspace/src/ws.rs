@@ -25,6 +25,11 @@ use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
+/// How long a refused client is given to read its HTTP error, and how much of its further
+/// input is read and dropped meanwhile.
+const REFUSAL_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+const REFUSAL_DRAIN: usize = 64 * 1024;
+
 /// A ws listener's settings and counters, shared by its connections.
 #[derive(Debug)]
 pub struct WsListener {
@@ -75,13 +80,23 @@ pub async fn accept(
         Err(reason) => {
             listener.stats.failed(reason);
             if let Some(response) = handshake::refusal(reason) {
-                // Bounded: a client that does not read its error is not waited for.
-                let _ =
-                    tokio::time::timeout_at(deadline + std::time::Duration::from_secs(1), async {
-                        tcp.write_all(response.as_bytes()).await?;
-                        tcp.shutdown().await
-                    })
-                    .await;
+                // Bounded: a client that does not read its error is not waited for. What it
+                // still sends is read and dropped until its FIN (at most REFUSAL_DRAIN bytes),
+                // so that unread input does not turn the close into a reset that eats the answer.
+                let _ = tokio::time::timeout_at(Instant::now() + REFUSAL_LINGER, async {
+                    tcp.write_all(response.as_bytes()).await?;
+                    tcp.shutdown().await?;
+                    let mut sink = [0u8; 1024];
+                    let mut drained = 0;
+                    while drained < REFUSAL_DRAIN {
+                        match tcp.read(&mut sink).await? {
+                            0 => break,
+                            n => drained += n,
+                        }
+                    }
+                    Ok::<_, std::io::Error>(())
+                })
+                .await;
             }
             return Err(reason);
         }

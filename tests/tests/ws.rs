@@ -361,8 +361,9 @@ async fn bad_requests_get_http_errors_and_are_counted() {
         response.contains("supported: mqtt, mqttv3.1"),
         "{response:?}"
     );
-    let stats = running.stats();
-    assert_eq!(stats["listeners"]["ws"]["rejected"]["ws_handshake"], 9);
+    // Counted as rejected once the refused client is gone (the proxy drains it after its FIN).
+    let rejected = || running.stats()["listeners"]["ws"]["rejected"]["ws_handshake"] == 9;
+    assert!(wait_until(WAIT, rejected).await, "{}", running.stats());
     assert_eq!(backend.accepted(), 0);
     // The same listener still upgrades a good request on its second path.
     let good = ws::connect(

@@ -33,7 +33,9 @@ const REFUSAL_DRAIN: usize = 64 * 1024;
 /// A ws listener's settings and counters, shared by its connections.
 #[derive(Debug)]
 pub struct WsListener {
+    /// The listener's ws keys.
     pub config: WsListenerConfig,
+    /// Its counters, shared with every upgraded stream (frames, bytes, violations).
     pub stats: Arc<WsStats>,
 }
 

@@ -621,3 +621,78 @@ async fn ws_upstream_gets_the_clients_path_subprotocol_host_and_addresses() {
     assert!(seen.contains("host: brokers.internal\n"), "{seen}");
     assert!(!seen.contains("sec-websocket-protocol"), "{seen}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_stops_the_broker_and_loses_nothing() {
+    const TOTAL: usize = 64 << 20;
+    let mut backend = Backend::start().await;
+    let running = proxy::start(&config(&proxy::servers(&[backend.addr], ""), "", "")).await;
+    let addr = running.listener_addr("ws").unwrap();
+    let mut client = ws::connect(addr, "/mqtt", Some("mqtt"), &[]).await.unwrap();
+    client.send(&connect_v311("slow-reader")).await.unwrap();
+    let mut broker = backend.next(WAIT).await;
+    raw::read_exactly(&mut broker, connect_v311("slow-reader").len(), WAIT).await;
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = written.clone();
+    let data = raw::pattern(TOTAL, 9);
+    let expected = data.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in data.chunks(64 << 10) {
+            broker.write_all(chunk).await.unwrap();
+            counter.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+        broker
+    });
+    // The client reads nothing: the broker must stall once the socket buffers on the way are
+    // full (mqsplice holds at most one frame), far short of everything.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stalled_at = written.load(std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let later = written.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        stalled_at, later,
+        "the broker kept writing while the client read nothing"
+    );
+    assert!(later < TOTAL / 2, "{later} bytes accepted with no reader");
+    let got = client.bytes(TOTAL, Duration::from_secs(60)).await.unwrap();
+    assert!(got == expected, "the stream arrived altered");
+    drop(writer.await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_stops_reading_stops_the_client_and_loses_nothing() {
+    const TOTAL: usize = 64 << 20;
+    let mut backend = Backend::start().await;
+    let running = proxy::start(&config(&proxy::servers(&[backend.addr], ""), "", "")).await;
+    let addr = running.listener_addr("ws").unwrap();
+    let mut client = ws::connect(addr, "/mqtt", Some("mqtt"), &[]).await.unwrap();
+    let connect = connect_v311("slow-broker");
+    client.send(&connect).await.unwrap();
+    let mut broker = backend.next(WAIT).await;
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = sent.clone();
+    let data = raw::pattern(TOTAL, 5);
+    let expected = data.clone();
+    let sender = tokio::spawn(async move {
+        for chunk in data.chunks(64 << 10) {
+            client.send(chunk).await.unwrap();
+            counter.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+        client
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stalled_at = sent.load(std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let later = sent.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        stalled_at, later,
+        "the client kept sending while the broker read nothing"
+    );
+    assert!(later < TOTAL / 2, "{later} bytes accepted with no reader");
+    let got = raw::read_exactly(&mut broker, connect.len() + TOTAL, Duration::from_secs(60)).await;
+    assert!(
+        got[connect.len()..] == expected[..],
+        "the stream arrived altered"
+    );
+    drop(sender.await.unwrap());
+}

@@ -12,6 +12,7 @@ mod raw;
 pub mod tls;
 pub mod units;
 mod validate;
+mod ws;
 
 pub use tls::{CertField, TlsConfig, TlsVersion, UpstreamTlsConfig, VerifyClient};
 
@@ -22,6 +23,10 @@ pub use validate::{
     DEFAULT_MAX_INFLIGHT_PER_FLOW, DEFAULT_MAX_INFLIGHT_TOTAL, DEFAULT_RESOLVE_INTERVAL,
     DEFAULT_STATS_LISTEN, MAX_BUFFER_SIZE, MAX_CONNECT_SIZE, MAX_DURATION, MIN_BUFFER_SIZE,
     MIN_CONNECT_SIZE,
+};
+pub use ws::{
+    DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_FRAME_SIZE, DEFAULT_WS_PATH, UpstreamProtocol,
+    WsListenerConfig,
 };
 
 /// The whole, validated configuration of one mqsplice process.
@@ -160,6 +165,10 @@ pub struct UpstreamConfig {
     pub servers: Vec<ServerConfig>,
     /// `upstream_tls`: TLS from mqsplice to the brokers; `None` is plain TCP.
     pub tls: Option<UpstreamTlsConfig>,
+    /// What the brokers are spoken to in. Default `tcp`.
+    pub upstream_protocol: UpstreamProtocol,
+    /// `Host` sent to WebSocket brokers instead of the client's. Default none.
+    pub upstream_host: Option<String>,
 }
 
 /// What a listener speaks.
@@ -168,6 +177,10 @@ pub enum ListenerKind {
     Tcp,
     /// TLS terminated by mqsplice (rustls); the `tls` table says how.
     Tls,
+    /// MQTT over WebSocket (RFC 6455) on plain TCP.
+    Ws,
+    /// MQTT over WebSocket over TLS: the `tls` table and the ws keys together.
+    Wss,
 }
 
 impl ListenerKind {
@@ -176,6 +189,8 @@ impl ListenerKind {
         match self {
             ListenerKind::Tcp => "tcp",
             ListenerKind::Tls => "tls",
+            ListenerKind::Ws => "ws",
+            ListenerKind::Wss => "wss",
         }
     }
 }
@@ -206,6 +221,8 @@ pub struct ListenerConfig {
     pub rewrite_client_id: Option<CertField>,
     /// Replace (or add) the CONNECT's user name with this field of the client certificate.
     pub rewrite_username: Option<CertField>,
+    /// The WebSocket settings; `Some` exactly for `ws` listeners.
+    pub ws: Option<WsListenerConfig>,
 }
 
 /// A configuration that could not be read or is not valid; the message names the key path and line.
@@ -459,6 +476,8 @@ upstream = "emqx"
                     },
                 ],
                 tls: None,
+                upstream_protocol: UpstreamProtocol::Tcp,
+                upstream_host: None,
             }],
             listeners: vec![ListenerConfig {
                 name: "mqtt".into(),
@@ -474,6 +493,7 @@ upstream = "emqx"
                 tls: None,
                 rewrite_client_id: None,
                 rewrite_username: None,
+                ws: None,
             }],
         };
         assert_eq!(config, expected);
@@ -504,6 +524,8 @@ upstream = "emqx"
                 resolve_interval: secs(30),
                 servers: vec![server("127.0.0.1:1883")],
                 tls: None,
+                upstream_protocol: UpstreamProtocol::Tcp,
+                upstream_host: None,
             }],
             listeners: vec![ListenerConfig {
                 name: "mqtt".into(),
@@ -519,6 +541,7 @@ upstream = "emqx"
                 tls: None,
                 rewrite_client_id: None,
                 rewrite_username: None,
+                ws: None,
             }],
         };
         assert_eq!(config, expected);
@@ -835,15 +858,57 @@ upstream = "emqx"
     }
 
     #[test]
+    fn ws_listener_keys() {
+        let ws = MINIMAL.replace("kind = \"tcp\"", "kind = \"ws\"");
+        let config = Config::from_toml_str(&format!(
+            "{ws}path = [\"/mqtt\", \"/ws\"]\nmax_frame_size = \"64KiB\"\ntrust_forwarded_for = [\"10.0.0.0/8\"]\n"
+        ))
+        .unwrap();
+        let listener = &config.listeners[0];
+        assert_eq!(listener.kind, ListenerKind::Ws);
+        let ws_config = listener.ws.as_ref().unwrap();
+        assert_eq!(ws_config.paths, ["/mqtt", "/ws"]);
+        assert_eq!(ws_config.max_frame_size, 64 * 1024);
+        assert!(!ws_config.require_subprotocol);
+        assert_eq!(
+            Config::from_toml_str(&ws).unwrap().listeners[0]
+                .ws
+                .as_ref()
+                .unwrap()
+                .paths,
+            [DEFAULT_WS_PATH]
+        );
+        assert_err(
+            &listener_with("path = \"/mqtt\""),
+            "listener[0].path",
+            9,
+            "path applies only to ws listeners",
+        );
+        assert_err(
+            &format!("{ws}max_frame_size = 10\n"),
+            "listener[0].max_frame_size",
+            9,
+            "between 128 bytes and 256MiB",
+        );
+        assert_err(
+            &MINIMAL.replace("servers =", "upstream_protocol = \"ws\"\nservers ="),
+            "listener[0].upstream",
+            9,
+            "only ws listeners can use it",
+        );
+        assert_err(
+            &ws.replace(
+                "servers =",
+                "upstream_protocol = \"ws\"\nproxy_protocol = \"v2\"\nservers =",
+            ),
+            "upstream[0].proxy_protocol",
+            4,
+            "cannot be used with upstream_protocol",
+        );
+    }
+
+    #[test]
     fn listener_kind_and_listen() {
-        for kind in ["ws", "wss"] {
-            assert_err(
-                &MINIMAL.replace("kind = \"tcp\"", &format!("kind = \"{kind}\"")),
-                "listener[0].kind",
-                6,
-                &format!("listener kind \"{kind}\" is not supported yet"),
-            );
-        }
         assert_err(
             &MINIMAL.replace("kind = \"tcp\"", "kind = \"quic\""),
             "listener[0].kind",

@@ -6,12 +6,14 @@ mod refuse;
 
 use crate::access_log::Entry;
 use crate::balance::SelectKey;
-use crate::dataplane::{ClientStream, CloseReason, ConnectHandling, Flow, FlowEnd};
+use crate::config::UpstreamProtocol;
+use crate::dataplane::{ClientStream, CloseReason, ConnectHandling, Flow, FlowEnd, copy_layered};
 use crate::listener::ListenerContext;
 use crate::mqtt;
 use crate::proxy_protocol;
 use crate::reject::RejectReason;
 use crate::stats::Direction;
+use crate::ws;
 use read_connect::{ReadConnectError, peek_connect, read_connect};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,25 +34,14 @@ pub async fn serve(
     let started = Instant::now();
     let _ = tcp.set_nodelay(ctx.config.tcp_nodelay);
     let local = tcp.local_addr().unwrap_or(peer);
-    let log =
-        |client_id: Option<&str>, broker: Option<SocketAddr>, end: Option<FlowEnd>, close: &str| {
-            ctx.access_log.write(&Entry {
-                client: peer,
-                client_id,
-                listener: &ctx.config.name,
-                broker,
-                path: end.map_or(ctx.dataplane.path(), |e| e.path).as_str(),
-                bytes_to_broker: end.map_or(0, |e| e.bytes_to_broker),
-                bytes_to_client: end.map_or(0, |e| e.bytes_to_client),
-                duration: started.elapsed(),
-                close,
-            })
-        };
+    // The address the socket saw; `peer` becomes the client's (X-Forwarded-For) below.
+    let socket_peer = peer;
 
-    // 0. The layer the listener's kind puts between TCP and MQTT (none on `tcp`): a TLS
-    //    handshake, within connect_packet_timeout, counted by outcome.
+    // 0. The layers the listener's kind puts between TCP and MQTT (none on `tcp`): a TLS
+    //    handshake (tls), within connect_packet_timeout, counted by outcome; then the WebSocket
+    //    upgrade (ws), within its handshake_timeout.
     let mut identity = None;
-    let mut client = match &ctx.tls {
+    let transport = match &ctx.tls {
         None => ClientStream::Tcp(tcp),
         Some(tls) => match tls.accept(tcp, ctx.config.connect_packet_timeout).await {
             Ok(stream) => {
@@ -68,10 +59,61 @@ pub async fn serve(
             Err(failure) => {
                 tracing::debug!(client = %peer, "TLS handshake failed: {}", failure.as_str());
                 ctx.count(|c| c.reject(RejectReason::TlsHandshake));
-                return log(None, None, None, RejectReason::TlsHandshake.as_str());
+                ctx.access_log.write(&Entry {
+                    client: peer,
+                    client_id: None,
+                    listener: &ctx.config.name,
+                    broker: None,
+                    path: ctx.dataplane.path().as_str(),
+                    bytes_to_broker: 0,
+                    bytes_to_client: 0,
+                    duration: started.elapsed(),
+                    close: RejectReason::TlsHandshake.as_str(),
+                });
+                return;
             }
         },
     };
+    let (mut client, peer, upgrade) = match &ctx.ws {
+        None => (transport, peer, None),
+        Some(ws) => match ws::accept(transport, peer, ws, ctx.config.buffer_size).await {
+            Ok(accepted) => (
+                ClientStream::Layered(Box::new(accepted.stream)),
+                accepted.client,
+                Some(accepted.upgrade),
+            ),
+            Err(reason) => {
+                tracing::debug!(client = %peer, "WebSocket upgrade refused: {}", reason.as_str());
+                ctx.count(|c| c.reject(RejectReason::WsHandshake));
+                ctx.access_log.write(&Entry {
+                    client: peer,
+                    client_id: None,
+                    listener: &ctx.config.name,
+                    broker: None,
+                    path: ctx.dataplane.path().as_str(),
+                    bytes_to_broker: 0,
+                    bytes_to_client: 0,
+                    duration: started.elapsed(),
+                    close: RejectReason::WsHandshake.as_str(),
+                });
+                return;
+            }
+        },
+    };
+    let log =
+        |client_id: Option<&str>, broker: Option<SocketAddr>, end: Option<FlowEnd>, close: &str| {
+            ctx.access_log.write(&Entry {
+                client: peer,
+                client_id,
+                listener: &ctx.config.name,
+                broker,
+                path: end.map_or(ctx.dataplane.path(), |e| e.path).as_str(),
+                bytes_to_broker: end.map_or(0, |e| e.bytes_to_broker),
+                bytes_to_client: end.map_or(0, |e| e.bytes_to_client),
+                duration: started.elapsed(),
+                close,
+            })
+        };
 
     // 1. Read one complete CONNECT, within connect_packet_timeout: consumed for the userspace
     //    path (`packet` holds its bytes), or only peeked for the splice (`packet` is None).
@@ -147,6 +189,23 @@ pub async fn serve(
     });
     server.total.fetch_add(1, Relaxed);
 
+    // 3'. A WebSocket broker leg: upgrade, write the CONNECT into it, copy both ways.
+    if ctx.upstream.config.upstream_protocol == UpstreamProtocol::Ws
+        && let Some(upgrade) = &upgrade
+    {
+        let meters = [Arc::clone(&ctx.bytes), Arc::clone(&server.bytes)];
+        let client = WsClient {
+            stream: client,
+            upgrade,
+            socket_peer,
+            addr: peer,
+            connect: packet,
+        };
+        let end = serve_ws_broker(&ctx, &meters, client, broker.stream).await;
+        let close = end.map_or(CloseReason::BrokerError.as_str(), |e| e.reason.as_str());
+        return log(client_id, broker_addr, end, close);
+    }
+
     // 3. The PROXY header (if on), then TLS to the broker (if `upstream_tls`), then the CONNECT
     //    when it was consumed. Without TLS both go in one write.
     let mut preamble = proxy_protocol::header(ctx.upstream.config.proxy_protocol, peer, local);
@@ -212,6 +271,77 @@ pub async fn serve(
     let mut end = ctx.dataplane.run(flow).await;
     end.bytes_to_broker += consumed;
     log(client_id, broker_addr, Some(end), end.reason.as_str());
+}
+
+/// A WebSocket client on its way to a WebSocket broker.
+struct WsClient<'a> {
+    stream: ClientStream,
+    upgrade: &'a ws::Upgrade,
+    /// The address the client's socket came from.
+    socket_peer: SocketAddr,
+    /// The client's address (X-Forwarded-For when trusted).
+    addr: SocketAddr,
+    /// The CONNECT's bytes, read from the client.
+    connect: Option<Vec<u8>>,
+}
+
+/// Steps 3 and 4 for an `upstream_protocol = "ws"` upstream: the broker gets its own upgrade
+/// (within the upstream's connect_timeout) and the CONNECT as the first frame; `None` when
+/// that failed.
+async fn serve_ws_broker(
+    ctx: &ListenerContext,
+    meters: &[Arc<crate::stats::ByteMeter>],
+    client: WsClient<'_>,
+    broker: TcpStream,
+) -> Option<FlowEnd> {
+    let broker_addr = broker.peer_addr().ok()?;
+    let max_frame = ctx
+        .config
+        .ws
+        .as_ref()
+        .map_or(crate::config::DEFAULT_MAX_FRAME_SIZE, |w| w.max_frame_size);
+    let config = ws::ws_config(max_frame, ctx.config.buffer_size);
+    let upgraded = tokio::time::timeout(
+        ctx.upstream.config.connect_timeout,
+        ws::connect_broker(
+            broker,
+            broker_addr,
+            client.upgrade,
+            ctx.upstream.config.upstream_host.as_deref(),
+            client.socket_peer.ip(),
+            client.addr.ip(),
+            config,
+        ),
+    )
+    .await;
+    let mut broker_ws = match upgraded {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(error)) => {
+            tracing::warn!(client = %client.addr, broker = %broker_addr, "WebSocket upgrade to the broker failed: {error}");
+            return None;
+        }
+        Err(_) => {
+            tracing::warn!(client = %client.addr, broker = %broker_addr, "WebSocket upgrade to the broker timed out");
+            return None;
+        }
+    };
+    let packet = client.connect.unwrap_or_default();
+    if broker_ws.write_all(&packet).await.is_err() || broker_ws.flush().await.is_err() {
+        return None;
+    }
+    let mut end = copy_layered(
+        client.stream,
+        Box::new(broker_ws),
+        ctx.config.idle_timeout,
+        ctx.config.buffer_size,
+        meters,
+    )
+    .await;
+    for meter in meters {
+        meter.add(Direction::ToBroker, packet.len() as u64);
+    }
+    end.bytes_to_broker += packet.len() as u64;
+    Some(end)
 }
 
 /// Counts a connection as active on its listener and globally for as long as it lives.

@@ -20,5 +20,6 @@ pub mod server;
 pub mod stats;
 pub mod tls;
 pub mod upstream;
+pub mod ws;
 
 pub use server::{Options, Running, start, start_with};

@@ -26,6 +26,8 @@ pub struct ListenerContext {
     pub access_log: Arc<AccessLog>,
     /// The TLS server side of a `tls` listener.
     pub tls: Option<Arc<crate::tls::ServerTls>>,
+    /// The WebSocket settings and counters of a `ws` listener.
+    pub ws: Option<crate::ws::WsListener>,
 }
 
 impl std::fmt::Debug for dyn DataPlane {

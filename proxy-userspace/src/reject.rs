@@ -28,11 +28,13 @@ pub enum RejectReason {
     /// The CONNECT could not be rewritten from the client certificate (none sent under
     /// `verify_client = "optional"`, or it lacks the field).
     CertIdentity,
+    /// A ws listener's HTTP upgrade failed (the listener's `ws.upgrades_failed` says why).
+    WsHandshake,
 }
 
 impl RejectReason {
     /// Every reason, in the order the stats JSON lists them.
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 10] = [
         RejectReason::Malformed,
         RejectReason::BadProtocol,
         RejectReason::TooLarge,
@@ -42,6 +44,7 @@ impl RejectReason {
         RejectReason::Closed,
         RejectReason::TlsHandshake,
         RejectReason::CertIdentity,
+        RejectReason::WsHandshake,
     ];
 
     /// The stats and access-log key for this reason.
@@ -56,6 +59,7 @@ impl RejectReason {
             RejectReason::Closed => "closed",
             RejectReason::TlsHandshake => "tls_handshake",
             RejectReason::CertIdentity => "cert_identity",
+            RejectReason::WsHandshake => "ws_handshake",
         }
     }
 }

@@ -7,6 +7,7 @@ use crate::listener::{ListenerContext, accept_loop};
 use crate::stats::{ConnectionCounters, serve_stats};
 use crate::tls::{DEFAULT_ALPN_MQTT, ServerTls, UpstreamTls};
 use crate::upstream::{Resolve, SystemResolver, Upstream};
+use crate::ws::WsListener;
 use anyhow::{Context, bail};
 use serde_json::{Map, Value, json};
 use std::net::SocketAddr;
@@ -15,6 +16,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+
+/// The default ALPN list of a wss listener.
+const DEFAULT_ALPN_WSS: &[&str] = &["http/1.1"];
 
 /// Knobs that are not configuration: what tests and embedders swap out.
 #[derive(Clone)]
@@ -147,8 +151,15 @@ pub async fn start_with(config: Config, options: Options) -> anyhow::Result<Runn
             })?;
         let addr = socket.local_addr()?;
         let tls = match (listener_config.kind, &listener_config.tls) {
-            (ListenerKind::Tls, Some(tls_config)) => {
-                let tls = ServerTls::new(tls_config, DEFAULT_ALPN_MQTT)
+            (kind @ (ListenerKind::Tls | ListenerKind::Wss), Some(tls_config)) => {
+                // Browsers offer only http/1.1, and rustls refuses a client none of whose
+                // ALPN names match.
+                let alpn = if kind == ListenerKind::Wss {
+                    DEFAULT_ALPN_WSS
+                } else {
+                    DEFAULT_ALPN_MQTT
+                };
+                let tls = ServerTls::new(tls_config, alpn)
                     .with_context(|| format!("listener {:?}", listener_config.name))?;
                 let tls = Arc::new(tls);
                 tls_listeners.push((listener_config.name.clone(), tls.clone()));
@@ -156,13 +167,18 @@ pub async fn start_with(config: Config, options: Options) -> anyhow::Result<Runn
             }
             _ => None,
         };
-        // Nothing below TLS can be spliced, on either side: the kernel here has no kTLS.
-        let plane: Arc<dyn DataPlane> = if tls.is_some() || upstream.tls.is_some() {
+        tracing::info!(listener = %listener_config.name, %addr, upstream = %upstream.config.name, "listening");
+        let ws = listener_config.ws.clone().map(|config| WsListener {
+            config,
+            stats: Arc::default(),
+        });
+        // Nothing below TLS can be spliced, on either side (the kernel here has no kTLS), and
+        // WebSocket frames must be unwrapped by the daemon, whatever dataplane.mode says.
+        let plane: Arc<dyn DataPlane> = if tls.is_some() || upstream.tls.is_some() || ws.is_some() {
             Arc::new(UserspaceCopy)
         } else {
             dataplane.plane.clone()
         };
-        tracing::info!(listener = %listener_config.name, %addr, upstream = %upstream.config.name, "listening");
         let ctx = Arc::new(ListenerContext {
             config: listener_config.clone(),
             upstream: upstream.clone(),
@@ -172,6 +188,7 @@ pub async fn start_with(config: Config, options: Options) -> anyhow::Result<Runn
             global: global.clone(),
             access_log: access_log.clone(),
             tls,
+            ws,
         });
         bound.push((listener_config.name.clone(), addr));
         contexts.push(ctx.clone());
@@ -266,6 +283,9 @@ fn stats_json(
         .map(|ctx| {
             let mut entry = ctx.counters.to_json();
             entry["kind"] = json!(ctx.config.kind.as_str());
+            if let Some(ws) = &ctx.ws {
+                entry["ws"] = ws.stats.to_json();
+            }
             entry["listen"] = json!(ctx.config.listen.to_string());
             entry["upstream"] = json!(ctx.config.upstream);
             entry["data_path"] = json!(ctx.dataplane.path().as_str());

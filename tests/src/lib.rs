@@ -10,6 +10,7 @@ pub mod maps;
 pub mod pki;
 pub mod proxy;
 pub mod raw;
+pub mod ws;
 
 /// The data path a test runs on, named in every test whose outcome depends on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,4 +113,28 @@ fn remove_pin_dirs_of_dead_test_processes() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
+}
+
+/// Whether an external tool a test needs (Chromium, node modules, amqtt) is installed: without
+/// it the test prints `SKIPPED: …` and returns, except under `CI=true`, where it fails
+/// (`cargo xtask setup` installs them all).
+pub fn tool_present(present: bool, what: &str) -> bool {
+    if present {
+        return true;
+    }
+    let reason = format!("{what} is not installed (run `cargo xtask setup`)");
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true and {reason}"
+    );
+    println!("SKIPPED: {reason}");
+    false
+}
+
+/// The workspace's root directory.
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }

@@ -12,8 +12,18 @@ use anyhow::{Context as _, Result, bail, ensure};
 /// bpf-linker release known to link aya-ebpf 0.2.1 objects with the nightly's LLVM.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Debian packages the tests and the demo use (bpftool for inspecting maps, mosquitto as broker).
-const DEB_PACKAGES: &[&str] = &["bpftool", "mosquitto", "mosquitto-clients"];
+/// Debian packages the tests and the demo use (bpftool for inspecting maps, mosquitto as broker,
+/// chromium and node for the browser test).
+const DEB_PACKAGES: &[&str] = &[
+    "bpftool",
+    "mosquitto",
+    "mosquitto-clients",
+    "chromium",
+    "nodejs",
+];
+
+/// The amqtt release the `upstream_protocol = "ws"` test runs against (its WebSocket listener).
+const AMQTT_VERSION: &str = "0.12.1";
 
 /// Runs every setup step, stopping at the first failure with a message naming the step.
 pub fn setup() -> Result<()> {
@@ -21,6 +31,56 @@ pub fn setup() -> Result<()> {
     bpf_linker().context("setup: bpf-linker")?;
     debian_packages(DEB_PACKAGES).context("setup: Debian packages")?;
     bpffs().context("setup: bpffs at /sys/fs/bpf")?;
+    npm_modules().context("setup: npm modules for the browser test (tests/browser)")?;
+    amqtt().context("setup: amqtt for the WebSocket upstream test")?;
+    Ok(())
+}
+
+/// MQTT.js and playwright-core, exactly as tests/browser/package-lock.json pins them.
+fn npm_modules() -> Result<()> {
+    let dir = crate::root().join("tests/browser");
+    let present = dir.join("node_modules/mqtt/dist/mqtt.min.js").exists()
+        && dir
+            .join("node_modules/playwright-core/package.json")
+            .exists();
+    if present {
+        report("npm mqtt, playwright-core", "already present");
+        return Ok(());
+    }
+    if output(Command::new("npm").arg("--version")).is_none() {
+        debian_packages(&["npm"])?;
+    }
+    run(Command::new("npm")
+        .current_dir(&dir)
+        .args(["ci", "--no-audit", "--no-fund"]))?;
+    report("npm mqtt, playwright-core", "installed");
+    Ok(())
+}
+
+/// amqtt in a virtualenv under target/ (the tests find it at target/amqtt-venv/bin/amqtt).
+fn amqtt() -> Result<()> {
+    let venv = crate::root().join("target/amqtt-venv");
+    let bin = venv.join("bin/amqtt");
+    let installed =
+        output(Command::new(venv.join("bin/pip")).args(["show", "amqtt"])).is_some_and(|s| {
+            s.lines()
+                .any(|l| l.trim() == format!("Version: {AMQTT_VERSION}"))
+        });
+    if installed && bin.exists() {
+        report("amqtt", &format!("{AMQTT_VERSION} already present"));
+        return Ok(());
+    }
+    if !venv.join("bin/pip").exists() {
+        if output(Command::new("python3").args(["-m", "venv", "--help"])).is_none() {
+            debian_packages(&["python3-venv"])?;
+        }
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    }
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "-q"])
+        .arg(format!("amqtt=={AMQTT_VERSION}")))?;
+    ensure!(bin.exists(), "{} missing after pip install", bin.display());
+    report("amqtt", &format!("{AMQTT_VERSION} installed"));
     Ok(())
 }
 

@@ -40,6 +40,26 @@ impl<'de> Deserialize<'de> for NumOrStr {
     }
 }
 
+/// A key that takes one string or a list of them (`path = "/mqtt"` or `path = ["/a", "/b"]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// A single string.
+    One(String),
+    /// A list of strings.
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    /// The strings, one or many.
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
 /// The whole document.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -91,6 +111,8 @@ pub struct RawUpstream {
     pub connect_timeout: Option<Spanned<NumOrStr>>,
     pub resolve_interval: Option<Spanned<NumOrStr>>,
     pub servers: Option<Spanned<Vec<RawServer>>>,
+    pub upstream_protocol: Option<Spanned<String>>,
+    pub upstream_host: Option<Spanned<String>>,
     pub upstream_tls: Option<Spanned<RawUpstreamTls>>,
 }
 
@@ -128,6 +150,13 @@ pub struct RawListener {
     pub tcp_nodelay: Option<Spanned<bool>>,
     pub buffer_size: Option<Spanned<NumOrStr>>,
     pub max_connections: Option<Spanned<i64>>,
+    // ws listeners (config/ws.rs)
+    pub path: Option<Spanned<OneOrMany>>,
+    pub require_subprotocol: Option<Spanned<bool>>,
+    pub max_frame_size: Option<Spanned<NumOrStr>>,
+    pub allowed_origins: Option<Spanned<OneOrMany>>,
+    pub trust_forwarded_for: Option<Spanned<OneOrMany>>,
+    pub handshake_timeout: Option<Spanned<NumOrStr>>,
     pub tls: Option<Spanned<RawTls>>,
     pub rewrite_client_id: Option<Spanned<String>>,
     pub rewrite_username: Option<Spanned<String>>,

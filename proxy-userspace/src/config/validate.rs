@@ -15,7 +15,7 @@ use super::units::{parse_duration, parse_size};
 use super::{
     AccessLog, BalanceMethod, CertField, Config, DataplaneConfig, DataplaneMode, ListenerConfig,
     ListenerKind, LogConfig, ProxyProtocol, ServerConfig, StatsConfig, TlsConfig, UpstreamConfig,
-    VerifyClient,
+    UpstreamProtocol, VerifyClient,
 };
 
 /// Default of `stats.listen`.
@@ -178,9 +178,10 @@ pub fn parse_listener_kind(value: &str) -> Result<ListenerKind, String> {
     match value {
         "tcp" => Ok(ListenerKind::Tcp),
         "tls" => Ok(ListenerKind::Tls),
-        "ws" | "wss" => Err(format!("listener kind {value:?} is not supported yet")),
+        "ws" => Ok(ListenerKind::Ws),
+        "wss" => Ok(ListenerKind::Wss),
         _ => Err(format!(
-            "unknown listener kind {value:?}, expected one of: tcp, tls (ws, wss are not supported yet)"
+            "unknown listener kind {value:?}, expected one of: tcp, tls, ws, wss"
         )),
     }
 }
@@ -444,6 +445,17 @@ fn upstream(raw: &RawUpstream, path: &str) -> Result<UpstreamConfig, Invalid> {
         .as_ref()
         .map(|t| upstream_tls_table(t.get_ref(), &format!("{path}.upstream_tls")))
         .transpose()?;
+    let (upstream_protocol, upstream_host) = super::ws::upstream(raw, path)?;
+    if upstream_protocol == UpstreamProtocol::Ws
+        && proxy_protocol != ProxyProtocol::Off
+        && let Some(p) = &raw.proxy_protocol
+    {
+        return Err(Invalid::at(
+            format!("{path}.proxy_protocol"),
+            Some(p.span()),
+            "proxy_protocol cannot be used with upstream_protocol = \"ws\" (X-Forwarded-For and X-Real-IP carry the client's address)",
+        ));
+    }
     Ok(UpstreamConfig {
         name,
         balance,
@@ -452,6 +464,8 @@ fn upstream(raw: &RawUpstream, path: &str) -> Result<UpstreamConfig, Invalid> {
         resolve_interval,
         servers,
         tls,
+        upstream_protocol,
+        upstream_host,
     })
 }
 
@@ -502,6 +516,11 @@ fn listener(raw: &RawListener, path: &str) -> Result<ListenerConfig, Invalid> {
         max_connections_value,
     )?;
     let (tls, rewrite_client_id, rewrite_username) = listener_tls(raw, path, kind)?;
+    let ws = super::ws::listener(
+        raw,
+        path,
+        matches!(kind, ListenerKind::Ws | ListenerKind::Wss),
+    )?;
     Ok(ListenerConfig {
         name,
         kind,
@@ -516,6 +535,7 @@ fn listener(raw: &RawListener, path: &str) -> Result<ListenerConfig, Invalid> {
         tls,
         rewrite_client_id,
         rewrite_username,
+        ws,
     })
 }
 
@@ -526,14 +546,17 @@ type ListenerTls = (Option<TlsConfig>, Option<CertField>, Option<CertField>);
 /// certificates can have.
 fn listener_tls(raw: &RawListener, path: &str, kind: ListenerKind) -> Result<ListenerTls, Invalid> {
     let tls = match (&raw.tls, kind) {
-        (Some(table), ListenerKind::Tls) => {
+        (Some(table), ListenerKind::Tls | ListenerKind::Wss) => {
             Some(tls_table(table.get_ref(), &format!("{path}.tls"))?)
         }
-        (None, ListenerKind::Tls) => {
+        (None, ListenerKind::Tls | ListenerKind::Wss) => {
             return Err(Invalid::at(
                 format!("{path}.tls"),
                 Some(raw.kind.span()),
-                "a tls listener needs a tls = { cert = \"...\", key = \"...\" } table",
+                format!(
+                    "a {} listener needs a tls = {{ cert = \"...\", key = \"...\" }} table",
+                    kind.as_str()
+                ),
             ));
         }
         (Some(table), _) => {
@@ -701,6 +724,19 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Invalid> {
                 ),
             ));
         }
+        let upstream_index = upstream_index[&l.upstream];
+        if upstreams[upstream_index].upstream_protocol == UpstreamProtocol::Ws
+            && l.kind != ListenerKind::Ws
+        {
+            return Err(Invalid::at(
+                format!("{path}.upstream"),
+                Some(raw_listener.upstream.span()),
+                format!(
+                    "upstream {:?} speaks WebSocket (upstream_protocol = \"ws\"); only ws listeners can use it",
+                    l.upstream
+                ),
+            ));
+        }
         listeners.push(l);
     }
 
@@ -745,12 +781,8 @@ mod tests {
         );
         assert_eq!(parse_listener_kind("tcp"), Ok(ListenerKind::Tcp));
         assert_eq!(parse_listener_kind("tls"), Ok(ListenerKind::Tls));
-        for kind in ["ws", "wss"] {
-            assert_eq!(
-                parse_listener_kind(kind).unwrap_err(),
-                format!("listener kind \"{kind}\" is not supported yet")
-            );
-        }
+        assert_eq!(parse_listener_kind("ws"), Ok(ListenerKind::Ws));
+        assert_eq!(parse_listener_kind("wss"), Ok(ListenerKind::Wss));
         assert!(
             parse_listener_kind("udp")
                 .unwrap_err()

@@ -73,6 +73,26 @@ async fn copy_flow(flow: Flow) -> FlowEnd {
     }
 }
 
+/// Copies between a layered client and a layered broker leg (a WebSocket broker): the same
+/// loop as the userspace data plane, for a pair no data plane's [`Flow`] can hold.
+pub async fn copy_layered(
+    client: ClientStream,
+    broker: Box<dyn super::ClientIo>,
+    idle_timeout: Duration,
+    buffer_size: usize,
+    meters: &[Arc<ByteMeter>],
+) -> FlowEnd {
+    let (client_read, client_write) = tokio::io::split(client);
+    let (broker_read, broker_write) = tokio::io::split(broker);
+    let halves = Halves {
+        client_read,
+        client_write,
+        broker_read,
+        broker_write,
+    };
+    copy_pair(halves, idle_timeout, buffer_size, meters).await
+}
+
 /// The read and write halves of both sides of a flow.
 struct Halves<CR, CW, BR, BW> {
     client_read: CR,
@@ -203,7 +223,8 @@ where
             Ok(n) => n,
             Err(_) => return Err(Failure::Read),
         };
-        if writer.write_all(&buf[..n]).await.is_err() {
+        // The flush is free on a socket and pushes a layered stream's frame or record out now.
+        if writer.write_all(&buf[..n]).await.is_err() || writer.flush().await.is_err() {
             return Err(Failure::Write);
         }
         progress.record(dir, n as u64);

@@ -159,7 +159,7 @@ fn serve(mut stream: TcpStream) -> io::Result<()> {
 }
 
 /// Writes the answer to a non-PUBLISH packet into `reply`; false for DISCONNECT.
-fn answer(packet: &[u8], h: Header, mqtt5: &mut bool, reply: &mut Vec<u8>) -> bool {
+pub fn answer(packet: &[u8], h: Header, mqtt5: &mut bool, reply: &mut Vec<u8>) -> bool {
     let body = &packet[h.header_len..];
     // The first two bytes of the variable header (packet id, or the protocol name's length).
     let packet_id = |body: &[u8]| [*body.first().unwrap_or(&0), *body.get(1).unwrap_or(&0)];

@@ -10,9 +10,13 @@
 //! spreads over all of them; medians with min–max, ratios and the project's targets go to
 //! stdout as markdown and to `target/bench/bench.json`.
 //!
+//! Then MQTT over WebSocket (see `ws`): mqsplice (ws → tcp) against NGINX (ws → ws) and the
+//! direct WebSocket, latency and 64 B message throughput.
+//!
 //! Flags: `--rounds N`, `--round-trips N`, `--stream-ms N`, `--window N`,
 //! `--conns N`, `--paths a,b,…`, `--quick`. `--tls` runs the TLS benchmark instead (see
-//! [`tls`]), with `--tls-rounds N`, `--tls-seconds N`, `--tls-clients N`, `--tls-mib N`.
+//! [`tls`]), with `--tls-rounds N`, `--tls-seconds N`, `--tls-clients N`, `--tls-mib N`;
+//! `--ws-only` runs only the WebSocket comparison, `--no-ws` leaves it out.
 
 mod broker;
 mod load;
@@ -20,6 +24,7 @@ mod paths;
 mod procfs;
 mod report;
 mod tls;
+mod ws;
 
 use anyhow::{Context, bail};
 use paths::{PathKind, Peer, Tools, find_nginx, find_program, start_peer};
@@ -51,6 +56,10 @@ struct Args {
     paths: Option<Vec<String>>,
     /// `--tls`: the TLS benchmark instead of the plain one.
     tls: Option<tls::TlsArgs>,
+    /// Run the WebSocket comparison (`--no-ws` turns it off).
+    ws: bool,
+    /// Run only the WebSocket comparison.
+    ws_only: bool,
 }
 
 impl Args {
@@ -64,6 +73,8 @@ impl Args {
             conns: 10_000,
             paths: None,
             tls: None,
+            ws: true,
+            ws_only: false,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -110,6 +121,8 @@ impl Args {
                         _ => t.mib = n as usize,
                     }
                 }
+                "--ws-only" => args.ws_only = true,
+                "--no-ws" => args.ws = false,
                 "--quick" => {
                     args.rounds = 1;
                     args.round_trips = 2000;
@@ -118,7 +131,7 @@ impl Args {
                 }
                 "-h" | "--help" => {
                     println!(
-                        "usage: bench [--rounds N] [--round-trips N] [--stream-ms N] [--window N] [--conns N] [--paths a,b] [--quick]\n\
+                        "usage: bench [--rounds N] [--round-trips N] [--stream-ms N] [--window N] [--conns N] [--paths a,b] [--quick] [--ws-only] [--no-ws]\n\
                          \x20      bench --tls [--tls-rounds N] [--tls-seconds N] [--tls-clients N] [--tls-mib N]\n\
                          paths: {}\n(MQSPLICE_BIN must name the built mqsplice)",
                         PathKind::ALL.map(|k| k.name()).join(",")
@@ -276,7 +289,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(tls_args) = &args.tls {
         let tools = Tools {
             nofile: limit,
-            mqsplice,
+            mqsplice: mqsplice.clone(),
             nginx: find_nginx()
                 .map_err(|why| println!("skipping nginx: {why}"))
                 .ok(),
@@ -285,6 +298,10 @@ fn main() -> anyhow::Result<()> {
         return tls::run(&tools, tls_args, &output_dir());
     }
 
+    if args.ws_only {
+        let nginx = find_nginx().ok();
+        return run_ws(&args, &mqsplice, nginx.as_ref());
+    }
     let mut skipped = Vec::new();
     let mut skip = |name: &str, why: String| {
         println!("skipping {name}: {why}");
@@ -297,7 +314,7 @@ fn main() -> anyhow::Result<()> {
     }
     let tools = Tools {
         nofile: limit,
-        mqsplice,
+        mqsplice: mqsplice.clone(),
         nginx,
         haproxy,
     };
@@ -438,9 +455,41 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(&file, serde_json::to_string_pretty(&results.json(params))?)
         .with_context(|| format!("write {}", file.display()))?;
     eprintln!("wrote {} ({elapsed:.0} s of rounds)", file.display());
+    if args.ws {
+        run_ws(&args, &mqsplice, tools.nginx.as_ref())?;
+    }
     if !results.failures.is_empty() {
         eprintln!("{} round(s) failed (listed above)", results.failures.len());
         std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// The WebSocket comparison, its table on stdout and its figures in `bench-ws.json`.
+fn run_ws(
+    args: &Args,
+    mqsplice: &std::path::Path,
+    nginx: Option<&paths::NginxTool>,
+) -> anyhow::Result<()> {
+    let figures = ws::compare(
+        mqsplice,
+        nginx,
+        args.rounds,
+        args.round_trips,
+        args.stream,
+        args.window,
+    );
+    let dir = output_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let file = dir.join("bench-ws.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&figures)?)
+        .with_context(|| format!("write {}", file.display()))?;
+    eprintln!("wrote {}", file.display());
+    if figures["failures"]
+        .as_array()
+        .is_some_and(|f| !f.is_empty())
+    {
+        bail!("WebSocket rounds failed (listed above)");
     }
     Ok(())
 }

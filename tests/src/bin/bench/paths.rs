@@ -142,7 +142,7 @@ pub struct ChildProxy {
 
 impl ChildProxy {
     /// Spawns `command` (output to `dir/output.log`) and waits until `ready` accepts.
-    fn spawn(
+    pub fn spawn(
         mut command: Command,
         dir: PathBuf,
         ready: SocketAddr,
@@ -309,7 +309,7 @@ impl Peer {
 }
 
 /// A fresh temporary directory for one proxy run.
-fn temp_dir(name: &str) -> anyhow::Result<PathBuf> {
+pub fn temp_dir(name: &str) -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!(
         "mqsplice-bench-{}-{name}-{}",
         std::process::id(),

@@ -41,9 +41,11 @@ pub async fn serve(
     //    handshake (tls), within connect_packet_timeout, counted by outcome; then the WebSocket
     //    upgrade (ws), within its handshake_timeout.
     let mut identity = None;
+    // The handshakes run boxed: inline, their futures (buffers included) would make every
+    // connection's task bigger for its whole life, spliced TCP flows too.
     let transport = match &ctx.tls {
         None => ClientStream::Tcp(tcp),
-        Some(tls) => match tls.accept(tcp, ctx.config.connect_packet_timeout).await {
+        Some(tls) => match Box::pin(tls.accept(tcp, ctx.config.connect_packet_timeout)).await {
             Ok(stream) => {
                 // Copied only when a rewrite will read it.
                 if ctx.config.rewrite_client_id.is_some() || ctx.config.rewrite_username.is_some() {
@@ -76,7 +78,7 @@ pub async fn serve(
     };
     let (mut client, peer, upgrade) = match &ctx.ws {
         None => (transport, peer, None),
-        Some(ws) => match ws::accept(transport, peer, ws, ctx.config.buffer_size).await {
+        Some(ws) => match Box::pin(ws::accept(transport, peer, ws, ctx.config.buffer_size)).await {
             Ok(accepted) => (
                 ClientStream::Layered(Box::new(accepted.stream)),
                 accepted.client,
@@ -201,7 +203,7 @@ pub async fn serve(
             addr: peer,
             connect: packet,
         };
-        let end = serve_ws_broker(&ctx, &meters, client, broker.stream).await;
+        let end = Box::pin(serve_ws_broker(&ctx, &meters, client, broker.stream)).await;
         let close = end.map_or(CloseReason::BrokerError.as_str(), |e| e.reason.as_str());
         return log(client_id, broker_addr, end, close);
     }

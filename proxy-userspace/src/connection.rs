@@ -37,6 +37,21 @@ pub async fn serve(
     // The address the socket saw; `peer` becomes the client's (X-Forwarded-For) below.
     let socket_peer = peer;
 
+    let refused_in_handshake = |reason: RejectReason| {
+        ctx.count(|c| c.reject(reason));
+        ctx.access_log.write(&Entry {
+            client: peer,
+            client_id: None,
+            listener: &ctx.config.name,
+            broker: None,
+            path: ctx.dataplane.path().as_str(),
+            bytes_to_broker: 0,
+            bytes_to_client: 0,
+            duration: started.elapsed(),
+            close: reason.as_str(),
+        });
+    };
+
     // 0. The layers the listener's kind puts between TCP and MQTT (none on `tcp`): a TLS
     //    handshake (tls), within connect_packet_timeout, counted by outcome; then the WebSocket
     //    upgrade (ws), within its handshake_timeout.
@@ -60,19 +75,7 @@ pub async fn serve(
             }
             Err(failure) => {
                 tracing::debug!(client = %peer, "TLS handshake failed: {}", failure.as_str());
-                ctx.count(|c| c.reject(RejectReason::TlsHandshake));
-                ctx.access_log.write(&Entry {
-                    client: peer,
-                    client_id: None,
-                    listener: &ctx.config.name,
-                    broker: None,
-                    path: ctx.dataplane.path().as_str(),
-                    bytes_to_broker: 0,
-                    bytes_to_client: 0,
-                    duration: started.elapsed(),
-                    close: RejectReason::TlsHandshake.as_str(),
-                });
-                return;
+                return refused_in_handshake(RejectReason::TlsHandshake);
             }
         },
     };
@@ -86,19 +89,7 @@ pub async fn serve(
             ),
             Err(reason) => {
                 tracing::debug!(client = %peer, "WebSocket upgrade refused: {}", reason.as_str());
-                ctx.count(|c| c.reject(RejectReason::WsHandshake));
-                ctx.access_log.write(&Entry {
-                    client: peer,
-                    client_id: None,
-                    listener: &ctx.config.name,
-                    broker: None,
-                    path: ctx.dataplane.path().as_str(),
-                    bytes_to_broker: 0,
-                    bytes_to_client: 0,
-                    duration: started.elapsed(),
-                    close: RejectReason::WsHandshake.as_str(),
-                });
-                return;
+                return refused_in_handshake(RejectReason::WsHandshake);
             }
         },
     };

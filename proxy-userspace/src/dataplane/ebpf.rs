@@ -185,29 +185,25 @@ impl DataPlane for EbpfSplice {
 
 impl Shared {
     async fn splice_or_copy(self: Arc<Self>, flow: Flow) -> FlowEnd {
-        let Flow {
-            client,
-            broker,
-            idle_timeout,
-            buffer_size,
-            meters,
-            broker_preamble_len,
-        } = flow;
-        let (client, broker) = match (client, broker) {
+        let (client, broker) = match (flow.client, flow.broker) {
             (ClientStream::Tcp(client), ClientStream::Tcp(broker)) => (client, broker),
             (client, broker) => {
                 // TLS or WebSocket: the bytes must pass through the daemon to be unwrapped.
                 let flow = Flow {
                     client,
                     broker,
-                    idle_timeout,
-                    buffer_size,
-                    meters,
-                    broker_preamble_len,
+                    ..flow
                 };
                 return UserspaceCopy.run(flow).await;
             }
         };
+        let Flow {
+            idle_timeout,
+            buffer_size,
+            meters,
+            broker_preamble_len,
+            ..
+        } = flow;
         // Leave tokio's reactor: from here on only the watcher's epoll set looks at these sockets.
         let (client, broker) = match (client.into_std(), broker.into_std()) {
             (Ok(client), Ok(broker)) => (client, broker),

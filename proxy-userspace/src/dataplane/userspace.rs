@@ -48,26 +48,12 @@ async fn copy_flow(flow: Flow) -> FlowEnd {
     } = flow;
     match (client, &mut broker) {
         (ClientStream::Tcp(mut client), ClientStream::Tcp(broker)) => {
-            let (client_read, client_write) = client.split();
-            let (broker_read, broker_write) = broker.split();
-            let halves = Halves {
-                client_read,
-                client_write,
-                broker_read,
-                broker_write,
-            };
+            let halves = (client.split(), broker.split());
             copy_pair(halves, idle_timeout, buffer_size, &meters).await
         }
         // TLS or WebSocket on either side: split through a lock, as tokio does for any stream.
         (client, _) => {
-            let (client_read, client_write) = tokio::io::split(client);
-            let (broker_read, broker_write) = tokio::io::split(broker);
-            let halves = Halves {
-                client_read,
-                client_write,
-                broker_read,
-                broker_write,
-            };
+            let halves = (tokio::io::split(client), tokio::io::split(broker));
             copy_pair(halves, idle_timeout, buffer_size, &meters).await
         }
     }
@@ -82,24 +68,12 @@ pub async fn copy_layered(
     buffer_size: usize,
     meters: &[Arc<ByteMeter>],
 ) -> FlowEnd {
-    let (client_read, client_write) = tokio::io::split(client);
-    let (broker_read, broker_write) = tokio::io::split(broker);
-    let halves = Halves {
-        client_read,
-        client_write,
-        broker_read,
-        broker_write,
-    };
+    let halves = (tokio::io::split(client), tokio::io::split(broker));
     copy_pair(halves, idle_timeout, buffer_size, meters).await
 }
 
-/// The read and write halves of both sides of a flow.
-struct Halves<CR, CW, BR, BW> {
-    client_read: CR,
-    client_write: CW,
-    broker_read: BR,
-    broker_write: BW,
-}
+/// The read and write halves of the client and of the broker.
+type Halves<CR, CW, BR, BW> = ((CR, CW), (BR, BW));
 
 async fn copy_pair<CR, CW, BR, BW>(
     halves: Halves<CR, CW, BR, BW>,
@@ -113,12 +87,7 @@ where
     BR: AsyncRead + Unpin,
     BW: AsyncWrite + Unpin,
 {
-    let Halves {
-        client_read,
-        client_write,
-        broker_read,
-        broker_write,
-    } = halves;
+    let ((client_read, client_write), (broker_read, broker_write)) = halves;
     let progress = Progress {
         started: Instant::now(),
         last_activity_ms: AtomicU64::new(0),

@@ -967,3 +967,34 @@ fn check_accepts_a_wss_listener_and_refuses_one_without_a_tls_table() {
     assert_eq!(code, Some(2), "{output}");
     assert!(output.contains("listener[0].tls"), "{output}");
 }
+
+#[tokio::test]
+async fn a_tls_mqtt_client_let_through_by_alpn_gets_400_not_a_broker() {
+    let pki = Pki::new();
+    let backend = Backend::start().await;
+    let both = wss_config(&pki, &proxy::servers(&[backend.addr], ""), "", "")
+        .replace("key = ", "alpn = [\"http/1.1\", \"mqtt\"], key = ");
+    let running = proxy::start(&both).await;
+    let addr = running.listener_addr("wss").unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(pki.client_config(None))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"mqtt"[..]));
+    tls.write_all(&connect_v311("tls-mqtt")).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut got)).await;
+    let response = String::from_utf8_lossy(&got);
+    assert!(response.starts_with("HTTP/1.1 400 "), "{response:?}");
+    let listener = wss_stats(&running);
+    assert_eq!(listener["tls"]["handshakes_ok"], 1, "{listener}");
+    assert_eq!(
+        listener["ws"]["upgrades_failed"]["bad_request"], 1,
+        "{listener}"
+    );
+    assert_eq!(backend.accepted(), 0);
+}

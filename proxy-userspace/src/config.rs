@@ -882,7 +882,7 @@ upstream = "emqx"
             &listener_with("path = \"/mqtt\""),
             "listener[0].path",
             9,
-            "path applies only to ws listeners",
+            "path applies only to ws and wss listeners",
         );
         assert_err(
             &format!("{ws}max_frame_size = 10\n"),
@@ -894,7 +894,7 @@ upstream = "emqx"
             &MINIMAL.replace("servers =", "upstream_protocol = \"ws\"\nservers ="),
             "listener[0].upstream",
             9,
-            "only ws listeners can use it",
+            "only ws and wss listeners can use it",
         );
         assert_err(
             &ws.replace(

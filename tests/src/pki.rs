@@ -232,6 +232,16 @@ impl Pki {
     }
 }
 
+impl Pki {
+    /// A rustls client configuration trusting the root, without a certificate, offering
+    /// exactly the ALPN names `alpn` (a browser offers `http/1.1`).
+    pub fn client_config_alpn(&self, alpn: &[&str]) -> Arc<rustls::ClientConfig> {
+        let mut config = Arc::unwrap_or_clone(self.client_config(None));
+        config.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+        Arc::new(config)
+    }
+}
+
 impl Default for Pki {
     fn default() -> Self {
         Pki::new()

@@ -2,16 +2,22 @@
 //! in binary frames cut exactly where a test says, and reads MQTT packets back out of frames.
 
 use futures_util::{SinkExt, StreamExt};
+use rustls::pki_types::ServerName;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-/// A connected WebSocket client and the MQTT bytes received but not yet taken.
-pub struct WsClient {
-    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+/// A connected WebSocket client over transport `S` (plain TCP for `ws://`, a rustls stream for
+/// `wss://`) and the MQTT bytes received but not yet taken.
+pub struct WsClient<S = MaybeTlsStream<TcpStream>> {
+    pub ws: WebSocketStream<S>,
     received: Vec<u8>,
 }
 
@@ -22,7 +28,42 @@ pub async fn connect(
     subprotocol: Option<&str>,
     headers: &[(&str, &str)],
 ) -> anyhow::Result<WsClient> {
-    let mut request = format!("ws://{addr}{path}").into_client_request()?;
+    let request = request(&format!("ws://{addr}{path}"), subprotocol, headers)?;
+    let (ws, _response) = tokio_tungstenite::connect_async(request).await?;
+    Ok(WsClient {
+        ws,
+        received: Vec::new(),
+    })
+}
+
+/// Opens `wss://localhost:{port}{path}` on `addr`: a TLS handshake with `tls` (server name
+/// `localhost`; the ALPN names are the config's), then the upgrade offering `subprotocol`.
+pub async fn connect_tls(
+    addr: SocketAddr,
+    path: &str,
+    subprotocol: Option<&str>,
+    tls: Arc<rustls::ClientConfig>,
+) -> anyhow::Result<WsClient<TlsStream<TcpStream>>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(ServerName::try_from("localhost")?, tcp)
+        .await?;
+    let url = format!("wss://localhost:{}{path}", addr.port());
+    let (ws, _response) =
+        tokio_tungstenite::client_async(request(&url, subprotocol, &[])?, stream).await?;
+    Ok(WsClient {
+        ws,
+        received: Vec::new(),
+    })
+}
+
+/// An upgrade request for `url` offering `subprotocol` (if any), with `headers` added.
+fn request(
+    url: &str,
+    subprotocol: Option<&str>,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<Request> {
+    let mut request = url.into_client_request()?;
     if let Some(p) = subprotocol {
         request
             .headers_mut()
@@ -32,14 +73,10 @@ pub async fn connect(
         let name = tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())?;
         request.headers_mut().append(name, value.parse()?);
     }
-    let (ws, _response) = tokio_tungstenite::connect_async(request).await?;
-    Ok(WsClient {
-        ws,
-        received: Vec::new(),
-    })
+    Ok(request)
 }
 
-impl WsClient {
+impl<S: AsyncRead + AsyncWrite + Unpin> WsClient<S> {
     /// Sends `bytes` as one binary frame.
     pub async fn send(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         self.ws

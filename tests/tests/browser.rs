@@ -1,15 +1,19 @@
 //! Real WebSocket clients and brokers that are not ours: MQTT.js in headless Chromium through a
-//! `ws` listener, and amqtt's WebSocket listener behind an `upstream_protocol = "ws"` upstream.
+//! `ws` listener and through a `wss` listener (its test certificate trusted by pinning the
+//! server key with `--ignore-certificate-errors-spki-list`), and amqtt's WebSocket listener
+//! behind an `upstream_protocol = "ws"` upstream.
 //!
 //! The tools come from `cargo xtask setup` (Debian `chromium`, npm `mqtt` and `playwright-core`
 //! in tests/browser/, PyPI `amqtt` in a venv under target/); without them these tests skip,
 //! except under `CI=true`.
 
 use mqsplice_tests::broker::{EmbeddedBroker, wait_for_port};
+use mqsplice_tests::pki::Pki;
 use mqsplice_tests::raw::{self, connect_v311};
 use mqsplice_tests::ws::{self, publish_qos1, subscribe};
 use mqsplice_tests::{free_port, proxy, tool_present, workspace_root};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -147,6 +151,108 @@ async fn mqtt_js_in_chromium_publishes_and_receives_qos0_and_qos1_over_ws() {
     assert_eq!(ws_stats["upgrades_ok"], 1, "{stats}");
     assert!(
         ws_stats["frames_in"].as_u64().unwrap() >= 2 * n as u64,
+        "{stats}"
+    );
+}
+
+/// A wss listener `wss` on one upstream, serving `pki`'s server certificate (issued for
+/// 127.0.0.1 by a root Chromium does not know) with the default ALPN.
+fn wss_config(pki: &Pki, servers: &str) -> String {
+    format!(
+        r#"
+[stats]
+listen = "127.0.0.1:0"
+[log]
+access = "off"
+[[upstream]]
+name = "brokers"
+servers = {servers}
+[[listener]]
+name = "wss"
+kind = "wss"
+listen = "127.0.0.1:0"
+upstream = "brokers"
+tls = {{ cert = "{cert}", key = "{key}" }}
+"#,
+        cert = pki.server_cert.display(),
+        key = pki.server_key.display(),
+    )
+}
+
+/// Chromium's `--ignore-certificate-errors-spki-list` value for `key`: the base64 of the
+/// SHA-256 of its SubjectPublicKeyInfo DER.
+fn spki_pin(key: &rcgen::KeyPair) -> String {
+    base64(&Sha256::digest(key.public_key_der()))
+}
+
+/// Standard base64 with padding.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn base64_matches_rfc4648() {
+    for (input, expected) in [
+        (&b""[..], ""),
+        (b"f", "Zg=="),
+        (b"fo", "Zm8="),
+        (b"foo", "Zm9v"),
+        (b"foob", "Zm9vYg=="),
+        (b"fooba", "Zm9vYmE="),
+        (b"foobar", "Zm9vYmFy"),
+    ] {
+        assert_eq!(base64(input), expected);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_js_in_chromium_publishes_and_receives_qos0_and_qos1_over_wss() {
+    if !browser_tools_present() {
+        return;
+    }
+    let pki = Pki::new();
+    let broker = EmbeddedBroker::start();
+    let running = proxy::start(&wss_config(&pki, &proxy::servers(&[broker.addr], ""))).await;
+    let wss_addr = running.listener_addr("wss").unwrap();
+    let page = serve_page().await;
+    let n = 20;
+    // The certificate chains to a root Chromium does not trust; pinning the server key's SPKI
+    // is what lets it through.
+    let trust = format!(
+        "--ignore-certificate-errors-spki-list={}",
+        spki_pin(&pki.server.key)
+    );
+    let result = run_page(page, &format!("wss://{wss_addr}/mqtt"), n, &[trust]).await;
+    assert_eq!(result["error"], Value::Null, "{result}");
+    assert_eq!(result["qos0"], n, "{result}");
+    assert_eq!(result["qos1"], n, "{result}");
+    let stats = running.stats();
+    let listener = &stats["listeners"]["wss"];
+    assert!(
+        listener["tls"]["handshakes_ok"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+    assert_eq!(listener["ws"]["upgrades_ok"], 1, "{stats}");
+    assert_eq!(listener["data_path"], "userspace", "{stats}");
+    assert!(
+        listener["ws"]["frames_in"].as_u64().unwrap() >= 2 * n as u64,
         "{stats}"
     );
 }

@@ -1,10 +1,14 @@
 //! MQTT over WebSocket: a tokio-tungstenite client through a `ws` listener to a real broker and
 //! to raw backends that see the exact bytes; frames cut anywhere; stickiness shared with TCP;
-//! every kind of bad input answered, closed and counted.
+//! every kind of bad input answered, closed and counted. The same client over rustls through a
+//! `wss` listener (test PKI from rcgen): ALPN `http/1.1` by default, other ALPN and plain ws
+//! bytes refused as TLS handshake failures.
 
 use futures_util::{SinkExt, StreamExt};
 use mqsplice_tests::backend::Backend;
 use mqsplice_tests::broker::EmbeddedBroker;
+use mqsplice_tests::daemon::write_config;
+use mqsplice_tests::pki::Pki;
 use mqsplice_tests::raw::{self, Closed, connect_v311};
 use mqsplice_tests::ws::{self, frame, packet_len, publish_qos1, subscribe, upgrade_request};
 use mqsplice_tests::{proxy, wait_until};
@@ -695,4 +699,302 @@ async fn a_broker_that_stops_reading_stops_the_client_and_loses_nothing() {
         "the stream arrived altered"
     );
     drop(sender.await.unwrap());
+}
+
+/// A `wss` listener `wss` (no `alpn` key: the default must be `http/1.1`) with `wss_extra`
+/// lines, in front of `servers` (dataplane.mode = auto: wss must be userspace regardless).
+fn wss_config(pki: &Pki, servers: &str, upstream_extra: &str, wss_extra: &str) -> String {
+    format!(
+        r#"
+[stats]
+listen = "127.0.0.1:0"
+[dataplane]
+mode = "auto"
+[log]
+access = "off"
+[[upstream]]
+name = "brokers"
+servers = {servers}
+{upstream_extra}
+[[listener]]
+name = "wss"
+kind = "wss"
+listen = "127.0.0.1:0"
+upstream = "brokers"
+connect_packet_timeout = "3s"
+tls = {{ cert = "{cert}", key = "{key}" }}
+{wss_extra}
+"#,
+        cert = pki.server_cert.display(),
+        key = pki.server_key.display(),
+    )
+}
+
+/// What a browser offers: ALPN `http/1.1` only.
+const BROWSER_ALPN: &[&str] = &["http/1.1"];
+
+#[tokio::test]
+async fn mqtt_over_wss_subscribes_and_publishes_through_a_broker() {
+    let pki = Pki::new();
+    let broker = EmbeddedBroker::start();
+    let running = proxy::start(&wss_config(
+        &pki,
+        &proxy::servers(&[broker.addr], ""),
+        "",
+        "",
+    ))
+    .await;
+    let addr = running.listener_addr("wss").unwrap();
+    let mut client = ws::connect_tls(
+        addr,
+        "/mqtt",
+        Some("mqtt"),
+        pki.client_config_alpn(BROWSER_ALPN),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        client.ws.get_ref().get_ref().1.alpn_protocol(),
+        Some(&b"http/1.1"[..])
+    );
+    client.send(&connect_v311("wss-pubsub")).await.unwrap();
+    assert_eq!(client.packet(WAIT).await.unwrap(), CONNACK_OK);
+    client.send(&subscribe(1, "wss/t", 1)).await.unwrap();
+    assert_eq!(
+        client.packet(WAIT).await.unwrap(),
+        [0x90, 0x03, 0x00, 0x01, 0x01]
+    );
+    client
+        .send(&raw::publish_qos0("wss/t", b"zero"))
+        .await
+        .unwrap();
+    let delivered = client.packet(WAIT).await.unwrap();
+    assert_eq!(delivered[0] & 0xf0, 0x30, "{delivered:02x?}");
+    assert!(delivered[4..9] == *b"wss/t" && delivered.ends_with(b"zero"));
+    client
+        .send(&publish_qos1(7, "wss/t", b"one"))
+        .await
+        .unwrap();
+    let mut got_puback = false;
+    let mut got_delivery = false;
+    for _ in 0..2 {
+        let p = client.packet(WAIT).await.unwrap();
+        if p == [0x40, 0x02, 0x00, 0x07] {
+            got_puback = true;
+        } else {
+            assert_eq!(p[0], 0x32, "unexpected packet {p:02x?}");
+            assert!(p.ends_with(b"one"));
+            got_delivery = true;
+        }
+    }
+    assert!(got_puback && got_delivery);
+    // A client that offers no ALPN at all (some MQTT SDKs) is served too.
+    let mut quiet = ws::connect_tls(addr, "/mqtt", None, pki.client_config_alpn(&[]))
+        .await
+        .unwrap();
+    quiet.send(&connect_v311("wss-no-alpn")).await.unwrap();
+    assert_eq!(quiet.packet(WAIT).await.unwrap(), CONNACK_OK);
+
+    let stats = running.stats();
+    let listener = &stats["listeners"]["wss"];
+    assert_eq!(listener["kind"], "wss", "{stats}");
+    assert_eq!(listener["data_path"], "userspace", "{stats}");
+    assert_eq!(listener["tls"]["handshakes_ok"], 2, "{stats}");
+    assert_eq!(listener["ws"]["upgrades_ok"], 2, "{stats}");
+    assert_eq!(listener["handled"], 2, "{stats}");
+    assert!(
+        listener["ws"]["frames_in"].as_u64().unwrap() >= 5,
+        "{stats}"
+    );
+    assert!(
+        listener["bytes_from_clients"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+}
+
+fn wss_stats(running: &mqsplice::Running) -> Value {
+    running.stats()["listeners"]["wss"].clone()
+}
+
+#[tokio::test]
+async fn wss_refuses_a_client_offering_only_alpn_mqtt() {
+    let pki = Pki::new();
+    let backend = Backend::start().await;
+    let running = proxy::start(&wss_config(
+        &pki,
+        &proxy::servers(&[backend.addr], ""),
+        "",
+        "",
+    ))
+    .await;
+    let addr = running.listener_addr("wss").unwrap();
+    let refused = ws::connect_tls(
+        addr,
+        "/mqtt",
+        Some("mqtt"),
+        pki.client_config_alpn(&["mqtt"]),
+    )
+    .await;
+    let error = refused
+        .err()
+        .expect("a handshake offering only mqtt must fail");
+    assert!(
+        format!("{error:#}").contains("NoApplicationProtocol")
+            || format!("{error:#}").contains("no_application_protocol"),
+        "{error:#}"
+    );
+    let counted = || {
+        let l = wss_stats(&running);
+        l["tls"]["handshakes_failed"]["no_alpn"] == 1 && l["rejected"]["tls_handshake"] == 1
+    };
+    assert!(wait_until(WAIT, counted).await, "{}", wss_stats(&running));
+    let listener = wss_stats(&running);
+    assert_eq!(listener["tls"]["handshakes_ok"], 0, "{listener}");
+    assert_eq!(listener["ws"]["upgrades_ok"], 0, "{listener}");
+    assert_eq!(backend.accepted(), 0);
+}
+
+#[tokio::test]
+async fn plain_ws_on_the_wss_port_is_refused_as_a_tls_handshake_failure() {
+    let pki = Pki::new();
+    let backend = Backend::start().await;
+    let running = proxy::start(&wss_config(
+        &pki,
+        &proxy::servers(&[backend.addr], ""),
+        "",
+        "",
+    ))
+    .await;
+    let addr = running.listener_addr("wss").unwrap();
+    // A raw upgrade request: closed after at most a TLS alert, never an HTTP answer.
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(upgrade_request(addr, "/mqtt", "").as_bytes())
+        .await
+        .unwrap();
+    let (got, _) = raw::read_to_close(&mut tcp, WAIT).await;
+    assert!(
+        got.is_empty() || got[0] == 0x15,
+        "only a TLS alert may come back: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    // A real ws:// client fails its upgrade.
+    assert!(ws::connect(addr, "/mqtt", Some("mqtt"), &[]).await.is_err());
+    let counted = || {
+        let l = wss_stats(&running);
+        l["tls"]["handshakes_failed"]["malformed"] == 2 && l["rejected"]["tls_handshake"] == 2
+    };
+    assert!(wait_until(WAIT, counted).await, "{}", wss_stats(&running));
+    let listener = wss_stats(&running);
+    assert_eq!(listener["ws"]["upgrades_ok"], 0, "{listener}");
+    assert_eq!(listener["rejected"]["ws_handshake"], 0, "{listener}");
+    assert_eq!(backend.accepted(), 0);
+}
+
+#[tokio::test]
+async fn wss_listener_forwards_to_a_ws_upstream() {
+    let pki = Pki::new();
+    let (broker, mut upgrades) = ws_broker().await;
+    let running = proxy::start(&wss_config(
+        &pki,
+        &proxy::servers(&[broker], ""),
+        "upstream_protocol = \"ws\"",
+        "",
+    ))
+    .await;
+    let addr = running.listener_addr("wss").unwrap();
+    let mut client = ws::connect_tls(
+        addr,
+        "/mqtt",
+        Some("mqtt"),
+        pki.client_config_alpn(BROWSER_ALPN),
+    )
+    .await
+    .unwrap();
+    let connect = connect_v311("wss-to-ws");
+    client.send(&connect).await.unwrap();
+    assert_eq!(client.packet(WAIT).await.unwrap(), CONNACK_OK);
+    let (seen, got) = tokio::time::timeout(WAIT, upgrades.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, connect);
+    assert!(seen.starts_with("GET /mqtt\n"), "{seen}");
+    assert!(seen.contains("sec-websocket-protocol: mqtt\n"), "{seen}");
+    assert!(seen.contains("x-real-ip: 127.0.0.1\n"), "{seen}");
+    let publish = raw::publish_qos0("echo", &raw::pattern(5000, 4));
+    client.send(&publish).await.unwrap();
+    assert_eq!(client.packet(WAIT).await.unwrap(), publish);
+}
+
+#[test]
+fn check_accepts_a_wss_listener_and_refuses_one_without_a_tls_table() {
+    let pki = Pki::new();
+    let run_check = |text: &str| {
+        let out = std::process::Command::new(proxy::binary())
+            .args(["check", "--config"])
+            .arg(write_config(text))
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let good = wss_config(
+        &pki,
+        "[{ addr = \"127.0.0.1:1883\" }]",
+        "",
+        "path = [\"/mqtt\", \"/ws\"]\nrequire_subprotocol = true",
+    );
+    let (code, output) = run_check(&good);
+    assert_eq!(code, Some(0), "{output}");
+    let tls_line = format!(
+        "tls = {{ cert = \"{}\", key = \"{}\" }}\n",
+        pki.server_cert.display(),
+        pki.server_key.display()
+    );
+    assert!(good.contains(&tls_line));
+    let (code, output) = run_check(&good.replace(&tls_line, ""));
+    assert_eq!(code, Some(2), "{output}");
+    assert!(output.contains("listener[0].tls"), "{output}");
+    assert!(
+        output.contains("a wss listener needs a tls = { cert = \"...\", key = \"...\" } table"),
+        "{output}"
+    );
+    // And a ws listener with a tls table is told to be a wss one.
+    let (code, output) = run_check(&good.replace("kind = \"wss\"", "kind = \"ws\""));
+    assert_eq!(code, Some(2), "{output}");
+    assert!(output.contains("listener[0].tls"), "{output}");
+}
+
+#[tokio::test]
+async fn a_tls_mqtt_client_let_through_by_alpn_gets_400_not_a_broker() {
+    let pki = Pki::new();
+    let backend = Backend::start().await;
+    let both = wss_config(&pki, &proxy::servers(&[backend.addr], ""), "", "")
+        .replace("key = ", "alpn = [\"http/1.1\", \"mqtt\"], key = ");
+    let running = proxy::start(&both).await;
+    let addr = running.listener_addr("wss").unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(pki.client_config(None))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"mqtt"[..]));
+    tls.write_all(&connect_v311("tls-mqtt")).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut got)).await;
+    let response = String::from_utf8_lossy(&got);
+    assert!(response.starts_with("HTTP/1.1 400 "), "{response:?}");
+    let listener = wss_stats(&running);
+    assert_eq!(listener["tls"]["handshakes_ok"], 1, "{listener}");
+    assert_eq!(
+        listener["ws"]["upgrades_failed"]["bad_request"], 1,
+        "{listener}"
+    );
+    assert_eq!(backend.accepted(), 0);
 }

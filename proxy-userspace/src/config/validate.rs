@@ -725,14 +725,12 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Invalid> {
             ));
         }
         let upstream_index = upstream_index[&l.upstream];
-        if upstreams[upstream_index].upstream_protocol == UpstreamProtocol::Ws
-            && l.kind != ListenerKind::Ws
-        {
+        if upstreams[upstream_index].upstream_protocol == UpstreamProtocol::Ws && l.ws.is_none() {
             return Err(Invalid::at(
                 format!("{path}.upstream"),
                 Some(raw_listener.upstream.span()),
                 format!(
-                    "upstream {:?} speaks WebSocket (upstream_protocol = \"ws\"); only ws listeners can use it",
+                    "upstream {:?} speaks WebSocket (upstream_protocol = \"ws\"); only ws and wss listeners can use it",
                     l.upstream
                 ),
             ));

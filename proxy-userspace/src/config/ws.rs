@@ -145,7 +145,7 @@ pub fn listener(
             return Err(Invalid::at(
                 format!("{path}.{key}"),
                 span,
-                format!("{key} applies only to ws listeners"),
+                format!("{key} applies only to ws and wss listeners"),
             ));
         }
         return Ok(None);

@@ -154,6 +154,19 @@ fn client_config(resume: bool) -> Arc<ClientConfig> {
     Arc::new(config)
 }
 
+/// A server certificate for `localhost` and 127.0.0.1 with an ECDSA P-256 key in `dir`
+/// (chain file, key file), for the WebSocket comparison's wss paths.
+pub fn write_ecdsa_certificate(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    write_certificate(dir, KeyKind::EcdsaP256)
+}
+
+/// The generator's client as a browser offers itself on wss: ALPN `http/1.1`, resumption on.
+pub fn wss_client_config() -> Arc<ClientConfig> {
+    let mut config = Arc::unwrap_or_clone(client_config(true));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
 fn server_name() -> ServerName<'static> {
     ServerName::try_from("localhost").expect("valid name")
 }

@@ -3,6 +3,10 @@
 //! in the EMQX guide: `proxy_pass` with the Upgrade headers to the brokers' WebSocket port),
 //! next to the direct WebSocket connection, in the same run.
 //!
+//! The same over TLS (wss): mqsplice `kind = "wss"` (TLS and the WebSocket end in mqsplice, the
+//! broker gets plain MQTT) against NGINX `listen ... ssl` in the same http block (wss → ws), both
+//! with one ECDSA P-256 certificate, the client offering ALPN `http/1.1` as a browser does.
+//!
 //! The broker behind each is an echo stand-in written here (the TCP echo broker for mqsplice,
 //! [`WsEchoBroker`] for NGINX and the direct path), so that the broker is not the limit. The
 //! client sends each PUBLISH in its own binary frame, as MQTT.js does.
@@ -12,7 +16,9 @@ use crate::paths::{ChildProxy, NginxTool, temp_dir};
 use anyhow::{Context, bail};
 use mqsplice_tests::free_port;
 use mqsplice_tests::raw::{connect_v311, publish_qos0};
+use rustls::pki_types::ServerName;
 use serde_json::{Value, json};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::Command;
@@ -38,6 +44,10 @@ pub enum WsPath {
     Mqsplice,
     /// NGINX http proxy with Upgrade → WebSocket echo broker.
     Nginx,
+    /// mqsplice `kind = "wss"` → TCP echo broker.
+    MqspliceWss,
+    /// NGINX http proxy with `listen ... ssl` and Upgrade → WebSocket echo broker.
+    NginxWss,
 }
 
 impl WsPath {
@@ -47,9 +57,20 @@ impl WsPath {
             WsPath::Direct => "ws-direct",
             WsPath::Mqsplice => "mqsplice-ws",
             WsPath::Nginx => "nginx-ws",
+            WsPath::MqspliceWss => "mqsplice-wss",
+            WsPath::NginxWss => "nginx-wss",
         }
     }
+
+    /// Whether the client speaks TLS to this path.
+    pub fn tls(self) -> bool {
+        matches!(self, WsPath::MqspliceWss | WsPath::NginxWss)
+    }
 }
+
+/// A client's transport: TCP, or rustls over TCP.
+trait Io: Read + Write {}
+impl<T: Read + Write> Io for T {}
 
 /// A WebSocket echo broker on a loopback port: one thread per connection, each binary message's
 /// complete PUBLISHes echoed in one binary message, other packets answered as the TCP one does.
@@ -139,16 +160,27 @@ fn serve_ws(stream: TcpStream) -> anyhow::Result<()> {
     }
 }
 
-/// A connected MQTT-over-WebSocket client session (CONNACK read).
-fn connect(addr: SocketAddr, client_id: &str) -> anyhow::Result<WsSession> {
+/// A connected MQTT-over-WebSocket client session (CONNACK read), over TLS when `tls`.
+fn connect(addr: SocketAddr, client_id: &str, tls: bool) -> anyhow::Result<WsSession> {
     let tcp = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
         .with_context(|| format!("connect to {addr}"))?;
     tcp.set_nodelay(true)?;
     tcp.set_read_timeout(Some(IO_TIMEOUT))?;
     tcp.set_write_timeout(Some(IO_TIMEOUT))?;
-    let request = tungstenite::ClientRequestBuilder::new(format!("ws://{addr}/mqtt").parse()?)
-        .with_sub_protocol("mqtt");
-    let (ws, _) = tungstenite::client(request, tcp).map_err(|e| anyhow::anyhow!("upgrade: {e}"))?;
+    let (scheme, stream): (&str, Box<dyn Io>) = if tls {
+        let connection = rustls::ClientConnection::new(
+            crate::tls::wss_client_config(),
+            ServerName::try_from("localhost")?,
+        )?;
+        ("wss", Box::new(rustls::StreamOwned::new(connection, tcp)))
+    } else {
+        ("ws", Box::new(tcp))
+    };
+    let request =
+        tungstenite::ClientRequestBuilder::new(format!("{scheme}://{addr}/mqtt").parse()?)
+            .with_sub_protocol("mqtt");
+    let (ws, _) =
+        tungstenite::client(request, stream).map_err(|e| anyhow::anyhow!("upgrade: {e}"))?;
     let mut session = WsSession {
         ws,
         received: Vec::new(),
@@ -162,7 +194,7 @@ fn connect(addr: SocketAddr, client_id: &str) -> anyhow::Result<WsSession> {
 }
 
 struct WsSession {
-    ws: WebSocket<TcpStream>,
+    ws: WebSocket<Box<dyn Io>>,
     received: Vec<u8>,
 }
 
@@ -196,8 +228,8 @@ impl WsSession {
 }
 
 /// Round-trip latency of one PUBLISH at a time, in µs: (p50, p99).
-fn latency(addr: SocketAddr, round_trips: usize) -> anyhow::Result<(f64, f64)> {
-    let mut s = connect(addr, "ws-latency")?;
+fn latency(addr: SocketAddr, tls: bool, round_trips: usize) -> anyhow::Result<(f64, f64)> {
+    let mut s = connect(addr, "ws-latency", tls)?;
     let packet = publish_qos0("bench/ws", &[0xa5; PUBLISH_SIZE_PAYLOAD]);
     let mut samples = Vec::with_capacity(round_trips);
     for i in 0..WARMUP + round_trips {
@@ -218,8 +250,8 @@ fn latency(addr: SocketAddr, round_trips: usize) -> anyhow::Result<(f64, f64)> {
 }
 
 /// PUBLISHes (one per frame) with at most `window` unanswered, for `duration`: msg/s.
-fn throughput(addr: SocketAddr, duration: Duration, window: u64) -> anyhow::Result<f64> {
-    let mut s = connect(addr, "ws-stream")?;
+fn throughput(addr: SocketAddr, tls: bool, duration: Duration, window: u64) -> anyhow::Result<f64> {
+    let mut s = connect(addr, "ws-stream", tls)?;
     let packet = publish_qos0("bench/ws", &[0x5a; PUBLISH_SIZE_PAYLOAD]);
     let size = packet.len() as u64;
     let frame = Message::Binary(Bytes::from(packet));
@@ -263,15 +295,28 @@ fn start(path: WsPath, mqsplice: &Path, nginx: Option<&NginxTool>) -> anyhow::Re
                 _ws_broker: Some(broker),
             })
         }
-        WsPath::Mqsplice => {
+        WsPath::Mqsplice | WsPath::MqspliceWss => {
             let broker = EchoBroker::start()?;
             let stats: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
             let dir = temp_dir("mqsplice-ws")?;
+            let (kind, tls) = if path.tls() {
+                let (cert, key) = crate::tls::write_ecdsa_certificate(&dir)?;
+                (
+                    "wss",
+                    format!(
+                        "tls = {{ cert = \"{}\", key = \"{}\" }}\n",
+                        cert.display(),
+                        key.display()
+                    ),
+                )
+            } else {
+                ("ws", String::new())
+            };
             let file = dir.join("mqsplice.toml");
             std::fs::write(
                 &file,
                 format!(
-                    "[stats]\nlisten = \"{stats}\"\n[log]\naccess = \"off\"\n[[upstream]]\nname = \"echo\"\nservers = [{{ addr = \"{}\" }}]\n[[listener]]\nname = \"ws\"\nkind = \"ws\"\nlisten = \"{listen}\"\nupstream = \"echo\"\n",
+                    "[stats]\nlisten = \"{stats}\"\n[log]\naccess = \"off\"\n[[upstream]]\nname = \"echo\"\nservers = [{{ addr = \"{}\" }}]\n[[listener]]\nname = \"ws\"\nkind = \"{kind}\"\nlisten = \"{listen}\"\nupstream = \"echo\"\n{tls}",
                     broker.addr
                 ),
             )?;
@@ -287,11 +332,27 @@ fn start(path: WsPath, mqsplice: &Path, nginx: Option<&NginxTool>) -> anyhow::Re
                 _ws_broker: None,
             })
         }
-        WsPath::Nginx => {
+        WsPath::Nginx | WsPath::NginxWss => {
             let nginx = nginx.context("nginx not available")?;
             let broker = WsEchoBroker::start()?;
             let dir = temp_dir("nginx-ws")?;
             let d = dir.display();
+            // TLS as in the TLS bench (same protocols, a session cache), in the http block.
+            let listen_line = if path.tls() {
+                let (cert, key) = crate::tls::write_ecdsa_certificate(&dir)?;
+                format!(
+                    "listen {listen} ssl;
+        ssl_certificate {};
+        ssl_certificate_key {};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache shared:SSL:10m;
+        ssl_session_timeout 10m;",
+                    cert.display(),
+                    key.display()
+                )
+            } else {
+                format!("listen {listen};")
+            };
             // The guide's WebSocket location, with one worker per CPU as in the stream bench.
             let config = format!(
                 "daemon off;
@@ -305,7 +366,7 @@ http {{
     client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};
     upstream ws_brokers {{ server {broker}; }}
     server {{
-        listen {listen};
+        {listen_line}
         location /mqtt {{
             proxy_pass http://ws_brokers;
             proxy_http_version 1.1;
@@ -370,7 +431,11 @@ pub fn compare(
     if nginx.is_some() {
         paths.push(WsPath::Nginx);
     } else {
-        println!("skipping nginx-ws: nginx is not installed");
+        println!("skipping nginx-ws and nginx-wss: nginx is not installed");
+    }
+    paths.push(WsPath::MqspliceWss);
+    if nginx.is_some() {
+        paths.push(WsPath::NginxWss);
     }
     let mut figures: Vec<Figures> = paths.iter().map(|_| Figures::default()).collect();
     let mut failures = Vec::new();
@@ -379,8 +444,9 @@ pub fn compare(
             let k = (i + round - 1) % paths.len();
             let path = paths[k];
             let outcome = start(path, mqsplice, nginx).and_then(|started| {
-                let (p50, p99) = latency(started.listen, round_trips).context("latency")?;
-                let msgs = throughput(started.listen, stream, window).context("stream")?;
+                let tls = path.tls();
+                let (p50, p99) = latency(started.listen, tls, round_trips).context("latency")?;
+                let msgs = throughput(started.listen, tls, stream, window).context("stream")?;
                 Ok((p50, p99, msgs))
             });
             match outcome {

@@ -363,7 +363,7 @@ servers = [
 ]
 [[listener]]
 name = "mqtt"
-kind = "tcp"                        # tcp now; tls, ws, wss in later issues (refuse them with "not supported yet")
+kind = "tcp"                        # tcp | tls | ws | wss
 listen = "0.0.0.0:1883"
 upstream = "emqx"
 connect_packet_timeout = "5s"

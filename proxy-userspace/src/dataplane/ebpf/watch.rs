@@ -110,6 +110,8 @@ struct Throttle {
     pending: Vec<u8>,
     start: usize,
     eof: bool,
+    /// When a read of 0 first came before TCP's count said every byte had arrived.
+    early_fin_since: Option<Instant>,
 }
 
 struct Way {
@@ -600,6 +602,7 @@ impl WatchThread {
             pending: Vec::new(),
             start: 0,
             eof: false,
+            early_fin_since: None,
         });
         way.poll_backoff = BACKOFF_START;
         self.counters.throttles_total.fetch_add(1, Relaxed);
@@ -700,7 +703,11 @@ impl WatchThread {
                                 cookie,
                                 &self.maps,
                                 way.daemon_read,
-                            ) =>
+                            ) && throttle
+                                .early_fin_since
+                                .get_or_insert_with(Instant::now)
+                                .elapsed()
+                                < self.limits.close_drain_timeout =>
                         {
                             fin_early = true;
                             break;

@@ -626,6 +626,18 @@ async fn ws_upstream_gets_the_clients_path_subprotocol_host_and_addresses() {
     assert!(!seen.contains("sec-websocket-protocol"), "{seen}");
 }
 
+/// The writer whose progress is `progress` must have stopped, far short of `total`, while its
+/// reader reads nothing: no progress over a second, after 1.5 s to fill the buffers on the way.
+async fn assert_stalls(progress: &std::sync::atomic::AtomicUsize, total: usize, what: &str) {
+    use std::sync::atomic::Ordering::Relaxed;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stalled_at = progress.load(Relaxed);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let later = progress.load(Relaxed);
+    assert_eq!(stalled_at, later, "{what}");
+    assert!(later < total / 2, "{later} bytes accepted with no reader");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_stops_the_broker_and_loses_nothing() {
     const TOTAL: usize = 64 << 20;
@@ -649,15 +661,12 @@ async fn a_client_that_stops_reading_stops_the_broker_and_loses_nothing() {
     });
     // The client reads nothing: the broker must stall once the socket buffers on the way are
     // full (mqsplice holds at most one frame), far short of everything.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let stalled_at = written.load(std::sync::atomic::Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let later = written.load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(
-        stalled_at, later,
-        "the broker kept writing while the client read nothing"
-    );
-    assert!(later < TOTAL / 2, "{later} bytes accepted with no reader");
+    assert_stalls(
+        &written,
+        TOTAL,
+        "the broker kept writing while the client read nothing",
+    )
+    .await;
     let got = client.bytes(TOTAL, Duration::from_secs(60)).await.unwrap();
     assert!(got == expected, "the stream arrived altered");
     drop(writer.await.unwrap());
@@ -684,15 +693,12 @@ async fn a_broker_that_stops_reading_stops_the_client_and_loses_nothing() {
         }
         client
     });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let stalled_at = sent.load(std::sync::atomic::Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let later = sent.load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(
-        stalled_at, later,
-        "the client kept sending while the broker read nothing"
-    );
-    assert!(later < TOTAL / 2, "{later} bytes accepted with no reader");
+    assert_stalls(
+        &sent,
+        TOTAL,
+        "the client kept sending while the broker read nothing",
+    )
+    .await;
     let got = raw::read_exactly(&mut broker, connect.len() + TOTAL, Duration::from_secs(60)).await;
     assert!(
         got[connect.len()..] == expected[..],

@@ -60,7 +60,8 @@ const READ_BUFFER_SLACK: usize = 1024 * 1024;
 /// are spliced: an equal share of `max_inflight_total`, never more than the per-flow limit's
 /// "far over" bound, never less than [`MIN_GRANT`]. Shares, not first-come reservations: idle
 /// flows' limits cost nothing, and however many directions fill theirs at once, the kernel holds
-/// at most the total plus `MIN_GRANT` per direction.
+/// at most the total plus `MIN_GRANT` per direction (a direction set when fewer pairs were spliced
+/// keeps its larger share until its next check).
 pub fn grant(limits: &Limits, flows: u64) -> u64 {
     (limits.total / (2 * flows).max(1))
         .min(OVER_LIMIT_FACTOR * limits.per_flow)
@@ -334,9 +335,19 @@ impl WatchThread {
             );
             // The kernel has carried this pair since the kick, before the watcher knew its
             // cookies: a signal it sent meanwhile found no flow here. Above all one at the hard
-            // limit, after which the program passes and only the daemon can move the bytes.
+            // limit, after which the program passes and only the daemon can move the bytes. One
+            // map lookup per side tells whether a signal point was reached.
             for side in [CLIENT, BROKER] {
-                self.check_inflight(id, side);
+                let Some(flow) = self.flows.get(&id) else {
+                    break;
+                };
+                let counters = {
+                    let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+                    super::flow_counters(&maps, flow.spliced.cookies[side])
+                };
+                if counters.passed_bytes > 0 || counters.bytes >= flow.ways[side].entry.signal_at {
+                    self.check_inflight(id, side);
+                }
             }
         }
     }

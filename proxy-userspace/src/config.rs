@@ -52,7 +52,7 @@ pub enum DataplaneMode {
     /// eBPF when the programs load, userspace otherwise (the reason is logged and in stats).
     Auto,
     /// The in-kernel splice, or fail at start.
-    Ebpf,
+    Sockmap,
     /// Always the userspace copy path.
     Userspace,
 }
@@ -118,7 +118,7 @@ impl DataplaneMode {
     pub fn as_str(self) -> &'static str {
         match self {
             DataplaneMode::Auto => "auto",
-            DataplaneMode::Ebpf => "ebpf",
+            DataplaneMode::Sockmap => "sockmap",
             DataplaneMode::Userspace => "userspace",
         }
     }
@@ -1048,7 +1048,7 @@ upstream = "emqx"
             &format!("[dataplane]\nmode = \"xdp\"\n{MINIMAL}"),
             "dataplane.mode",
             2,
-            "unknown dataplane mode \"xdp\", expected one of: auto, ebpf, userspace",
+            "unknown dataplane mode \"xdp\", expected one of: auto, sockmap, userspace",
         );
         assert_err(
             &upstream_with("balance = \"random\""),

@@ -111,7 +111,7 @@ pub enum ConnectHandling {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataPath {
     Userspace,
-    Ebpf,
+    Sockmap,
 }
 
 impl DataPath {
@@ -119,7 +119,7 @@ impl DataPath {
     pub fn as_str(self) -> &'static str {
         match self {
             DataPath::Userspace => "userspace",
-            DataPath::Ebpf => "ebpf",
+            DataPath::Sockmap => "sockmap",
         }
     }
 }

@@ -245,7 +245,7 @@ fn choose_dataplane(config: &DataplaneConfig) -> anyhow::Result<DataplaneChoice>
                 Ok(userspace(reason))
             }
         },
-        DataplaneMode::Ebpf => match EbpfSplice::start(config) {
+        DataplaneMode::Sockmap => match EbpfSplice::start(config) {
             Ok(plane) => Ok(DataplaneChoice {
                 plane: Arc::new(plane),
                 requested: mode,
@@ -254,7 +254,9 @@ fn choose_dataplane(config: &DataplaneConfig) -> anyhow::Result<DataplaneChoice>
                     config.bpffs_pin.display()
                 ),
             }),
-            Err(e) => bail!("dataplane.mode = \"ebpf\": the eBPF data plane cannot be used: {e}"),
+            Err(e) => {
+                bail!("dataplane.mode = \"sockmap\": the eBPF data plane cannot be used: {e}")
+            }
         },
     }
 }

@@ -18,18 +18,18 @@ pub enum Mode {
     /// The userspace copy path.
     Userspace,
     /// The in-kernel sockmap splice (needs root).
-    Ebpf,
+    Sockmap,
 }
 
 impl Mode {
     /// Every data path this build can test.
-    pub const ALL: [Mode; 2] = [Mode::Userspace, Mode::Ebpf];
+    pub const ALL: [Mode; 2] = [Mode::Userspace, Mode::Sockmap];
 
     /// The `dataplane.mode` value selecting this path.
     pub fn config_value(self) -> &'static str {
         match self {
             Mode::Userspace => "userspace",
-            Mode::Ebpf => "ebpf",
+            Mode::Sockmap => "sockmap",
         }
     }
 
@@ -37,7 +37,7 @@ impl Mode {
     pub fn dataplane_keys(self) -> String {
         match self {
             Mode::Userspace => "mode = \"userspace\"".to_string(),
-            Mode::Ebpf => format!("mode = \"ebpf\"\nbpffs_pin = \"{}\"", unique_pin_dir()),
+            Mode::Sockmap => format!("mode = \"sockmap\"\nbpffs_pin = \"{}\"", unique_pin_dir()),
         }
     }
 

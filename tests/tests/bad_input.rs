@@ -529,63 +529,63 @@ async fn userspace_garbage_never_breaks_the_proxy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_not_a_connect_or_malformed_framing_is_closed() {
-    if Mode::Ebpf.runnable() {
-        malformed_first_packet(Mode::Ebpf).await;
+    if Mode::Sockmap.runnable() {
+        malformed_first_packet(Mode::Sockmap).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_unknown_protocol_or_level_is_refused() {
-    if Mode::Ebpf.runnable() {
-        bad_protocol(Mode::Ebpf).await;
+    if Mode::Sockmap.runnable() {
+        bad_protocol(Mode::Sockmap).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_client_id_not_utf8_is_refused() {
-    if Mode::Ebpf.runnable() {
-        bad_client_id(Mode::Ebpf).await;
+    if Mode::Sockmap.runnable() {
+        bad_client_id(Mode::Sockmap).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_connect_over_max_connect_size_is_refused() {
-    if Mode::Ebpf.runnable() {
-        too_large(Mode::Ebpf).await;
+    if Mode::Sockmap.runnable() {
+        too_large(Mode::Sockmap).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_incomplete_connect_times_out() {
-    if Mode::Ebpf.runnable() {
-        connect_timeout(Mode::Ebpf).await;
+    if Mode::Sockmap.runnable() {
+        connect_timeout(Mode::Sockmap).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_no_broker_available_is_refused() {
-    if Mode::Ebpf.runnable() {
-        no_upstream(Mode::Ebpf).await;
+    if Mode::Sockmap.runnable() {
+        no_upstream(Mode::Sockmap).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_over_max_connections_is_closed() {
-    if Mode::Ebpf.runnable() {
-        over_limit(Mode::Ebpf).await;
+    if Mode::Sockmap.runnable() {
+        over_limit(Mode::Sockmap).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_client_closing_before_connect_is_counted_closed() {
-    if Mode::Ebpf.runnable() {
-        silent_client(Mode::Ebpf).await;
+    if Mode::Sockmap.runnable() {
+        silent_client(Mode::Sockmap).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_garbage_never_breaks_the_proxy() {
-    if Mode::Ebpf.runnable() {
-        garbage(Mode::Ebpf).await;
+    if Mode::Sockmap.runnable() {
+        garbage(Mode::Sockmap).await;
     }
 }

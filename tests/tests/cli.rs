@@ -60,7 +60,7 @@ fn run_fails_fast_with_a_reason_when_ebpf_is_demanded_but_cannot_load() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("dataplane.mode = \"ebpf\""), "{stderr}");
+    assert!(stderr.contains("dataplane.mode = \"sockmap\""), "{stderr}");
     assert!(
         stderr.contains("not on a mounted bpf filesystem"),
         "{stderr}"

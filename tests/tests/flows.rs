@@ -295,35 +295,35 @@ async fn userspace_bytes_are_counted_exactly_each_way() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_bytes_pipelined_behind_connect_are_forwarded_once_in_order() {
-    if Mode::Ebpf.runnable() {
-        pipelined(Mode::Ebpf).await;
+    if Mode::Sockmap.runnable() {
+        pipelined(Mode::Sockmap).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_client_half_close_still_gets_the_whole_reply() {
-    if Mode::Ebpf.runnable() {
-        client_half_close(Mode::Ebpf).await;
+    if Mode::Sockmap.runnable() {
+        client_half_close(Mode::Sockmap).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_broker_half_close_keeps_the_client_direction_open() {
-    if Mode::Ebpf.runnable() {
-        broker_half_close(Mode::Ebpf).await;
+    if Mode::Sockmap.runnable() {
+        broker_half_close(Mode::Sockmap).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_idle_flow_is_closed_and_active_flow_is_not() {
-    if Mode::Ebpf.runnable() {
-        idle_timeout(Mode::Ebpf).await;
+    if Mode::Sockmap.runnable() {
+        idle_timeout(Mode::Sockmap).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_bytes_are_counted_exactly_each_way() {
-    if Mode::Ebpf.runnable() {
-        bytes_counted(Mode::Ebpf).await;
+    if Mode::Sockmap.runnable() {
+        bytes_counted(Mode::Sockmap).await;
     }
 }

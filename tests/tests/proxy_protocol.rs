@@ -141,21 +141,21 @@ async fn userspace_proxy_protocol_off_sends_the_connect_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_proxy_protocol_v1_announces_client_and_listener() {
-    if Mode::Ebpf.runnable() {
-        proxy_header(Mode::Ebpf, Version::V1).await;
+    if Mode::Sockmap.runnable() {
+        proxy_header(Mode::Sockmap, Version::V1).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_proxy_protocol_v2_announces_client_and_listener() {
-    if Mode::Ebpf.runnable() {
-        proxy_header(Mode::Ebpf, Version::V2).await;
+    if Mode::Sockmap.runnable() {
+        proxy_header(Mode::Sockmap, Version::V2).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_proxy_protocol_off_sends_the_connect_first() {
-    if Mode::Ebpf.runnable() {
-        proxy_header(Mode::Ebpf, Version::Off).await;
+    if Mode::Sockmap.runnable() {
+        proxy_header(Mode::Sockmap, Version::Off).await;
     }
 }

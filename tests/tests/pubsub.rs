@@ -109,7 +109,7 @@ async fn stats_endpoint_serves_json_over_http() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_publish_subscribe_roundtrip() {
-    if Mode::Ebpf.runnable() {
-        roundtrip_through_proxy(Mode::Ebpf).await;
+    if Mode::Sockmap.runnable() {
+        roundtrip_through_proxy(Mode::Sockmap).await;
     }
 }

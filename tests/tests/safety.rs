@@ -35,7 +35,7 @@ fn settled(mode: Mode, stats_addr: SocketAddr) -> Value {
         json["connections"]["active"], 0,
         "{mode:?}: flows left open: {json}"
     );
-    if mode == Mode::Ebpf {
+    if mode == Mode::Sockmap {
         let pin = json["dataplane"]["bpffs_pin"].as_str().unwrap();
         assert_eq!(
             maps::flow_entries(pin),
@@ -223,10 +223,10 @@ fn userspace_200_flows_50_at_a_time_close_three_ways_losing_nothing() {
 
 #[test]
 fn ebpf_200_flows_50_at_a_time_close_three_ways_losing_nothing() {
-    if !Mode::Ebpf.runnable() {
+    if !Mode::Sockmap.runnable() {
         return;
     }
-    close_three_ways(Mode::Ebpf);
+    close_three_ways(Mode::Sockmap);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -234,7 +234,7 @@ fn ebpf_200_flows_50_at_a_time_close_three_ways_losing_nothing() {
 
 #[test]
 fn ebpf_global_limit_throttles_100_fast_clients_to_one_slow_broker() {
-    if !Mode::Ebpf.runnable() {
+    if !Mode::Sockmap.runnable() {
         return;
     }
     const CLIENTS: usize = 100;
@@ -253,7 +253,7 @@ fn ebpf_global_limit_throttles_100_fast_clients_to_one_slow_broker() {
         results.lock().unwrap().insert(i, got);
     });
     let (text, listen, stats_addr) = config_with(
-        Mode::Ebpf,
+        Mode::Sockmap,
         &[broker],
         "",
         "max_inflight_per_flow = \"64MiB\"\nmax_inflight_total = \"16MiB\"",
@@ -317,7 +317,7 @@ fn ebpf_global_limit_throttles_100_fast_clients_to_one_slow_broker() {
             "flow {i}: the client did not see the broker's close"
         );
     }
-    let json = settled(Mode::Ebpf, stats_addr);
+    let json = settled(Mode::Sockmap, stats_addr);
     let dataplane = &json["dataplane"];
     let peak = peak.load(Relaxed);
     println!(
@@ -350,7 +350,7 @@ fn ebpf_global_limit_throttles_100_fast_clients_to_one_slow_broker() {
 
 /// The stats' `dataplane.closes.rst` counted at least once (eBPF only).
 fn rst_counted(mode: Mode, json: &Value) {
-    if mode == Mode::Ebpf {
+    if mode == Mode::Sockmap {
         assert!(
             json["dataplane"]["closes"]["rst"]
                 .as_u64()
@@ -524,10 +524,10 @@ fn userspace_reset_mid_flow_by_a_client_with_unread_input_delivers_every_acked_b
 
 #[test]
 fn ebpf_reset_mid_flow_by_a_client_with_unread_input_delivers_every_acked_byte_then_fin() {
-    if !Mode::Ebpf.runnable() {
+    if !Mode::Sockmap.runnable() {
         return;
     }
-    client_rst_while_sending(Mode::Ebpf);
+    client_rst_while_sending(Mode::Sockmap);
 }
 
 #[test]
@@ -537,10 +537,10 @@ fn userspace_reset_mid_flow_by_the_broker_closes_the_client() {
 
 #[test]
 fn ebpf_reset_mid_flow_by_the_broker_closes_the_client() {
-    if !Mode::Ebpf.runnable() {
+    if !Mode::Sockmap.runnable() {
         return;
     }
-    broker_rst(Mode::Ebpf);
+    broker_rst(Mode::Sockmap);
 }
 
 #[test]
@@ -550,10 +550,10 @@ fn userspace_reset_mid_flow_by_a_killed_client_closes_the_broker() {
 
 #[test]
 fn ebpf_reset_mid_flow_by_a_killed_client_closes_the_broker() {
-    if !Mode::Ebpf.runnable() {
+    if !Mode::Sockmap.runnable() {
         return;
     }
-    client_rst(Mode::Ebpf);
+    client_rst(Mode::Sockmap);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -561,7 +561,7 @@ fn ebpf_reset_mid_flow_by_a_killed_client_closes_the_broker() {
 
 #[test]
 fn ebpf_512_mib_spliced_transfer_costs_under_2000_voluntary_context_switches() {
-    if !Mode::Ebpf.runnable() {
+    if !Mode::Sockmap.runnable() {
         return;
     }
     const LEN: u64 = 512 * MIB;
@@ -574,7 +574,7 @@ fn ebpf_512_mib_spliced_transfer_costs_under_2000_voluntary_context_switches() {
             None,
         ));
     });
-    let (text, listen, stats_addr) = config_for(Mode::Ebpf, &[broker], "");
+    let (text, listen, stats_addr) = config_for(Mode::Sockmap, &[broker], "");
     let daemon = Graceful::start(&text, listen, stats_addr);
     let mut client = connect_flow(listen, 0);
     assert!(
@@ -689,11 +689,11 @@ fn auto_without_privilege_or_with_a_locked_pin_dir_serves_on_userspace_and_says_
     world_readable(&path);
     let mut command = std::process::Command::new(mqsplice_tests::proxy::binary());
     command.args(["run", "--config"]).arg(&path);
-    if Mode::Ebpf.runnable() {
+    if Mode::Sockmap.runnable() {
         command.uid(65534).gid(65534);
     }
     let unprivileged = Spawned::start(&mut command, stats_addr);
-    if Mode::Ebpf.runnable() {
+    if Mode::Sockmap.runnable() {
         let status =
             std::fs::read_to_string(format!("/proc/{}/status", unprivileged.child.id())).unwrap();
         assert!(
@@ -713,11 +713,11 @@ fn auto_without_privilege_or_with_a_locked_pin_dir_serves_on_userspace_and_says_
     drop(unprivileged);
 
     // (b) As root, with the pin directory held by a running eBPF instance.
-    if !Mode::Ebpf.runnable() {
+    if !Mode::Sockmap.runnable() {
         assert!(failures.is_empty(), "{}", failures.join("\n"));
         return;
     }
-    let (text, listen, stats_addr) = config_for(Mode::Ebpf, &[broker], "");
+    let (text, listen, stats_addr) = config_for(Mode::Sockmap, &[broker], "");
     let holder = Graceful::start(&text, listen, stats_addr);
     let pin = stats(stats_addr)["dataplane"]["bpffs_pin"]
         .as_str()

@@ -135,7 +135,7 @@ fn bulk_each_way(mode: Mode, mib: usize) -> Duration {
         sender.join().unwrap();
     }
     let cpu = Duration::from_nanos(daemon.cpu_ns() - cpu_before);
-    if mode == Mode::Ebpf {
+    if mode == Mode::Sockmap {
         let stats = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -161,11 +161,11 @@ fn bulk_each_way(mode: Mode, mib: usize) -> Duration {
 
 #[test]
 fn ebpf_256_mib_each_way_arrive_intact_for_under_5_percent_of_the_userspace_cpu() {
-    if !Mode::Ebpf.runnable() {
+    if !Mode::Sockmap.runnable() {
         return;
     }
     let userspace = bulk_each_way(Mode::Userspace, 256);
-    let ebpf = bulk_each_way(Mode::Ebpf, 256);
+    let ebpf = bulk_each_way(Mode::Sockmap, 256);
     println!("daemon CPU for 256 MiB each way: userspace {userspace:?}, ebpf {ebpf:?}");
     assert!(
         ebpf.as_nanos() * 20 < userspace.as_nanos(),
@@ -248,7 +248,7 @@ async fn lossless_close(mode: Mode, close: Close, mib: usize, rounds: usize) {
             running.stats()
         );
     }
-    if mode == Mode::Ebpf {
+    if mode == Mode::Sockmap {
         let stats = running.stats();
         let pin = stats["dataplane"]["bpffs_pin"].as_str().unwrap();
         assert_eq!(
@@ -276,8 +276,8 @@ async fn userspace_client_first_close_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_client_first_close_loses_nothing_and_leaves_no_entries() {
-    if Mode::Ebpf.runnable() {
-        lossless_close(Mode::Ebpf, Close::ClientFirst, 4, 10).await;
+    if Mode::Sockmap.runnable() {
+        lossless_close(Mode::Sockmap, Close::ClientFirst, 4, 10).await;
     }
 }
 
@@ -288,8 +288,8 @@ async fn userspace_broker_first_close_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_broker_first_close_loses_nothing_and_leaves_no_entries() {
-    if Mode::Ebpf.runnable() {
-        lossless_close(Mode::Ebpf, Close::BrokerFirst, 4, 10).await;
+    if Mode::Sockmap.runnable() {
+        lossless_close(Mode::Sockmap, Close::BrokerFirst, 4, 10).await;
     }
 }
 
@@ -300,8 +300,8 @@ async fn userspace_client_that_writes_and_closes_at_once_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_client_that_writes_and_closes_at_once_loses_nothing() {
-    if Mode::Ebpf.runnable() {
-        lossless_close(Mode::Ebpf, Close::ClientWritesAndCloses, 4, 10).await;
+    if Mode::Sockmap.runnable() {
+        lossless_close(Mode::Sockmap, Close::ClientWritesAndCloses, 4, 10).await;
     }
 }
 
@@ -346,7 +346,7 @@ async fn everything_at_once(mode: Mode) {
         )
         .await
     );
-    if mode == Mode::Ebpf {
+    if mode == Mode::Sockmap {
         let dataplane = &running.stats()["dataplane"];
         println!(
             "ebpf: {} spliced, {} refused (served on userspace)",
@@ -369,8 +369,8 @@ async fn userspace_connect_publish_disconnect_fin_in_one_go_all_reach_the_broker
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_connect_publish_disconnect_fin_in_one_go_all_reach_the_broker() {
-    if Mode::Ebpf.runnable() {
-        everything_at_once(Mode::Ebpf).await;
+    if Mode::Sockmap.runnable() {
+        everything_at_once(Mode::Sockmap).await;
     }
 }
 
@@ -403,12 +403,12 @@ async fn echo_broker() -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_20000_cycles_leave_the_maps_empty_and_descriptors_at_baseline() {
-    if !Mode::Ebpf.runnable() {
+    if !Mode::Sockmap.runnable() {
         return;
     }
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let broker = echo_broker().await;
-    let (text, listen, stats) = config_for(Mode::Ebpf, &[broker], "");
+    let (text, listen, stats) = config_for(Mode::Sockmap, &[broker], "");
     let daemon = Daemon::start(&text, listen, stats);
     let baseline = daemon.open_fds();
     let publish = publish_qos0("t/cycle", &[7u8; 100]);
@@ -478,7 +478,7 @@ async fn ebpf_20000_cycles_leave_the_maps_empty_and_descriptors_at_baseline() {
 #[test]
 fn ebpf_without_the_privilege_to_load_programs_refuses_to_start_and_says_why() {
     use std::os::unix::process::CommandExt;
-    let (text, _, _) = config_for(Mode::Ebpf, &["127.0.0.1:1".parse().unwrap()], "");
+    let (text, _, _) = config_for(Mode::Sockmap, &["127.0.0.1:1".parse().unwrap()], "");
     let path = mqsplice_tests::daemon::write_config(&text);
     // `nobody` must be able to read the file and its directory.
     let dir = path.parent().unwrap();
@@ -489,14 +489,14 @@ fn ebpf_without_the_privilege_to_load_programs_refuses_to_start_and_says_why() {
     }
     let mut command = std::process::Command::new(proxy::binary());
     command.args(["run", "--config"]).arg(&path);
-    if Mode::Ebpf.runnable() {
+    if Mode::Sockmap.runnable() {
         // As root: drop to `nobody`, which may not load BPF programs.
         command.uid(65534).gid(65534);
     }
     let out = command.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("dataplane.mode = \"ebpf\""), "{stderr}");
+    assert!(stderr.contains("dataplane.mode = \"sockmap\""), "{stderr}");
     assert!(
         stderr.contains("not permitted") || stderr.contains("bpffs"),
         "no reason given: {stderr}"
@@ -505,13 +505,13 @@ fn ebpf_without_the_privilege_to_load_programs_refuses_to_start_and_says_why() {
 
 #[test]
 fn ebpf_a_killed_instance_pins_are_cleaned_and_a_live_instance_keeps_its_directory() {
-    if !Mode::Ebpf.runnable() {
+    if !Mode::Sockmap.runnable() {
         return;
     }
     let pin = unique_pin_dir();
     let broker = "127.0.0.1:1".parse().unwrap();
     let config = || {
-        let (text, listen, stats) = config_for(Mode::Ebpf, &[broker], "");
+        let (text, listen, stats) = config_for(Mode::Sockmap, &[broker], "");
         (with_pin(&text, &pin), listen, stats)
     };
     let (text, listen, stats) = config();
@@ -567,11 +567,11 @@ fn with_pin(text: &str, pin: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_program_warnings_reach_the_daemon_log() {
-    if !Mode::Ebpf.runnable() {
+    if !Mode::Sockmap.runnable() {
         return;
     }
     let (broker, accepted) = backend();
-    let (text, listen, stats) = config_for(Mode::Ebpf, &[broker], "");
+    let (text, listen, stats) = config_for(Mode::Sockmap, &[broker], "");
     let daemon = Daemon::start(&text, listen, stats);
     let mut client = client(listen);
     let _server = accepted.recv_timeout(Duration::from_secs(10)).unwrap();

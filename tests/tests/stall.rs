@@ -161,10 +161,10 @@ fn userspace_stalled_broker_blocks_a_client_writing_512_mib() {
 
 #[test]
 fn ebpf_stalled_broker_blocks_a_client_writing_512_mib() {
-    if !Mode::Ebpf.runnable() {
+    if !Mode::Sockmap.runnable() {
         return;
     }
-    stalled_reader_blocks_the_writer(Mode::Ebpf, true);
+    stalled_reader_blocks_the_writer(Mode::Sockmap, true);
 }
 
 #[test]
@@ -174,8 +174,8 @@ fn userspace_client_that_never_reads_blocks_a_broker_writing_512_mib() {
 
 #[test]
 fn ebpf_client_that_never_reads_blocks_a_broker_writing_512_mib() {
-    if !Mode::Ebpf.runnable() {
+    if !Mode::Sockmap.runnable() {
         return;
     }
-    stalled_reader_blocks_the_writer(Mode::Ebpf, false);
+    stalled_reader_blocks_the_writer(Mode::Sockmap, false);
 }

@@ -133,14 +133,18 @@ pub fn parse_bpffs_pin(value: &str) -> Result<PathBuf, String> {
     Ok(path)
 }
 
-/// `dataplane.mode`.
+/// `dataplane.mode`. `ebpf` is the name `sockmap` had before a second eBPF data path was
+/// planned; configurations written with it keep working.
 pub fn parse_dataplane_mode(value: &str) -> Result<DataplaneMode, String> {
+    if value == "ebpf" {
+        return Ok(DataplaneMode::Sockmap);
+    }
     one_of(
         "dataplane mode",
         value,
         &[
             ("auto", DataplaneMode::Auto),
-            ("ebpf", DataplaneMode::Ebpf),
+            ("sockmap", DataplaneMode::Sockmap),
             ("userspace", DataplaneMode::Userspace),
         ],
     )
@@ -757,13 +761,14 @@ mod tests {
 
     #[test]
     fn enums() {
-        assert_eq!(parse_dataplane_mode("ebpf"), Ok(DataplaneMode::Ebpf));
+        assert_eq!(parse_dataplane_mode("sockmap"), Ok(DataplaneMode::Sockmap));
+        assert_eq!(parse_dataplane_mode("ebpf"), Ok(DataplaneMode::Sockmap));
         assert_eq!(
             parse_dataplane_mode("userspace"),
             Ok(DataplaneMode::Userspace)
         );
         let e = parse_dataplane_mode("kernel").unwrap_err();
-        assert!(e.contains("auto, ebpf, userspace"), "{e}");
+        assert!(e.contains("auto, sockmap, userspace"), "{e}");
         assert_eq!(parse_balance("least_conn"), Ok(BalanceMethod::LeastConn));
         assert_eq!(parse_balance("ip_hash"), Ok(BalanceMethod::IpHash));
         let e = parse_balance("hash").unwrap_err();

@@ -124,7 +124,7 @@ impl EbpfSplice {
 
 impl DataPlane for EbpfSplice {
     fn path(&self) -> DataPath {
-        DataPath::Ebpf
+        DataPath::Sockmap
     }
 
     fn connect_handling(&self) -> ConnectHandling {
@@ -208,7 +208,7 @@ impl Shared {
         let (client, broker) = match (client.into_std(), broker.into_std()) {
             (Ok(client), Ok(broker)) => (client, broker),
             _ => {
-                return FlowEnd::nothing_moved(DataPath::Ebpf, super::CloseReason::ClientError);
+                return FlowEnd::nothing_moved(DataPath::Sockmap, super::CloseReason::ClientError);
             }
         };
         match self.insert(&client, &broker) {
@@ -234,7 +234,7 @@ impl Shared {
                     done,
                 });
                 ended.await.unwrap_or(FlowEnd::nothing_moved(
-                    DataPath::Ebpf,
+                    DataPath::Sockmap,
                     super::CloseReason::BrokerError,
                 ))
             }

@@ -1054,7 +1054,7 @@ impl WatchThread {
         }
         self.counters.spliced_active.fetch_sub(1, Relaxed);
         let _ = spliced.done.send(FlowEnd {
-            path: DataPath::Ebpf,
+            path: DataPath::Sockmap,
             bytes_to_broker: to_broker,
             bytes_to_client: to_client,
             reason,

@@ -201,7 +201,7 @@ fn measure(
         if held.is_empty() {
             bail!("no connection could be held");
         }
-        if peer.kind == PathKind::MqspliceEbpf {
+        if peer.kind == PathKind::MqspliceSockmap {
             let deadline = Instant::now() + SPLICE_WAIT;
             loop {
                 let splice = peer.splice_stats()?.unwrap_or_default();
@@ -332,17 +332,17 @@ fn main() -> anyhow::Result<()> {
             _ => true,
         })
         .collect();
-    if order.contains(&PathKind::MqspliceEbpf) {
+    if order.contains(&PathKind::MqspliceSockmap) {
         // The eBPF daemon needs root (CAP_BPF, CAP_NET_ADMIN) and a kernel with sockmap:
         // try it once, and leave the path out with the daemon's own words if it cannot start.
-        match start_peer(PathKind::MqspliceEbpf, &tools, 16).and_then(Peer::stop) {
+        match start_peer(PathKind::MqspliceSockmap, &tools, 16).and_then(Peer::stop) {
             Ok(()) => {}
             Err(e) => {
                 skip(
-                    "mqsplice-ebpf",
+                    "mqsplice-sockmap",
                     format!("the eBPF daemon did not start: {e:#}"),
                 );
-                order.retain(|k| *k != PathKind::MqspliceEbpf);
+                order.retain(|k| *k != PathKind::MqspliceSockmap);
             }
         }
     }

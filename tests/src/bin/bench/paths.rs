@@ -24,7 +24,7 @@ const STOP_LIMIT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathKind {
     Direct,
-    MqspliceEbpf,
+    MqspliceSockmap,
     MqspliceUserspace,
     Nginx,
     Haproxy,
@@ -34,7 +34,7 @@ impl PathKind {
     /// Every path, in table order.
     pub const ALL: [PathKind; 5] = [
         PathKind::Direct,
-        PathKind::MqspliceEbpf,
+        PathKind::MqspliceSockmap,
         PathKind::MqspliceUserspace,
         PathKind::Nginx,
         PathKind::Haproxy,
@@ -44,7 +44,7 @@ impl PathKind {
     pub fn name(self) -> &'static str {
         match self {
             PathKind::Direct => "direct",
-            PathKind::MqspliceEbpf => "mqsplice-ebpf",
+            PathKind::MqspliceSockmap => "mqsplice-sockmap",
             PathKind::MqspliceUserspace => "mqsplice-userspace",
             PathKind::Nginx => "nginx",
             PathKind::Haproxy => "haproxy",
@@ -283,11 +283,11 @@ impl Peer {
 
     /// `dataplane` of the stats, checked to be the splice when this is the eBPF path.
     pub fn splice_stats(&self) -> anyhow::Result<Option<Value>> {
-        if self.kind != PathKind::MqspliceEbpf {
+        if self.kind != PathKind::MqspliceSockmap {
             return Ok(None);
         }
         let dataplane = self.stats()?["dataplane"].take();
-        if dataplane["mode"] != "ebpf" {
+        if dataplane["mode"] != "sockmap" {
             bail!("the eBPF daemon runs dataplane {}", dataplane["mode"]);
         }
         Ok(Some(dataplane))
@@ -339,11 +339,11 @@ pub fn start_peer(kind: PathKind, tools: &Tools, conns: usize) -> anyhow::Result
     };
     match kind {
         PathKind::Direct => peer.listen = echo,
-        PathKind::MqspliceEbpf | PathKind::MqspliceUserspace => {
+        PathKind::MqspliceSockmap | PathKind::MqspliceUserspace => {
             let stats: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-            let dataplane = if kind == PathKind::MqspliceEbpf {
+            let dataplane = if kind == PathKind::MqspliceSockmap {
                 let dir = format!("{}{}", pin_prefix(), STARTS.fetch_add(1, Ordering::Relaxed));
-                let keys = format!("mode = \"ebpf\"\nbpffs_pin = \"{dir}\"");
+                let keys = format!("mode = \"sockmap\"\nbpffs_pin = \"{dir}\"");
                 peer.pin_dir = Some(dir);
                 keys
             } else {

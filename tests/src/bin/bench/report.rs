@@ -97,13 +97,13 @@ const TARGETS: [Target; 4] = [
         "ebpf p50 / nginx p50",
         "p50_vs_nginx",
         Goal::AtMost(1.1),
-        |get| Some(get("mqsplice-ebpf", "p50_us")? / get("nginx", "p50_us")?),
+        |get| Some(get("mqsplice-sockmap", "p50_us")? / get("nginx", "p50_us")?),
     ),
     (
         "ebpf 1 KiB MB/s / nginx",
         "bulk_vs_nginx",
         Goal::AtLeast(1.2),
-        |get| Some(get("mqsplice-ebpf", "bulk_mb_per_s")? / get("nginx", "bulk_mb_per_s")?),
+        |get| Some(get("mqsplice-sockmap", "bulk_mb_per_s")? / get("nginx", "bulk_mb_per_s")?),
     ),
     (
         "(ebpf − direct) / (nginx − direct) machine CPU s/GB, 1 KiB",
@@ -113,14 +113,14 @@ const TARGETS: [Target; 4] = [
             let key = "bulk_machine_cpu_s_per_gb";
             let direct = get("direct", key)?;
             let nginx = get("nginx", key)? - direct;
-            (nginx > 0.0).then_some((get("mqsplice-ebpf", key)? - direct) / nginx)
+            (nginx > 0.0).then_some((get("mqsplice-sockmap", key)? - direct) / nginx)
         },
     ),
     (
         "ebpf RSS per spliced connection, bytes",
         "rss_per_spliced_conn",
         Goal::AtMost(1000.0),
-        |get| get("mqsplice-ebpf", "rss_bytes_per_conn"),
+        |get| get("mqsplice-sockmap", "rss_bytes_per_conn"),
     ),
 ];
 

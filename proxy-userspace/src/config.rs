@@ -20,9 +20,9 @@ pub use validate::{
     DEFAULT_BPFFS_PIN, DEFAULT_BUFFER_SIZE, DEFAULT_CLOSE_DRAIN_TIMEOUT,
     DEFAULT_CONNECT_PACKET_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FAIL_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECT_SIZE, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_INFLIGHT_PER_FLOW, DEFAULT_MAX_INFLIGHT_TOTAL, DEFAULT_RESOLVE_INTERVAL,
-    DEFAULT_STATS_LISTEN, MAX_BUFFER_SIZE, MAX_CONNECT_SIZE, MAX_DURATION, MIN_BUFFER_SIZE,
-    MIN_CONNECT_SIZE,
+    DEFAULT_MAX_DAEMON_HELD_PER_FLOW, DEFAULT_MAX_DAEMON_HELD_TOTAL, DEFAULT_MAX_INFLIGHT_PER_FLOW,
+    DEFAULT_MAX_INFLIGHT_TOTAL, DEFAULT_RESOLVE_INTERVAL, DEFAULT_STATS_LISTEN, MAX_BUFFER_SIZE,
+    MAX_CONNECT_SIZE, MAX_DURATION, MIN_BUFFER_SIZE, MIN_CONNECT_SIZE,
 };
 pub use ws::{
     DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_FRAME_SIZE, DEFAULT_WS_PATH, UpstreamProtocol,
@@ -71,6 +71,11 @@ pub struct DataplaneConfig {
     pub max_inflight_per_flow: usize,
     /// All spliced directions together; the biggest are throttled first. Default 256 MiB.
     pub max_inflight_total: usize,
+    /// Bytes the daemon may hold for one throttled direction (read, not yet taken by the peer).
+    /// Default 256 KiB.
+    pub max_daemon_held_per_flow: usize,
+    /// The same over all throttled directions. Default 64 MiB.
+    pub max_daemon_held_total: usize,
 }
 
 /// Where the access log goes.
@@ -450,6 +455,8 @@ upstream = "emqx"
                 close_drain_timeout: DEFAULT_CLOSE_DRAIN_TIMEOUT,
                 max_inflight_per_flow: DEFAULT_MAX_INFLIGHT_PER_FLOW,
                 max_inflight_total: DEFAULT_MAX_INFLIGHT_TOTAL,
+                max_daemon_held_per_flow: DEFAULT_MAX_DAEMON_HELD_PER_FLOW,
+                max_daemon_held_total: DEFAULT_MAX_DAEMON_HELD_TOTAL,
             },
             log: LogConfig {
                 access: AccessLog::Stderr,
@@ -512,6 +519,8 @@ upstream = "emqx"
                 close_drain_timeout: DEFAULT_CLOSE_DRAIN_TIMEOUT,
                 max_inflight_per_flow: DEFAULT_MAX_INFLIGHT_PER_FLOW,
                 max_inflight_total: DEFAULT_MAX_INFLIGHT_TOTAL,
+                max_daemon_held_per_flow: DEFAULT_MAX_DAEMON_HELD_PER_FLOW,
+                max_daemon_held_total: DEFAULT_MAX_DAEMON_HELD_TOTAL,
             },
             log: LogConfig {
                 access: AccessLog::Stderr,
@@ -1039,6 +1048,25 @@ upstream = "emqx"
             "upstream[0].upstream_tls.server_name",
             3,
             "not a valid DNS name or IP address",
+        );
+    }
+
+    #[test]
+    fn daemon_held_bounds_parse_and_are_checked() {
+        let config = Config::from_toml_str(&format!(
+            "[dataplane]\nmax_daemon_held_per_flow = \"512KiB\"\nmax_daemon_held_total = 1073741824\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(config.dataplane.max_daemon_held_per_flow, 512 << 10);
+        assert_eq!(config.dataplane.max_daemon_held_total, 1 << 30);
+        let config = Config::from_toml_str(MINIMAL).unwrap();
+        assert_eq!(config.dataplane.max_daemon_held_per_flow, 256 << 10);
+        assert_eq!(config.dataplane.max_daemon_held_total, 64 << 20);
+        assert_err(
+            &format!("[dataplane]\nmax_daemon_held_per_flow = \"64KiB\"\n{MINIMAL}"),
+            "dataplane.max_daemon_held_per_flow",
+            2,
+            "must be between 128KiB",
         );
     }
 

@@ -92,6 +92,8 @@ pub struct RawDataplane {
     pub close_drain_timeout: Option<Spanned<NumOrStr>>,
     pub max_inflight_per_flow: Option<Spanned<NumOrStr>>,
     pub max_inflight_total: Option<Spanned<NumOrStr>>,
+    pub max_daemon_held_per_flow: Option<Spanned<NumOrStr>>,
+    pub max_daemon_held_total: Option<Spanned<NumOrStr>>,
 }
 
 /// `[log]`.

@@ -26,6 +26,14 @@ pub const DEFAULT_CLOSE_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_INFLIGHT_PER_FLOW: usize = 1 << 20;
 /// Default of `dataplane.max_inflight_total`.
 pub const DEFAULT_MAX_INFLIGHT_TOTAL: usize = 256 << 20;
+/// Default of `dataplane.max_daemon_held_per_flow`: what NGINX buffers per connection, in scale.
+pub const DEFAULT_MAX_DAEMON_HELD_PER_FLOW: usize = 256 << 10;
+/// Default of `dataplane.max_daemon_held_total`.
+pub const DEFAULT_MAX_DAEMON_HELD_TOTAL: usize = 64 << 20;
+/// Bounds of the daemon's held bytes: below 128 KiB a throttled socket's receive buffer, clamped
+/// to fit, would be too small to keep a flow moving.
+const MIN_HELD: u64 = 128 << 10;
+const MAX_HELD: u64 = 64 << 30;
 /// Bounds of the in-flight limits: below 64 KiB a flow would throttle on ordinary bursts.
 const MIN_INFLIGHT: u64 = 64 << 10;
 const MAX_INFLIGHT: u64 = 64 << 30;
@@ -641,6 +649,22 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Invalid> {
             "dataplane.max_inflight_total",
             DEFAULT_MAX_INFLIGHT_TOTAL,
             |v| size_in_range(v, MIN_INFLIGHT, MAX_INFLIGHT),
+        )?,
+        max_daemon_held_per_flow: field(
+            &raw.dataplane
+                .as_ref()
+                .and_then(|d| d.max_daemon_held_per_flow.clone()),
+            "dataplane.max_daemon_held_per_flow",
+            DEFAULT_MAX_DAEMON_HELD_PER_FLOW,
+            |v| size_in_range(v, MIN_HELD, MAX_HELD),
+        )?,
+        max_daemon_held_total: field(
+            &raw.dataplane
+                .as_ref()
+                .and_then(|d| d.max_daemon_held_total.clone()),
+            "dataplane.max_daemon_held_total",
+            DEFAULT_MAX_DAEMON_HELD_TOTAL,
+            |v| size_in_range(v, MIN_HELD, MAX_HELD),
         )?,
     };
     let log = LogConfig {

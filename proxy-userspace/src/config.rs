@@ -1068,6 +1068,14 @@ upstream = "emqx"
             2,
             "must be between 128KiB",
         );
+        assert_err(
+            &format!(
+                "[dataplane]\nmax_daemon_held_per_flow = \"1MiB\"\nmax_daemon_held_total = \"512KiB\"\n{MINIMAL}"
+            ),
+            "dataplane.max_daemon_held_per_flow",
+            2,
+            "must not be more than dataplane.max_daemon_held_total",
+        );
     }
 
     #[test]

@@ -667,6 +667,18 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Invalid> {
             |v| size_in_range(v, MIN_HELD, MAX_HELD),
         )?,
     };
+    if dataplane.max_daemon_held_per_flow > dataplane.max_daemon_held_total {
+        let span = raw
+            .dataplane
+            .as_ref()
+            .and_then(|d| d.max_daemon_held_per_flow.as_ref())
+            .map(|v| v.span());
+        return Err(Invalid::at(
+            "dataplane.max_daemon_held_per_flow",
+            span,
+            "must not be more than dataplane.max_daemon_held_total",
+        ));
+    }
     let log = LogConfig {
         access: field(
             &raw.log.as_ref().and_then(|l| l.access.clone()),

@@ -5,22 +5,24 @@
 //! broker socket, then the client socket, then the `SO_RCVLOWAT` kick on both, which makes the
 //! kernel forward the CONNECT still queued in the client socket and anything pipelined behind it.
 
+mod control;
 mod loader;
 mod sockopt;
 mod watch;
 
+pub use control::Limits;
 pub use loader::{EbpfPrograms, EbpfUnavailable, Maps, ProgramLogger};
 
 use super::{
     ClientStream, ConnectHandling, DataPath, DataPlane, Flow, FlowEnd, FlowFuture, UserspaceCopy,
 };
 use crate::config::DataplaneConfig;
+use control::FlowSetup;
 use proxy_common::{FlowCounters, PeerEntry, direction, throttle};
 use serde_json::{Value, json};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use watch::{Spliced, Watcher};
 
 pub use sockopt::{peek, set_rcvlowat, socket_cookie};
@@ -52,17 +54,8 @@ pub struct SpliceCounters {
     /// Bytes redirected by the kernel and not yet written into their peer socket, summed over
     /// directions, as last measured.
     pub inflight_bytes: AtomicU64,
-}
-
-/// The backpressure and close settings the watcher applies.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// `dataplane.max_inflight_per_flow`.
-    pub per_flow: u64,
-    /// `dataplane.max_inflight_total`.
-    pub total: u64,
-    /// `dataplane.close_drain_timeout`.
-    pub close_drain_timeout: Duration,
+    /// Bytes of throttled directions the daemon read and their peer has not taken yet.
+    pub daemon_held_bytes: AtomicU64,
 }
 
 /// The eBPF data plane: the loaded programs, the watcher thread, and the counters.
@@ -100,6 +93,8 @@ impl EbpfSplice {
             per_flow: config.max_inflight_per_flow as u64,
             total: config.max_inflight_total as u64,
             close_drain_timeout: config.close_drain_timeout,
+            held_per_flow: config.max_daemon_held_per_flow as u64,
+            held_total: config.max_daemon_held_total as u64,
         };
         let logger = programs.take_logger();
         let watcher = Watcher::start(maps.clone(), counters.clone(), limits, logger, events)
@@ -173,6 +168,9 @@ impl DataPlane for EbpfSplice {
             "inflight_bytes": c.inflight_bytes.load(Relaxed),
             "max_inflight_per_flow": self.shared.limits.per_flow,
             "max_inflight_total": self.shared.limits.total,
+            "daemon_held_bytes": c.daemon_held_bytes.load(Relaxed),
+            "max_daemon_held_per_flow": self.shared.limits.held_per_flow,
+            "max_daemon_held_total": self.shared.limits.held_total,
             "closes": {
                 "fin_drained": c.fin_drained.load(Relaxed),
                 "rst": c.rst.load(Relaxed),
@@ -225,11 +223,13 @@ impl Shared {
                 let (done, ended) = tokio::sync::oneshot::channel();
                 self.watcher.add(Spliced {
                     sockets: [client, broker],
-                    cookies,
-                    signal_at,
-                    hard_limit,
-                    broker_preamble_len,
-                    idle_timeout,
+                    setup: FlowSetup {
+                        cookies,
+                        signal_at,
+                        hard_limit,
+                        broker_preamble_len,
+                        idle_timeout,
+                    },
                     meters,
                     done,
                 });
@@ -280,7 +280,7 @@ impl Shared {
         let [client_cookie, broker_cookie] = cookies;
         // The first hard limit: this flow's share of the total, counting itself.
         let flows = self.counters.spliced_active.load(Relaxed) + 1;
-        let hard_limit = watch::grant(&self.limits, flows);
+        let hard_limit = control::grant(&self.limits, flows);
         let signal_at = hard_limit / 2;
         let entry = |peer_cookie, direction| PeerEntry {
             peer_cookie,

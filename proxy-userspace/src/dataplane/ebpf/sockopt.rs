@@ -285,3 +285,38 @@ pub fn reset_on_close(fd: BorrowedFd<'_>) {
         )
     };
 }
+
+/// The socket's receive buffer size as the kernel keeps it (`SO_RCVBUF`: twice what was set).
+pub fn rcvbuf(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `fd` is live for the borrow; `value` and `len` are valid for writes and `len`
+    // holds the buffer's size, as getsockopt requires.
+    check(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw mut value).cast(),
+            &raw mut len,
+        )
+    })?;
+    Ok(value.max(0) as u64)
+}
+
+/// Sets the socket's receive buffer (`SO_RCVBUFFORCE`: not capped by `net.core.rmem_max`; the
+/// kernel doubles the value for its bookkeeping). It also turns off TCP's autotuning of it.
+pub fn set_rcvbuf(fd: BorrowedFd<'_>, bytes: u64) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `fd` is live for the borrow; `value` is a c_int and the length passed matches it.
+    check(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}

@@ -629,3 +629,56 @@ async fn ebpf_program_warnings_reach_the_daemon_log() {
             >= 1
     );
 }
+
+/// Paho's way out: DISCONNECT with the FIN, and a reset right after. The broker takes every byte
+/// and closes; each pair must end at once (counted as a reset), not wait for
+/// `close_drain_timeout` as if bytes were missing.
+#[test]
+fn ebpf_disconnect_fin_then_reset_ends_the_pair_at_once() {
+    use mqsplice_tests::flows::{connect_flow, flow_backend, linger_zero, stats, wait_for};
+    if !Mode::Sockmap.runnable() {
+        return;
+    }
+    const PAIRS: usize = 20;
+    let (tx, rx) = mpsc::channel();
+    let broker = flow_backend(move |index, mut s| {
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        let _ = tx.send((index, rest));
+    });
+    let (text, listen, stats_addr) = config_for(Mode::Sockmap, &[broker], "");
+    let daemon = Daemon::start(&text, listen, stats_addr);
+    let mut goodbye = publish_qos0("t/bye", b"last words");
+    goodbye.extend([0xe0, 0x00]); // DISCONNECT
+    for index in 0..PAIRS {
+        let mut client = connect_flow(listen, index);
+        client.write_all(&goodbye).unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        linger_zero(&client);
+        drop(client);
+    }
+    for _ in 0..PAIRS {
+        let (index, rest) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a broker connection never ended");
+        assert_eq!(
+            rest, goodbye,
+            "pair {index}: the broker did not get the goodbye"
+        );
+    }
+    let ended = wait_for(Duration::from_secs(3), || {
+        stats(stats_addr)["connections"]["active"] == 0
+    });
+    let json = stats(stats_addr);
+    let closes = &json["dataplane"]["closes"];
+    assert!(
+        ended,
+        "pairs still active 3 s after their last byte was acknowledged: {json}"
+    );
+    assert_eq!(closes["drain_timeout"], 0, "{closes}");
+    assert!(
+        !daemon.stderr().contains("did not reach"),
+        "{}",
+        daemon.stderr()
+    );
+}

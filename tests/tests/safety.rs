@@ -345,6 +345,161 @@ fn ebpf_global_limit_throttles_100_fast_clients_to_one_slow_broker() {
     assert!(took < Duration::from_secs(120), "took {took:?}");
 }
 
+/// Full-duplex flows whose readers are slow on both sides: every direction keeps being throttled
+/// and handed back. The bytes the daemon holds stay within `max_daemon_held_total`, both streams
+/// of every flow arrive intact, and once the flows are gone the daemon's memory is back within
+/// 10 MB of what it was before the load.
+#[test]
+fn ebpf_throttled_full_duplex_flows_stay_within_the_daemon_bounds_and_give_memory_back() {
+    if !Mode::Sockmap.runnable() {
+        return;
+    }
+    const FLOWS: usize = 40;
+    const EACH: u64 = 8 * MIB;
+    const HELD_TOTAL: u64 = 4 * MIB;
+    const WARM_UP: usize = 999;
+    let slow = Some((64 * KIB as usize, Duration::from_millis(4)));
+    let started = Instant::now();
+    let at_broker: Results<([u8; 32], Received)> = Arc::default();
+    let results = at_broker.clone();
+    let broker = flow_backend(move |i, mut s| {
+        if i == WARM_UP {
+            let _ = read_stream(&mut s, None, Duration::from_secs(10), None);
+            return;
+        }
+        let mut tx = s.try_clone().unwrap();
+        let writer = thread::spawn(move || {
+            tx.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+            let d = write_stream(&mut tx, 9001 + 2 * i as u64, EACH);
+            tx.shutdown(Shutdown::Write).unwrap();
+            d
+        });
+        let got = read_stream(&mut s, None, Duration::from_secs(60), slow);
+        let sent = writer.join().unwrap();
+        results.lock().unwrap().insert(i, (sent, got));
+    });
+    let (text, listen, stats_addr) = config_with(
+        Mode::Sockmap,
+        &[broker],
+        "",
+        &format!("max_inflight_per_flow = \"64KiB\"\nmax_daemon_held_total = {HELD_TOTAL}"),
+    );
+    let daemon = Graceful::start(&text, listen, stats_addr);
+    // A warmed-up idle instance: one flow through it first.
+    {
+        let mut s = connect_flow(listen, WARM_UP);
+        s.shutdown(Shutdown::Write).unwrap();
+        let _ = read_stream(&mut s, None, Duration::from_secs(10), None);
+    }
+    let fresh_kib = daemon.rss_kib();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU64::new(0));
+    let poller = {
+        let (stop, peak) = (stop.clone(), peak.clone());
+        thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !stop.load(Relaxed) && Instant::now() < deadline {
+                if let Some(n) = stats(stats_addr)["dataplane"]["daemon_held_bytes"].as_u64() {
+                    peak.fetch_max(n, Relaxed);
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let clients: Vec<_> = (0..FLOWS)
+        .map(|i| {
+            thread::spawn(move || {
+                let mut s = connect_flow(listen, i);
+                let mut tx = s.try_clone().unwrap();
+                let writer = thread::spawn(move || {
+                    tx.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+                    let d = write_stream(&mut tx, 9000 + 2 * i as u64, EACH);
+                    tx.shutdown(Shutdown::Write).unwrap();
+                    d
+                });
+                let got = read_stream(&mut s, None, Duration::from_secs(60), slow);
+                (writer.join().unwrap(), got)
+            })
+        })
+        .collect();
+    let at_client: Vec<_> = clients
+        .into_iter()
+        .map(|c| c.join().expect("a client panicked"))
+        .collect();
+    let all_in = wait_for(Duration::from_secs(30), || {
+        at_broker.lock().unwrap().len() == FLOWS
+    });
+    stop.store(true, Relaxed);
+    poller.join().unwrap();
+    let took = started.elapsed();
+    assert!(
+        all_in,
+        "only {} flows ended at the broker",
+        at_broker.lock().unwrap().len()
+    );
+    let at_broker = at_broker.lock().unwrap();
+    for (i, (client_sent, client_got)) in at_client.iter().enumerate() {
+        let (broker_sent, broker_got) = at_broker[&i];
+        assert_eq!(
+            (
+                broker_got.len,
+                broker_got.end,
+                broker_got.digest == *client_sent
+            ),
+            (EACH, End::Eof, true),
+            "flow {i} client → broker: length, end, digest matches"
+        );
+        assert_eq!(
+            (
+                client_got.len,
+                client_got.end,
+                client_got.digest == broker_sent
+            ),
+            (EACH, End::Eof, true),
+            "flow {i} broker → client: length, end, digest matches"
+        );
+    }
+    let json = settled(Mode::Sockmap, stats_addr);
+    let dataplane = &json["dataplane"];
+    let peak = peak.load(Relaxed);
+    // Memory freed by the allocator may take a moment to be returned.
+    let mut rss_kib = daemon.rss_kib();
+    wait_for(Duration::from_secs(3), || {
+        rss_kib = daemon.rss_kib();
+        rss_kib <= fresh_kib + 10 * 1024
+    });
+    println!(
+        "{FLOWS} flows × 8 MiB each way in {took:?}: peak daemon_held_bytes {} KiB; RSS {} KiB idle \
+         before, {} KiB after; {dataplane}",
+        peak / KIB,
+        fresh_kib,
+        rss_kib
+    );
+    let mut failures = Vec::new();
+    if dataplane["throttles_total"]
+        .as_u64()
+        .is_none_or(|n| n < FLOWS as u64)
+    {
+        failures.push(format!("only {} throttles", dataplane["throttles_total"]));
+    }
+    if peak > HELD_TOTAL {
+        failures.push(format!("peak daemon_held_bytes {peak} > {HELD_TOTAL}"));
+    }
+    if dataplane["daemon_held_bytes"] != 0 {
+        failures.push(format!(
+            "{} bytes still held",
+            dataplane["daemon_held_bytes"]
+        ));
+    }
+    if rss_kib > fresh_kib + 10 * 1024 {
+        failures.push(format!(
+            "RSS {rss_kib} KiB, {fresh_kib} KiB before the load"
+        ));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("; "));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Resets mid-flow.
 

@@ -68,6 +68,8 @@ pub struct SideCounters {
     pub acked: u64,
     /// `SIOCOUTQ`: written into this socket, not yet acknowledged.
     pub outq: u64,
+    /// The receive buffer as the kernel keeps it (`SO_RCVBUF`: twice what was set).
+    pub rcvbuf: u64,
     /// The counters could not be read (the socket is unusable).
     pub failed: bool,
 }
@@ -163,11 +165,10 @@ pub enum Action {
     /// Take socket `side`'s lock (`SO_RCVLOWAT`): once done, no verdict that read the previous
     /// entry is still counting.
     Barrier(usize),
-    /// Set socket `side`'s receive buffer (`SO_RCVBUF`, which the kernel doubles) to this, so
-    /// that its whole queue fits the daemon's per-flow bound, remembering the size it had.
-    ClampRcvbuf(usize, u64),
-    /// Give socket `side` back the receive buffer it had before the clamp.
-    RestoreRcvbuf(usize),
+    /// Set socket `side`'s receive buffer (`SO_RCVBUF`, which the kernel doubles): clamped while
+    /// the direction is throttled, so that its whole queue fits the daemon's per-flow bound, and
+    /// given back its size at hand-back.
+    SetRcvbuf(usize, u64),
     /// Socket `side`'s epoll interest beyond the hang-up: readable, writable.
     Interest(usize, bool, bool),
     /// Read at most `max` bytes from socket `side`; report [`Event::Read`].
@@ -221,6 +222,13 @@ struct Throttle {
     room_backoff: Option<Duration>,
     /// A `Pump` timer is set.
     timer_pending: bool,
+    /// The socket's receive buffer before the clamp, and what TCP had received then: until that
+    /// much more has arrived, the window advertised before the clamp still lets the sender fill
+    /// the queue beyond the clamped buffer (TCP does not shrink a window it offered).
+    rcvbuf_before: u64,
+    received_at_clamp: u64,
+    /// The receive buffer was clamped (at the first check after the throttle).
+    clamped: bool,
 }
 
 impl Throttle {
@@ -385,6 +393,29 @@ impl FlowCore {
             Event::Wrote(side, outcome) => self.on_wrote(side, outcome),
         }
         std::mem::take(&mut self.out)
+    }
+
+    /// Which sockets' TCP counters (`TCP_INFO`, `SIOCOUTQ`, `SO_RCVBUF`) `event` needs read; the
+    /// others may be given as last read. `TCP_INFO` takes the socket's lock, which the kernel's
+    /// receive path (and so the verdict) also takes: an open direction's routine check reads only
+    /// its peer's, as the watcher always did.
+    pub fn needs(&self, event: &Event) -> [bool; 2] {
+        let side = match event {
+            Event::Signal(side) | Event::Timer(Timer::Inflight(side)) => *side,
+            _ => return [true; 2],
+        };
+        let way = &self.ways[side];
+        let routine = way.throttle.is_none()
+            && way.stage == Stage::Open
+            && self.reset.is_none()
+            && self.obs.sides[side].passed <= way.entry.daemon_read;
+        if routine {
+            let mut needs = [false; 2];
+            needs[1 - side] = true;
+            needs
+        } else {
+            [true; 2]
+        }
     }
 
     /// The bytes direction `side` holds for its peer, for [`Action::Write`].

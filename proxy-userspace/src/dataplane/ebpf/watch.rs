@@ -11,7 +11,8 @@ use super::control::{
     WriteOutcome, pick_to_throttle,
 };
 use super::sockopt::{
-    Epoll, Wakeup, rcvbuf, reset_on_close, set_rcvbuf, set_rcvlowat, tcp_bytes, unacked_out,
+    Epoll, Wakeup, rcvbuf, release_free_memory, reset_on_close, set_rcvbuf, set_rcvlowat,
+    tcp_bytes, unacked_out,
 };
 use super::{ProgramLogger, SharedMaps, SpliceCounters};
 use crate::dataplane::{CloseReason, DataPath, FlowEnd};
@@ -47,8 +48,8 @@ pub struct Spliced {
 struct FlowState {
     spliced: Spliced,
     core: FlowCore,
-    /// Each socket's receive buffer before a throttle clamped it.
-    saved_rcvbuf: [Option<u64>; 2],
+    /// The TCP counters as last read, for sides an event does not need read again.
+    last: [SideCounters; 2],
 }
 
 /// Hands flows to the watcher thread.
@@ -92,6 +93,7 @@ impl Watcher {
             inflight_total: 0,
             held_total: 0,
             read_buf: Vec::new(),
+            throttled_before: false,
         };
         std::thread::Builder::new()
             .name("mqs-splice-watch".into())
@@ -128,6 +130,8 @@ struct WatchThread {
     /// Where throttled sockets are read into: the per-flow bound, kept while any direction is
     /// throttled (what a read returns is copied out at its exact size).
     read_buf: Vec<u8>,
+    /// Whether a direction was throttled at the end of the previous turn of the loop.
+    throttled_before: bool,
 }
 
 fn token(id: u64, side: usize) -> u64 {
@@ -173,9 +177,14 @@ impl WatchThread {
             self.counters
                 .daemon_held_bytes
                 .store(self.held_total, Relaxed);
-            if self.read_buf.capacity() > 0 && self.counters.throttled_active.load(Relaxed) == 0 {
+            let throttled = self.counters.throttled_active.load(Relaxed) > 0;
+            if self.throttled_before && !throttled {
+                // The last throttled direction was handed back or closed: give the memory back.
                 self.read_buf = Vec::new();
+                release_free_memory();
+                tracing::debug!("no direction throttled any more: free memory released");
             }
+            self.throttled_before = throttled;
         }
     }
 
@@ -208,7 +217,7 @@ impl WatchThread {
                 FlowState {
                     spliced,
                     core,
-                    saved_rcvbuf: [None; 2],
+                    last: [SideCounters::default(); 2],
                 },
             );
             let mut queue = VecDeque::new();
@@ -300,7 +309,8 @@ impl WatchThread {
             let Some(flow) = self.flows.get_mut(&id) else {
                 return;
             };
-            let obs = observe(&self.maps, &flow.spliced, flows, self.held_total);
+            let needs = flow.core.needs(&event);
+            let obs = observe(&self.maps, flow, needs, flows, self.held_total);
             let before = (flow.core.inflight(), flow.core.held_bytes());
             let actions = flow.core.step(event, &obs);
             self.inflight_total = self.inflight_total - before.0 + flow.core.inflight();
@@ -325,19 +335,9 @@ impl WatchThread {
             Action::Barrier(side) => {
                 let _ = set_rcvlowat(sockets[side].as_fd(), 1);
             }
-            Action::ClampRcvbuf(side, bytes) => {
-                let fd = sockets[side].as_fd();
-                if flow.saved_rcvbuf[side].is_none() {
-                    flow.saved_rcvbuf[side] = rcvbuf(fd).ok();
-                }
-                if let Err(e) = set_rcvbuf(fd, bytes) {
-                    tracing::debug!("cannot clamp a throttled socket's receive buffer: {e}");
-                }
-            }
-            Action::RestoreRcvbuf(side) => {
-                if let Some(kept) = flow.saved_rcvbuf[side].take() {
-                    // The kernel reports twice what was set.
-                    let _ = set_rcvbuf(sockets[side].as_fd(), kept / 2);
+            Action::SetRcvbuf(side, bytes) => {
+                if let Err(e) = set_rcvbuf(sockets[side].as_fd(), bytes) {
+                    tracing::debug!("cannot set a spliced socket's receive buffer: {e}");
                 }
             }
             Action::Interest(side, readable, writable) => {
@@ -478,8 +478,15 @@ impl WatchThread {
 }
 
 /// Reads a flow's counters: the program's per-socket counters first, then TCP's (see
-/// [`SideCounters`]).
-fn observe(maps: &SharedMaps, spliced: &Spliced, flows: u64, held_total: u64) -> Observed {
+/// [`SideCounters`]) for the sides that `needs` says; the others keep their last values.
+fn observe(
+    maps: &SharedMaps,
+    flow: &mut FlowState,
+    needs: [bool; 2],
+    flows: u64,
+    held_total: u64,
+) -> Observed {
+    let spliced = &flow.spliced;
     let program = {
         let maps = maps.lock().unwrap_or_else(|p| p.into_inner());
         spliced
@@ -488,14 +495,22 @@ fn observe(maps: &SharedMaps, spliced: &Spliced, flows: u64, held_total: u64) ->
             .map(|cookie| super::flow_counters(&maps, cookie))
     };
     let sides = [0, 1].map(|side| {
+        if !needs[side] {
+            return SideCounters {
+                redirected: program[side].bytes,
+                passed: program[side].passed_bytes,
+                ..flow.last[side]
+            };
+        }
         let fd = spliced.sockets[side].as_fd();
-        match (tcp_bytes(fd), unacked_out(fd)) {
-            (Ok(tcp), Ok(outq)) => SideCounters {
+        match (tcp_bytes(fd), unacked_out(fd), rcvbuf(fd)) {
+            (Ok(tcp), Ok(outq), Ok(rcvbuf)) => SideCounters {
                 redirected: program[side].bytes,
                 passed: program[side].passed_bytes,
                 received: tcp.received,
                 acked: tcp.acked,
                 outq,
+                rcvbuf,
                 failed: false,
             },
             _ => SideCounters {
@@ -504,6 +519,7 @@ fn observe(maps: &SharedMaps, spliced: &Spliced, flows: u64, held_total: u64) ->
             },
         }
     });
+    flow.last = sides;
     Observed {
         now: Instant::now(),
         sides,

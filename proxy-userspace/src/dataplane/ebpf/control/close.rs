@@ -56,8 +56,13 @@ impl FlowCore {
         self.out.push(Action::Count(Count::Rst));
         self.reset = Some((side, self.obs.now));
         self.side_ended();
-        // Nothing can be delivered into the reset side any more.
+        // Nothing can be delivered into the reset side any more: what the daemon held for it is
+        // dropped.
         self.ways[1 - side].stage = Stage::Closed;
+        if let Some(t) = &mut self.ways[1 - side].throttle {
+            t.held = Vec::new();
+            t.start = 0;
+        }
         // Bytes passed to the socket and not read (around a hand-back) are read out now: the
         // check throttles the direction if there are any. A throttled direction reads out what
         // its socket still holds (the reset does not discard it); then the drain below waits for
@@ -183,5 +188,124 @@ impl FlowCore {
             return self.finish(crate::dataplane::CloseReason::DrainTimeout, [true, true]);
         }
         self.at(self.limits.close_drain_timeout / 4, Timer::Ended);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::*;
+    use std::time::{Duration, Instant};
+
+    fn flow(now: Instant) -> FlowCore {
+        let limits = Limits {
+            per_flow: 1 << 20,
+            total: 256 << 20,
+            close_drain_timeout: Duration::from_secs(30),
+            held_per_flow: 256 << 10,
+            held_total: 64 << 20,
+        };
+        let setup = FlowSetup {
+            cookies: [1, 2],
+            signal_at: 1 << 20,
+            hard_limit: 2 << 20,
+            broker_preamble_len: 0,
+            idle_timeout: Duration::from_secs(600),
+        };
+        FlowCore::new(limits, setup, now).0
+    }
+
+    /// A client reset, as counters: (client received, redirected, passed), broker (acked, outq).
+    type Row = (&'static str, (u64, u64, u64), (u64, u64), &'static str);
+
+    #[test]
+    fn a_client_reset_ends_the_flow_once_its_bytes_are_acknowledged() {
+        // The broker socket's acked count includes its SYN.
+        let rows: [Row; 5] = [
+            (
+                "FIN and reset in one event, all acked",
+                (101, 100, 0),
+                (101, 0),
+                "finish",
+            ),
+            (
+                "reset without a FIN, all acked",
+                (100, 100, 0),
+                (101, 0),
+                "finish",
+            ),
+            (
+                "FIN and reset, 10 bytes not acked yet",
+                (101, 100, 0),
+                (91, 10),
+                "wait",
+            ),
+            (
+                "FIN and reset, 10 not yet written",
+                (101, 100, 0),
+                (91, 0),
+                "wait",
+            ),
+            (
+                "FIN and reset, 20 passed bytes unread",
+                (101, 80, 20),
+                (81, 0),
+                "throttle",
+            ),
+        ];
+        for (name, (received, redirected, passed), (acked, outq), want) in rows {
+            let now = Instant::now();
+            let mut core = flow(now);
+            let mut obs = Observed {
+                now,
+                sides: [SideCounters::default(); 2],
+                flows: 1,
+                held_total: 0,
+            };
+            obs.sides[CLIENT] = SideCounters {
+                received,
+                redirected,
+                passed,
+                acked: 1,
+                ..SideCounters::default()
+            };
+            obs.sides[BROKER] = SideCounters {
+                received: 1,
+                acked,
+                outq,
+                ..SideCounters::default()
+            };
+            let event = Event::Socket {
+                side: CLIENT,
+                error: true,
+                readable: false,
+                writable: false,
+                hangup: true,
+            };
+            let actions = core.step(event, &obs);
+            let finished = actions.iter().any(|a| {
+                matches!(
+                    a,
+                    Action::Finish {
+                        reason: CloseReason::ClientError,
+                        reset: [false, false]
+                    }
+                )
+            });
+            let throttled = actions
+                .iter()
+                .any(|a| matches!(a, Action::SetEntry(CLIENT, e) if e.throttled == 1));
+            let got = match (finished, throttled) {
+                (true, _) => "finish",
+                (false, true) => "throttle",
+                (false, false) => "wait",
+            };
+            assert_eq!(got, want, "{name}: {actions:?}");
+            if finished {
+                assert!(
+                    actions.contains(&Action::ShutdownWrite(BROKER)),
+                    "{name}: the broker gets a FIN"
+                );
+            }
+        }
     }
 }

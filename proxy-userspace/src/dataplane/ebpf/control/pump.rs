@@ -20,13 +20,20 @@ pub fn clamped_rcvbuf(held_per_flow: u64) -> u64 {
 /// A read must take the socket's whole queue: a read that stops inside one of the kernel's queued
 /// messages replayed bytes on 6.18 (the cause is under investigation), so reads never depend on
 /// stopping early. The queue is what TCP received and neither the program redirected nor the
-/// daemon read (`unread`, a FIN included); more may arrive before the read, but a clamped socket
-/// holds at most `held_per_flow` in all. The read is sized for the larger of the two; the daemon
-/// may then hold all of it if the peer takes nothing. A queue bigger than the per-flow bound (it
-/// filled before the clamp) is read when the total has room for it, or when nothing else is held
-/// (so one flow cannot wait forever).
-pub fn read_size(limits: &Limits, unread: u64, held_total: u64) -> Option<usize> {
-    let size = limits.held_per_flow.max(unread + SKB_SLACK);
+/// daemon read (`unread`, a FIN included), plus what arrives before the read: once the clamp
+/// holds, the whole queue fits `held_per_flow`; until then (`window_left`: what the window offered
+/// before the clamp may still bring) it may grow by that much and one clamped buffer more.
+///
+/// The daemon may hold all of a read if the peer takes nothing, so a read bigger than the
+/// per-flow bound is made when the total has room for it, or when nothing else is held (so one
+/// flow cannot wait forever; the total is then exceeded by that one read).
+pub fn read_size(limits: &Limits, unread: u64, window_left: u64, held_total: u64) -> Option<usize> {
+    let arriving = if window_left > 0 {
+        window_left + limits.held_per_flow
+    } else {
+        SKB_SLACK
+    };
+    let size = limits.held_per_flow.max(unread + arriving);
     let room = limits.held_total.saturating_sub(held_total);
     (size <= room || held_total == 0).then(|| usize::try_from(size).unwrap_or(usize::MAX))
 }
@@ -36,6 +43,10 @@ impl FlowCore {
     /// next write of what it holds, or the next read. The outcome comes back as an event and
     /// continues from there, until a side would block (the next readiness edge calls again).
     pub(super) fn pump(&mut self, side: usize) {
+        if self.reset.is_some_and(|(reset, _)| reset != side) {
+            // The peer was reset: nothing can be delivered into it any more.
+            return;
+        }
         let c = self.obs.sides[side];
         let daemon_read = self.ways[side].daemon_read;
         let limits = self.limits;
@@ -54,7 +65,14 @@ impl FlowCore {
             return self.finished(side);
         }
         let unread = c.received.saturating_sub(c.redirected + daemon_read);
-        match read_size(&limits, unread, held_total) {
+        // After a reset nothing more arrives.
+        let window_left = if self.reset.is_some_and(|(s, _)| s == side) {
+            0
+        } else {
+            t.rcvbuf_before
+                .saturating_sub(c.received - t.received_at_clamp.min(c.received))
+        };
+        match read_size(&limits, unread, window_left, held_total) {
             Some(max) => {
                 t.room_backoff = None;
                 t.io_pending = true;
@@ -181,22 +199,29 @@ mod tests {
             held_per_flow: 256 << 10,
             held_total: 1 << 20,
         };
-        // (unread, held by all flows, read size)
+        // (unread, window left from before the clamp, held by all flows, read size)
         let table = [
             // A clamped queue: the per-flow bound.
-            (0, 0, Some(256 << 10)),
-            (100 << 10, 512 << 10, Some(256 << 10)),
+            (0, 0, 0, Some(256 << 10)),
+            (100 << 10, 0, 512 << 10, Some(256 << 10)),
             // The total has no room for another per-flow read: wait.
-            (0, (1 << 20) - 1000, None),
+            (0, 0, (1 << 20) - 1000, None),
             // A queue that filled before the clamp: all of it, if the total has room.
-            (512 << 10, 0, Some((512 << 10) + SKB_SLACK)),
-            (512 << 10, 512 << 10, None),
+            (512 << 10, 0, 0, Some((512 << 10) + SKB_SLACK)),
+            (512 << 10, 0, 512 << 10, None),
+            // The old window still open: what it may bring, and a clamped buffer more.
+            (
+                100 << 10,
+                200 << 10,
+                0,
+                Some((100 << 10) + (200 << 10) + (256 << 10)),
+            ),
             // Bigger than the total, and nothing else held: read anyway.
-            (4 << 20, 0, Some((4 << 20) + SKB_SLACK)),
+            (4 << 20, 0, 0, Some((4 << 20) + SKB_SLACK)),
         ];
-        for (unread, held, want) in table {
+        for (unread, window_left, held, want) in table {
             assert_eq!(
-                read_size(&limits, unread, held),
+                read_size(&limits, unread, window_left, held),
                 want.map(|w: u64| w as usize),
                 "unread {unread} held {held}"
             );

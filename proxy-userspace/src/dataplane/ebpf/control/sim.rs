@@ -65,8 +65,11 @@ struct Sock {
     deferred: VecDeque<(u64, u64)>,
     /// Readable bytes: `(offset, len)`, partly read from `read_off`.
     rcvq: VecDeque<(u64, u64)>,
-    /// Receive buffer: what TCP may queue (unread and unverdicted), `None` before a clamp.
-    rcv_limit: Option<u64>,
+    /// Receive buffer: what TCP may queue (unread and unverdicted).
+    rcvbuf: u64,
+    /// The right edge of the window offered so far: TCP never takes it back, so a sender may
+    /// fill the queue up to it even after the buffer was made smaller.
+    right_edge: u64,
     // --- the program's counters for this socket
     redirected: u64,
     passed: u64,
@@ -87,7 +90,6 @@ struct Sock {
 }
 
 const SNDBUF: u64 = 48 * 1024;
-const DEFAULT_RCV: u64 = 256 * 1024;
 
 struct Sim {
     rng: Rng,
@@ -104,6 +106,8 @@ struct Sim {
     preamble: u64,
     partial_reads: u64,
     settling: bool,
+    /// TCP's counters as last given to the core.
+    last: [SideCounters; 2],
     trace: VecDeque<String>,
 }
 
@@ -146,6 +150,8 @@ impl Sim {
         let endings = [ending(&mut rng), ending(&mut rng)];
         let mut socks: [Sock; 2] = Default::default();
         for (side, sock) in socks.iter_mut().enumerate() {
+            // What autotuning had reached: up to many times the daemon's bound.
+            sock.rcvbuf = 64 * 1024 + rng.below(4 * 1024 * 1024);
             sock.total = match rng.below(4) {
                 0 => rng.below(64),
                 1 => rng.below(16 * 1024),
@@ -177,6 +183,7 @@ impl Sim {
             preamble,
             partial_reads: 0,
             settling: false,
+            last: [SideCounters::default(); 2],
             trace: VecDeque::new(),
         };
         sim.apply_all(actions);
@@ -194,21 +201,31 @@ impl Sim {
         self.start + self.clock
     }
 
-    fn observe(&mut self) -> Observed {
+    fn observe(&mut self, needs: [bool; 2]) -> Observed {
         let program = [0, 1].map(|s| (self.socks[s].redirected, self.socks[s].passed));
         // Bytes may arrive between the program's counters and TCP's.
         if self.rng.chance(10) {
             let d = self.rng.below(2) as usize;
             self.remote_send(d);
         }
+        let last = self.last;
         let sides = [0, 1].map(|s| {
             let sock = &self.socks[s];
+            if !needs[s] {
+                // As the driver does: TCP's counters as last read.
+                return SideCounters {
+                    redirected: program[s].0,
+                    passed: program[s].1,
+                    ..last[s]
+                };
+            }
             SideCounters {
                 redirected: program[s].0,
                 passed: program[s].1,
                 received: sock.received,
                 acked: sock.acked,
                 outq: sock.sendq,
+                rcvbuf: sock.rcvbuf,
                 failed: false,
             }
         });
@@ -219,6 +236,7 @@ impl Sim {
             self.rng.below(64 * 1024)
         };
         let held_total = self.core.held_bytes() + others;
+        self.last = sides;
         Observed {
             now: self.now(),
             sides,
@@ -250,7 +268,8 @@ impl Sim {
                     self.clock
                 ));
             }
-            let obs = self.observe();
+            let needs = self.core.needs(&event);
+            let obs = self.observe(needs);
             let actions = self.core.step(event, &obs);
             for action in actions {
                 if let Some(next) = self.apply(action)? {
@@ -272,8 +291,7 @@ impl Sim {
         match action {
             Action::SetEntry(side, entry) => self.socks[side].entry = Some(entry),
             Action::Barrier(_) => {}
-            Action::ClampRcvbuf(side, v) => self.socks[side].rcv_limit = Some(2 * v),
-            Action::RestoreRcvbuf(side) => self.socks[side].rcv_limit = None,
+            Action::SetRcvbuf(side, v) => self.socks[side].rcvbuf = 2 * v,
             Action::Interest(side, r, w) => {
                 self.socks[side].interest = (r, w);
                 // epoll_ctl(MOD) reports a readiness that is already there.
@@ -284,7 +302,40 @@ impl Sim {
                     self.pending.push_back(e);
                 }
             }
-            Action::Read(side, max) => return Ok(Some(Event::Read(side, self.read(side, max)))),
+            Action::Read(side, max) => {
+                // However many segments arrive before it, the read must be able to take the
+                // whole queue: what is queued now plus what the window still lets in.
+                let s = &self.socks[side];
+                let queued: u64 = s
+                    .unverdicted
+                    .iter()
+                    .chain(&s.rcvq)
+                    .chain(&s.deferred)
+                    .map(|x| x.1)
+                    .sum();
+                let edge = s
+                    .right_edge
+                    .max(s.received + s.rcvbuf.saturating_sub(queued));
+                let could_hold = queued + edge.saturating_sub(s.received);
+                if !s.rst && (max as u64) < could_hold {
+                    return Err(format!(
+                        "a read of {max} bytes of the {} could stop inside its queue ({queued} \
+                         queued, {} more may arrive)",
+                        side_name(side),
+                        edge.saturating_sub(s.received)
+                    ));
+                }
+                // The sender does not wait for the daemon: segments arrive (and the verdict
+                // passes them) between the counters the read was sized from and the read.
+                if self.rng.chance(50) {
+                    for _ in 0..self.rng.below(12) {
+                        self.remote_send(side);
+                        self.verdict(side);
+                        self.undefer(side);
+                    }
+                }
+                return Ok(Some(Event::Read(side, self.read(side, max))));
+            }
             Action::Write(side) => {
                 let data = self.core.held(side).to_vec();
                 let outcome = self.write(side, &data, true)?;
@@ -423,10 +474,13 @@ impl Sim {
             .chain(&s.deferred)
             .map(|x| x.1)
             .sum();
-        if queued >= s.rcv_limit.unwrap_or(DEFAULT_RCV) {
+        s.right_edge = s
+            .right_edge
+            .max(s.received + s.rcvbuf.saturating_sub(queued));
+        let len = (1 + self.rng.below(16 * 1024)).min(s.total - s.sent);
+        if s.received + len > s.right_edge {
             return;
         }
-        let len = (1 + self.rng.below(16 * 1024)).min(s.total - s.sent);
         s.unverdicted.push_back((s.sent, len));
         s.sent += len;
         s.received += len;
@@ -453,6 +507,11 @@ impl Sim {
     }
 
     fn reset(&mut self, d: usize) {
+        // TCP handles segments in order, and the verdict runs as each one's data arrives: by the
+        // time a reset is processed, every byte before it has been through the verdict.
+        while !self.socks[d].unverdicted.is_empty() {
+            self.verdict(d);
+        }
         let s = &mut self.socks[d];
         s.rst = true;
         // Its send queue is gone; what it received stays readable.
@@ -699,7 +758,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
                     s.unverdicted.len(),
                     s.deferred.len(),
                     s.rcvq.len(),
-                    s.rcv_limit,
+                    s.rcvbuf,
                     s.redirect_q.len()
                 ))
                 .collect::<Vec<_>>(),

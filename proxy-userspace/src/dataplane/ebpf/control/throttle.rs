@@ -80,6 +80,18 @@ impl FlowCore {
         way.inflight = inflight;
 
         if let Some(throttle) = &mut way.throttle {
+            if !throttle.clamped {
+                // The first check after the throttle (its counters all freshly read): the receive
+                // buffer is clamped now, remembering its size and what had arrived.
+                throttle.clamped = true;
+                throttle.rcvbuf_before = c.rcvbuf;
+                throttle.received_at_clamp = c.received;
+                let clamp = super::pump::clamped_rcvbuf(limits.held_per_flow);
+                self.out.push(Action::SetRcvbuf(side, clamp));
+            }
+            let Some(throttle) = self.ways[side].throttle.as_mut() else {
+                return;
+            };
             if !throttle.copying {
                 if inflight == 0 {
                     // The kernel's queue towards the peer is empty: the daemon may write now
@@ -161,7 +173,6 @@ impl FlowCore {
         );
         self.out.extend([
             Action::SetEntry(side, entry),
-            Action::ClampRcvbuf(side, super::pump::clamped_rcvbuf(self.limits.held_per_flow)),
             // A barrier: setting a socket option takes the socket's lock, which every verdict on
             // it runs under; once it returns, no verdict that read the old entry is still
             // counting, so the counters measured next are final.
@@ -184,6 +195,7 @@ impl FlowCore {
         let Some(throttle) = way.throttle.as_ref() else {
             return;
         };
+        let rcvbuf_before = throttle.clamped.then_some(throttle.rcvbuf_before);
         // Safe to hand back only when every byte this socket has received was either redirected
         // by the program or read by the daemon (and, nothing being held, written into the peer):
         // nothing may still wait anywhere in the socket (its queue, or the kernel's deferred
@@ -210,11 +222,12 @@ impl FlowCore {
             side = super::side_name(side),
             "throttled direction handed back to the kernel"
         );
-        self.out.extend([
-            Action::SetEntry(side, entry),
-            Action::RestoreRcvbuf(side),
-            Action::Count(Count::HandedBack),
-        ]);
+        self.out.push(Action::SetEntry(side, entry));
+        if let Some(rcvbuf) = rcvbuf_before {
+            // Its size again (and so its window), though no longer autotuned.
+            self.out.push(Action::SetRcvbuf(side, rcvbuf / 2));
+        }
+        self.out.push(Action::Count(Count::HandedBack));
         self.set_interest(side, Some(false), None);
         self.set_interest(1 - side, None, Some(false));
         self.out.push(Action::Recheck(side));

@@ -280,6 +280,7 @@ fn stats_json(
     contexts: &[Arc<ListenerContext>],
     upstreams: &[Arc<Upstream>],
 ) -> Value {
+    dataplane.plane.refresh_meters();
     let listeners: Map<String, Value> = contexts
         .iter()
         .map(|ctx| {

@@ -19,7 +19,6 @@
 use super::sockopt::{Epoll, Event, Wakeup, reset_on_close, set_rcvlowat, tcp_bytes, unacked_out};
 use super::{Limits, ProgramLogger, SharedMaps, SpliceCounters};
 use crate::dataplane::{CloseReason, DataPath, FlowEnd};
-use crate::stats::{ByteMeter, Direction};
 use aya::maps::{MapData, RingBuf};
 use proxy_common::{PeerEntry, SignalEvent, direction, throttle};
 use std::cmp::Reverse;
@@ -85,7 +84,6 @@ pub struct Spliced {
     pub hard_limit: u64,
     pub broker_preamble_len: u64,
     pub idle_timeout: Duration,
-    pub meters: Vec<Arc<ByteMeter>>,
     pub done: oneshot::Sender<FlowEnd>,
 }
 
@@ -1048,10 +1046,6 @@ impl WatchThread {
             moved
         };
         drop(spliced.sockets);
-        for meter in &spliced.meters {
-            meter.add(Direction::ToBroker, to_broker);
-            meter.add(Direction::ToClient, to_client);
-        }
         self.counters.spliced_active.fetch_sub(1, Relaxed);
         let _ = spliced.done.send(FlowEnd {
             path: DataPath::Sockmap,

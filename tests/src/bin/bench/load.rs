@@ -329,28 +329,6 @@ pub fn hold(addr: SocketAddr, count: usize) -> (Vec<TcpStream>, Option<String>) 
     (held, None)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counter_across_splits() {
-        let p = publish_with_payload(1024);
-        let remaining = parse_header(&p).unwrap().unwrap().remaining;
-        let stream = p.repeat(5);
-        for cut in [1, 2, 3, 7, 1000, 1037, 4000] {
-            let mut c = EchoCounter::new(remaining);
-            for piece in stream.chunks(cut) {
-                c.feed(piece).unwrap();
-            }
-            assert_eq!(c.packets, 5, "pieces of {cut}");
-            c.feed(&[0xd0, 0x00]).unwrap();
-            assert!(c.ended);
-        }
-        assert_eq!(publish_of_size(LATENCY_PUBLISH).len(), 64);
-    }
-}
-
 /// Payload of the full-duplex bulk stream's PUBLISHes.
 pub const DUPLEX_PAYLOAD: usize = 16 * 1024;
 /// One write of the full-duplex stream: many PUBLISHes at once, as a bulk sender writes.
@@ -449,4 +427,26 @@ pub fn duplex(
             _ => None,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_across_splits() {
+        let p = publish_with_payload(1024);
+        let remaining = parse_header(&p).unwrap().unwrap().remaining;
+        let stream = p.repeat(5);
+        for cut in [1, 2, 3, 7, 1000, 1037, 4000] {
+            let mut c = EchoCounter::new(remaining);
+            for piece in stream.chunks(cut) {
+                c.feed(piece).unwrap();
+            }
+            assert_eq!(c.packets, 5, "pieces of {cut}");
+            c.feed(&[0xd0, 0x00]).unwrap();
+            assert!(c.ended);
+        }
+        assert_eq!(publish_of_size(LATENCY_PUBLISH).len(), 64);
+    }
 }

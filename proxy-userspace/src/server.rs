@@ -222,9 +222,10 @@ pub async fn start_with(config: Config, options: Options) -> anyhow::Result<Runn
 }
 
 /// Why `auto` does not choose the sockmap splice, and what `mode = "sockmap"` warns of at start.
-pub const SOCKMAP_HAZARD: &str = "the sockmap splice is not chosen by auto: on Linux 6.18 it has \
-     replayed or changed bytes of full-duplex bulk flows while a direction was throttled \
-     (docs/sockmap-replay.md); use mode = \"sockmap\" only where that risk is acceptable";
+pub const SOCKMAP_HAZARD: &str = "the sockmap splice is not chosen by auto: on Linux 6.18 it \
+     (its kernel program with this daemon's throttle) has replayed or changed bytes of full-duplex \
+     bulk flows while a direction was throttled, cause not yet found (docs/sockmap-replay.md); \
+     use mode = \"sockmap\" only where that risk is acceptable";
 
 fn choose_dataplane(config: &DataplaneConfig) -> anyhow::Result<DataplaneChoice> {
     let mode = config.mode;
@@ -236,7 +237,7 @@ fn choose_dataplane(config: &DataplaneConfig) -> anyhow::Result<DataplaneChoice>
     match mode {
         DataplaneMode::Userspace => Ok(userspace("dataplane.mode = \"userspace\"".into())),
         // Not the sockmap splice: on this kernel it has replayed bytes of full-duplex flows while
-        // a direction was throttled (docs/sockmap-replay.md). A proxy that changes one byte is
+        // a direction was throttled, cause not yet found (docs/sockmap-replay.md). A proxy that changes one byte is
         // unusable, so `auto` takes the exact path until a spliced one is proven exact.
         DataplaneMode::Auto => Ok(userspace(format!(
             "userspace copy (auto): {SOCKMAP_HAZARD}"

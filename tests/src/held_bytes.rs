@@ -97,3 +97,64 @@ pub fn judge(samples: &Samples, after: &Value) -> Result<Option<u64>, String> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sampled(docs: &[Value]) -> Samples {
+        let mut samples = Samples::default();
+        for d in docs {
+            samples.add(d);
+        }
+        samples
+    }
+
+    fn doc(held: Option<u64>, bound: Option<u64>) -> Value {
+        let mut dataplane = json!({ "throttles_total": 3 });
+        if let Some(h) = held {
+            dataplane[KEY] = json!(h);
+        }
+        if let Some(b) = bound {
+            dataplane[BOUND_KEY] = json!(b);
+        }
+        json!({ "dataplane": dataplane })
+    }
+
+    #[test]
+    fn absent_key_is_reported_as_not_checked() {
+        let after = doc(None, None);
+        assert_eq!(
+            judge(&sampled(&[doc(None, None), after.clone()]), &after),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn peak_within_bound_and_zero_after_holds() {
+        let after = doc(Some(0), Some(100));
+        let s = sampled(&[
+            doc(Some(40), Some(100)),
+            doc(Some(100), Some(100)),
+            after.clone(),
+        ]);
+        assert_eq!(judge(&s, &after), Ok(Some(100)));
+    }
+
+    #[test]
+    fn over_the_bound_missing_bound_or_left_over_fails() {
+        let after = doc(Some(0), Some(100));
+        assert!(
+            judge(
+                &sampled(&[doc(Some(101), Some(100)), after.clone()]),
+                &after
+            )
+            .is_err()
+        );
+        let no_bound = doc(Some(0), None);
+        assert!(judge(&sampled(&[doc(Some(5), None), no_bound.clone()]), &no_bound).is_err());
+        let left = doc(Some(7), Some(100));
+        assert!(judge(&sampled(&[doc(Some(5), Some(100)), left.clone()]), &left).is_err());
+    }
+}

@@ -189,17 +189,20 @@ fn numbered_flows(path: Path, load: Load) {
         let begun = Instant::now();
         let reports = run_flows(daemon.listen, &specs);
         let summary = Summary::of(&reports);
-        let after = nothing_left(&format!("{what}, round {round}"), daemon.stats);
-        let samples = sampler.finish(&after);
         println!(
-            "{what}, round {round}: {summary} in {:.1}s; throttles_total {:?}",
-            begun.elapsed().as_secs_f64(),
-            samples.throttles
+            "{what}, round {round}: {summary} in {:.1}s",
+            begun.elapsed().as_secs_f64()
         );
         assert_eq!(
             (summary.corrupt, summary.hung, summary.short, summary.bytes),
             (0, 0, 0, load.flows as u64 * load.len),
             "{what}, round {round} (corrupt, hung, short, bytes back): {summary}"
+        );
+        let after = nothing_left(&format!("{what}, round {round}"), daemon.stats);
+        let samples = sampler.finish(&after);
+        println!(
+            "{what}, round {round}: throttles_total {:?}",
+            samples.throttles
         );
         if load.pausing_reader || load.slow_broker {
             held_bytes_bounded(&what, &samples, &after);
@@ -213,6 +216,12 @@ fn numbered_flows(path: Path, load: Load) {
             spliced >= all.flows,
             "{what}: only {spliced} of {} flows were spliced",
             all.flows
+        );
+        // Otherwise this case would not reach the throttle and hand-back it is here for.
+        let throttles = json["dataplane"]["throttles_total"].as_u64().unwrap_or(0);
+        assert!(
+            !load.pausing_reader || throttles > 0,
+            "{what}: pausing readers never throttled a direction (throttles_total {throttles})"
         );
     }
     println!(

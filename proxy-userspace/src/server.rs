@@ -222,10 +222,11 @@ pub async fn start_with(config: Config, options: Options) -> anyhow::Result<Runn
 }
 
 /// Why `auto` does not choose the sockmap splice, and what `mode = "sockmap"` warns of at start.
-pub const SOCKMAP_HAZARD: &str = "the sockmap splice is not chosen by auto: on Linux 6.18 it \
-     (its kernel program with this daemon's throttle) has replayed or changed bytes of full-duplex \
-     bulk flows while a direction was throttled, cause not yet found (docs/sockmap-replay.md); \
-     use mode = \"sockmap\" only where that risk is acceptable";
+pub const SOCKMAP_HAZARD: &str = "the sockmap splice is not chosen by auto: on Linux 6.18 the \
+     kernel has run its verdict program twice over the same received bytes of a busy throttled \
+     socket, so a flow got one or two 64 KiB segments twice (about 1 flow in 300 under \
+     cargo xtask stress; docs/sockmap-replay.md); use mode = \"sockmap\" only where that risk \
+     is acceptable";
 
 fn choose_dataplane(config: &DataplaneConfig) -> anyhow::Result<DataplaneChoice> {
     let mode = config.mode;
@@ -236,8 +237,8 @@ fn choose_dataplane(config: &DataplaneConfig) -> anyhow::Result<DataplaneChoice>
     };
     match mode {
         DataplaneMode::Userspace => Ok(userspace("dataplane.mode = \"userspace\"".into())),
-        // Not the sockmap splice: on this kernel it has replayed bytes of full-duplex flows while
-        // a direction was throttled, cause not yet found (docs/sockmap-replay.md). A proxy that changes one byte is
+        // Not the sockmap splice: on this kernel the verdict has run twice over the same bytes of
+        // a throttled socket, replaying them (docs/sockmap-replay.md). A proxy that changes one byte is
         // unusable, so `auto` takes the exact path until a spliced one is proven exact.
         DataplaneMode::Auto => Ok(userspace(format!(
             "userspace copy (auto): {SOCKMAP_HAZARD}"

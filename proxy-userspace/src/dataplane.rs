@@ -209,4 +209,9 @@ pub trait DataPlane: Send + Sync + 'static {
     fn stats(&self) -> serde_json::Value {
         serde_json::json!({})
     }
+    /// Brings the byte meters of running flows up to date before stats are read. The userspace
+    /// path adds bytes as it copies them; a spliced flow's bytes never pass the daemon, so its
+    /// meters are fed from the kernel's counters here (else a long session would show 0 until
+    /// it closes).
+    fn refresh_meters(&self) {}
 }

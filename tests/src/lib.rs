@@ -6,10 +6,13 @@ pub mod broker;
 pub mod client;
 pub mod daemon;
 pub mod flows;
+pub mod held_bytes;
 pub mod maps;
+pub mod numbered;
 pub mod pki;
 pub mod proxy;
 pub mod raw;
+pub mod settle;
 pub mod ws;
 
 /// The data path a test runs on, named in every test whose outcome depends on it.

@@ -682,3 +682,74 @@ fn ebpf_disconnect_fin_then_reset_ends_the_pair_at_once() {
         daemon.stderr()
     );
 }
+
+/// Operators graph per-server and per-listener bytes while sessions run: a spliced flow's bytes
+/// must show there before it closes (they never pass the daemon), and match exactly after.
+#[test]
+fn sockmap_server_and_listener_bytes_move_while_a_spliced_flow_is_open() {
+    if !Mode::Sockmap.runnable() {
+        return;
+    }
+    let (broker, accepted) = backend();
+    let (text, listen, stats_addr) = config_for(Mode::Sockmap, &[broker], "");
+    let daemon = Daemon::start(&text, listen, stats_addr);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stats = || runtime.block_on(proxy::fetch_stats(stats_addr));
+    let figures = |stats: &serde_json::Value| {
+        let listener = &stats["listeners"]["mqtt"];
+        [
+            proxy::server_field(stats, "bytes_to_server")[0]
+                .as_u64()
+                .unwrap(),
+            proxy::server_field(stats, "bytes_from_server")[0]
+                .as_u64()
+                .unwrap(),
+            listener["bytes_from_clients"].as_u64().unwrap(),
+            listener["bytes_to_clients"].as_u64().unwrap(),
+        ]
+    };
+    let mut client = client(listen);
+    let mut server = accepted.recv_timeout(Duration::from_secs(10)).unwrap();
+    let connect_len = connect_v311("bulk").len() as u64;
+    let (up, down) = (vec![0x5a_u8; 300_000], vec![0xa5_u8; 200_000]);
+    client.write_all(&up).unwrap();
+    server.write_all(&down).unwrap();
+    let mut sink = vec![0u8; up.len()];
+    server.read_exact(&mut sink).unwrap();
+    let mut sink = vec![0u8; down.len()];
+    client.read_exact(&mut sink).unwrap();
+
+    // Open: the meters already hold every byte that crossed (CONNECT and CONNACK included).
+    let open = (
+        connect_len + up.len() as u64,
+        CONNACK.len() as u64 + down.len() as u64,
+    );
+    let live = stats();
+    assert_eq!(
+        live["dataplane"]["spliced_active"], 1,
+        "{}",
+        live["dataplane"]
+    );
+    assert_eq!(
+        figures(&live),
+        [open.0, open.1, open.0, open.1],
+        "[to server, from server, from clients, to clients] while the flow is open"
+    );
+    drop(client);
+    drop(server);
+    assert!(
+        mqsplice_tests::flows::wait_for(Duration::from_secs(10), || {
+            stats()["dataplane"]["spliced_active"] == 0
+        }),
+        "the flow did not close"
+    );
+    assert_eq!(
+        figures(&stats()),
+        [open.0, open.1, open.0, open.1],
+        "after the close the figures are the flow's totals, counted once"
+    );
+    drop(daemon);
+}

@@ -44,6 +44,17 @@ enum Cmd {
     },
     /// Three embedded brokers, mqsplice in front, ten clients; prints the spread and the stats.
     Demo,
+    /// Numbered-byte flows through the daemon (release) for N minutes on each data path; one
+    /// line per minute per path, non-zero exit on any corrupted, hung or short flow
+    /// (docs/stress.md).
+    Stress {
+        /// How long to run.
+        #[arg(long)]
+        minutes: u64,
+        /// Which data path: userspace, sockmap (needs root) or both.
+        #[arg(long, default_value = "both")]
+        mode: String,
+    },
     /// mqsplice against a direct connection, NGINX and HAProxy, side by side.
     Bench {
         /// Arguments for the bench program (`--quick`, `--rounds N`, ...).
@@ -59,6 +70,7 @@ fn main() -> Result<()> {
         Cmd::Run { args } => run(args),
         Cmd::Test { no_lint } => suites::test(!no_lint),
         Cmd::Demo => demo(),
+        Cmd::Stress { minutes, mode } => stress(minutes, &mode),
         Cmd::Bench { args } => bench(args),
     }
 }
@@ -138,6 +150,26 @@ fn demo() -> Result<()> {
         .status()
         .context("cannot start the demo")?;
     ensure!(status.success(), "the demo failed: {status}");
+    Ok(())
+}
+
+fn stress(minutes: u64, mode: &str) -> Result<()> {
+    let binary = build(false)?;
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "mqsplice-tests",
+        "--bin",
+        "stress",
+    ])?;
+    let status = Command::new(target_dir("release").join("stress"))
+        .args(["--minutes", &minutes.to_string(), "--mode", mode])
+        .env("MQSPLICE_BIN", &binary)
+        .current_dir(root())
+        .status()
+        .context("cannot start the stress run")?;
+    ensure!(status.success(), "the stress run failed: {status}");
     Ok(())
 }
 

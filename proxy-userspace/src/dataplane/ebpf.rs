@@ -17,9 +17,11 @@ use super::{
     ClientStream, ConnectHandling, DataPath, DataPlane, Flow, FlowEnd, FlowFuture, UserspaceCopy,
 };
 use crate::config::DataplaneConfig;
+use crate::stats::{ByteMeter, Direction};
 use control::FlowSetup;
 use proxy_common::{FlowCounters, PeerEntry, direction, throttle};
 use serde_json::{Value, json};
+use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -65,6 +67,8 @@ pub struct EbpfSplice {
 
 struct Shared {
     maps: SharedMaps,
+    /// Spliced flows now running, by client cookie, with what their meters were given so far.
+    live: Mutex<HashMap<u64, LiveFlow>>,
     watcher: Watcher,
     counters: Arc<SpliceCounters>,
     pin_dir: String,
@@ -107,6 +111,7 @@ impl EbpfSplice {
         Ok(EbpfSplice {
             shared: Arc::new(Shared {
                 maps,
+                live: Mutex::new(HashMap::new()),
                 watcher,
                 counters,
                 pin_dir: pin_dir.display().to_string(),
@@ -129,6 +134,10 @@ impl DataPlane for EbpfSplice {
     fn run(&self, flow: Flow) -> FlowFuture {
         let shared = self.shared.clone();
         Box::pin(async move { shared.splice_or_copy(flow).await })
+    }
+
+    fn refresh_meters(&self) {
+        self.shared.refresh_meters();
     }
 
     fn stats(&self) -> Value {
@@ -182,6 +191,27 @@ impl DataPlane for EbpfSplice {
 }
 
 impl Shared {
+    fn live_flows(&self) -> std::sync::MutexGuard<'_, HashMap<u64, LiveFlow>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Feeds every running spliced flow's meters from the kernel's per-socket counters:
+    /// redirected bytes plus bytes passed to the daemon while throttled (which it forwards).
+    fn refresh_meters(&self) {
+        let mut live = self.live_flows();
+        if live.is_empty() {
+            return;
+        }
+        let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+        for flow in live.values_mut() {
+            let moved = flow.cookies.map(|cookie| {
+                let counters = flow_counters(&maps, cookie);
+                counters.bytes + counters.passed_bytes
+            });
+            flow.report(moved);
+        }
+    }
+
     async fn splice_or_copy(self: Arc<Self>, flow: Flow) -> FlowEnd {
         let (client, broker) = match (flow.client, flow.broker) {
             (ClientStream::Tcp(client), ClientStream::Tcp(broker)) => (client, broker),
@@ -220,6 +250,14 @@ impl Shared {
                 }
                 self.counters.spliced_active.fetch_add(1, Relaxed);
                 self.counters.spliced_total.fetch_add(1, Relaxed);
+                self.live_flows().insert(
+                    cookies[0],
+                    LiveFlow {
+                        cookies,
+                        meters,
+                        reported: [0, 0],
+                    },
+                );
                 let (done, ended) = tokio::sync::oneshot::channel();
                 self.watcher.add(Spliced {
                     sockets: [client, broker],
@@ -230,13 +268,16 @@ impl Shared {
                         broker_preamble_len,
                         idle_timeout,
                     },
-                    meters,
                     done,
                 });
-                ended.await.unwrap_or(FlowEnd::nothing_moved(
+                let end = ended.await.unwrap_or(FlowEnd::nothing_moved(
                     DataPath::Sockmap,
                     super::CloseReason::BrokerError,
-                ))
+                ));
+                if let Some(mut live) = self.live_flows().remove(&cookies[0]) {
+                    live.report([end.bytes_to_broker, end.bytes_to_client]);
+                }
+                end
             }
             Err(error) => {
                 // Typically EOPNOTSUPP: a side already closed (no longer ESTABLISHED). The CONNECT
@@ -320,6 +361,35 @@ impl Shared {
             return Err(e);
         }
         Ok((cookies, signal_at, hard_limit))
+    }
+}
+
+/// A spliced flow's byte meters and what they were given so far: fed from the kernel's counters
+/// whenever stats are read, topped up to the flow's exact totals when it ends.
+struct LiveFlow {
+    cookies: [u64; 2],
+    meters: Vec<Arc<ByteMeter>>,
+    /// `[to broker, to client]` already added to every meter.
+    reported: [u64; 2],
+}
+
+impl LiveFlow {
+    /// Adds to every meter what `moved` (`[to broker, to client]`) has beyond what they were
+    /// given. Never takes back: a figure read live may count passed bytes a reset later
+    /// discarded, and a meter that went backwards would confuse every rate computed from it.
+    fn report(&mut self, moved: [u64; 2]) {
+        for (i, dir) in [Direction::ToBroker, Direction::ToClient]
+            .into_iter()
+            .enumerate()
+        {
+            let more = moved[i].saturating_sub(self.reported[i]);
+            if more > 0 {
+                for meter in &self.meters {
+                    meter.add(dir, more);
+                }
+                self.reported[i] += more;
+            }
+        }
     }
 }
 

@@ -16,7 +16,6 @@ use super::sockopt::{
 };
 use super::{ProgramLogger, SharedMaps, SpliceCounters};
 use crate::dataplane::{CloseReason, DataPath, FlowEnd};
-use crate::stats::{ByteMeter, Direction};
 use aya::maps::{MapData, RingBuf};
 use proxy_common::SignalEvent;
 use std::cmp::Reverse;
@@ -41,7 +40,6 @@ pub struct Spliced {
     /// `[client, broker]`.
     pub sockets: [TcpStream; 2],
     pub setup: FlowSetup,
-    pub meters: Vec<Arc<ByteMeter>>,
     pub done: oneshot::Sender<FlowEnd>,
 }
 
@@ -463,10 +461,6 @@ impl WatchThread {
             }))
         };
         drop(spliced.sockets);
-        for meter in &spliced.meters {
-            meter.add(Direction::ToBroker, to_broker);
-            meter.add(Direction::ToClient, to_client);
-        }
         self.counters.spliced_active.fetch_sub(1, Relaxed);
         let _ = spliced.done.send(FlowEnd {
             path: DataPath::Sockmap,

@@ -119,6 +119,8 @@ pub struct Throughput {
     pub machine_cpu_s_per_gb: f64,
     /// CPU of the proxy's own processes, per GB echoed; `None` for `direct`.
     pub proxy_cpu_s_per_gb: Option<f64>,
+    /// PUBLISH bytes sent (and echoed), each counted once.
+    pub bytes: u64,
 }
 
 /// Counts complete PUBLISHes in a byte stream read in arbitrary pieces: headers byte by byte
@@ -288,6 +290,7 @@ pub fn throughput(
     }
     let gb = (sent * size as u64) as f64 / 1e9;
     Ok(Throughput {
+        bytes: sent * size as u64,
         msgs_per_s: sent as f64 / elapsed,
         mb_per_s: gb * 1e3 / elapsed,
         machine_cpu_s_per_gb: (machine_after - machine_before) as f64 / user_hz / gb,
@@ -324,6 +327,106 @@ pub fn hold(addr: SocketAddr, count: usize) -> (Vec<TcpStream>, Option<String>) 
         }
     }
     (held, None)
+}
+
+/// Payload of the full-duplex bulk stream's PUBLISHes.
+pub const DUPLEX_PAYLOAD: usize = 16 * 1024;
+/// One write of the full-duplex stream: many PUBLISHes at once, as a bulk sender writes.
+const DUPLEX_WRITE: usize = 1024 * 1024;
+
+/// A full-speed, full-duplex bulk stream for `duration`: no window, the writer writes PUBLISHes
+/// of [`DUPLEX_PAYLOAD`] in 1 MiB writes as fast as the path takes them while this thread reads
+/// the echoes, so both directions of the path are full at once. This is the load that makes a
+/// splice throttle (the windowed streams above rarely do), so it is where a splice that hands
+/// bytes to its daemon would lose its advantage. Figures as in [`throughput`].
+pub fn duplex(
+    addr: SocketAddr,
+    duration: Duration,
+    proxy: &[u32],
+    user_hz: f64,
+) -> anyhow::Result<Throughput> {
+    let packet = publish_with_payload(DUPLEX_PAYLOAD);
+    let size = packet.len();
+    let per_write = (DUPLEX_WRITE / size).max(1);
+    let batch = packet.repeat(per_write);
+    let expect_remaining = parse_header(&packet)?
+        .context("built a broken PUBLISH")?
+        .remaining;
+    let mut reader = mqtt_connect(addr, "bench-duplex")?;
+    reader.set_read_timeout(Some(STALL_LIMIT))?;
+    let mut writer = reader.try_clone()?;
+    writer.set_write_timeout(Some(STALL_LIMIT))?;
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let machine_before = machine_cpu_ticks()?;
+    let proxy_before = process_cpu_ticks(proxy);
+    let start = Instant::now();
+    let sender = {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("bench-duplex-writer".into())
+            .spawn(move || -> io::Result<u64> {
+                let mut sent = 0u64;
+                while start.elapsed() < duration && !stop.load(Ordering::Relaxed) {
+                    writer.write_all(&batch)?;
+                    sent += per_write as u64;
+                }
+                writer.write_all(&PINGREQ)?;
+                Ok(sent)
+            })?
+    };
+    let mut buf = vec![0u8; DUPLEX_WRITE];
+    let mut counter = EchoCounter::new(expect_remaining);
+    let deadline = start + duration + PHASE_LIMIT;
+    let read_result = (|| -> anyhow::Result<()> {
+        while !counter.ended {
+            if Instant::now() > deadline {
+                bail!("passed its time limit after {} echoes", counter.packets);
+            }
+            let n = match reader.read(&mut buf) {
+                Ok(0) => bail!("closed after {} echoes", counter.packets),
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    bail!(
+                        "no echo for {STALL_LIMIT:?} after {} echoes (lost in the path?)",
+                        counter.packets
+                    )
+                }
+                Err(e) => return Err(e.into()),
+            };
+            counter.feed(&buf[..n])?;
+        }
+        Ok(())
+    })();
+    let elapsed = start.elapsed().as_secs_f64();
+    let machine_after = machine_cpu_ticks()?;
+    let proxy_after = process_cpu_ticks(proxy);
+    stop.store(true, Ordering::Relaxed);
+    if read_result.is_err() {
+        let _ = reader.shutdown(std::net::Shutdown::Both);
+    }
+    let sent = sender.join().expect("bench duplex writer panicked");
+    read_result?;
+    let sent = sent.context("writer")?;
+    if sent != counter.packets {
+        bail!("{sent} PUBLISHes sent but {} echoed", counter.packets);
+    }
+    let gb = (sent * size as u64) as f64 / 1e9;
+    Ok(Throughput {
+        bytes: sent * size as u64,
+        msgs_per_s: sent as f64 / elapsed,
+        mb_per_s: gb * 1e3 / elapsed,
+        machine_cpu_s_per_gb: (machine_after - machine_before) as f64 / user_hz / gb,
+        proxy_cpu_s_per_gb: match (proxy_before, proxy_after) {
+            (Some(b), Some(a)) => Some(a.saturating_sub(b) as f64 / user_hz / gb),
+            _ => None,
+        },
+    })
 }
 
 #[cfg(test)]

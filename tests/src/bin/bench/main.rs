@@ -1,11 +1,12 @@
 //! `cargo xtask bench`: mqsplice against the proxies it replaces, side by side in one run.
 //!
 //! Five paths from an MQTT load generator to a cheap echo broker, all on 127.0.0.1: `direct`
-//! (the limit), `mqsplice-ebpf` (the in-kernel sockmap splice; needs root, skipped with the
+//! (the limit), `mqsplice-sockmap` (the in-kernel sockmap splice; needs root, skipped with the
 //! reason otherwise), `mqsplice-userspace`, `nginx` (stream proxy) and `haproxy` (`mode tcp`).
 //! For each: round-trip latency of 64-byte QoS 0 PUBLISHes one at a time (p50, p99); a windowed
 //! PUBLISH stream of 64 B and of 1 KiB payloads (msg/s, MB/s, whole-machine and proxy CPU
-//! seconds per GB); the proxy's RSS per held connection at 10,000 idle sessions. Rounds
+//! seconds per GB); a full-speed full-duplex stream of 16 KiB PUBLISHes with no window (the same
+//! figures, and the share of its bytes a splice's daemon copied); the proxy's RSS per held connection at 10,000 idle sessions. Rounds
 //! interleave the paths (each proxy started fresh every round) so that drift in the machine
 //! spreads over all of them; medians with min–max, ratios and the project's targets go to
 //! stdout as markdown and to `target/bench/bench.json`.
@@ -173,12 +174,29 @@ fn measure(
     };
     let small = stream(SMALL_PAYLOAD).context("64 B stream")?;
     let bulk = stream(BULK_PAYLOAD).context("1 KiB stream")?;
+    let passed = || -> anyhow::Result<Option<u64>> {
+        Ok(peer
+            .splice_stats()?
+            .and_then(|s| s["passed_bytes"].as_u64()))
+    };
+    let passed_before = passed()?;
+    let duplex =
+        load::duplex(peer.listen, args.stream, &pids, user_hz).context("full-duplex stream")?;
+    // Both directions crossed the splice: bytes sent one way and echoed back the other.
+    let duplex_daemon_share = match (passed_before, passed()?) {
+        (Some(before), Some(after)) if duplex.bytes > 0 => {
+            Some(after.saturating_sub(before) as f64 / (2 * duplex.bytes) as f64)
+        }
+        _ => None,
+    };
     let mut sample = Sample {
         round,
         p50_us,
         p99_us,
         small,
         bulk,
+        duplex,
+        duplex_daemon_share,
         conns_held: None,
         rss_before_kib: None,
         rss_bytes_per_conn: None,
@@ -389,7 +407,7 @@ fn main() -> anyhow::Result<()> {
                 Ok(s) => {
                     eprintln!(
                         "[{:>5.1}s] round {round}/{} {:<18} p50 {:.1} µs p99 {:.1} µs | 64 B {:.0} msg/s | \
-                         1 KiB {:.0} MB/s machine {:.2} s/GB proxy {} s/GB | {} B/conn ({} held)",
+                         1 KiB {:.0} MB/s machine {:.2} s/GB proxy {} s/GB | duplex {:.0} MB/s machine {:.2} s/GB daemon-copied {} | {} B/conn ({} held)",
                         started.elapsed().as_secs_f64(),
                         args.rounds,
                         kind.name(),
@@ -399,6 +417,9 @@ fn main() -> anyhow::Result<()> {
                         s.bulk.mb_per_s,
                         s.bulk.machine_cpu_s_per_gb,
                         fmt_value(s.bulk.proxy_cpu_s_per_gb),
+                        s.duplex.mb_per_s,
+                        s.duplex.machine_cpu_s_per_gb,
+                        fmt_value(s.duplex_daemon_share),
                         fmt_value(s.rss_bytes_per_conn),
                         s.conns_held.map_or("–".into(), |n| n.to_string()),
                     );
@@ -442,6 +463,7 @@ fn main() -> anyhow::Result<()> {
         "small_publish_bytes": load::publish_with_payload(SMALL_PAYLOAD).len(),
         "bulk_payload": BULK_PAYLOAD,
         "bulk_publish_bytes": load::publish_with_payload(BULK_PAYLOAD).len(),
+        "duplex_publish_bytes": load::publish_with_payload(load::DUPLEX_PAYLOAD).len(),
         "window": args.window,
         "conns": args.conns,
         "user_hz": user_hz,

@@ -14,6 +14,11 @@ pub struct Sample {
     pub p99_us: f64,
     pub small: Throughput,
     pub bulk: Throughput,
+    /// The full-speed full-duplex stream (no window).
+    pub duplex: Throughput,
+    /// Of the bytes the splice carried in the full-duplex stream (both ways), the share its
+    /// daemon copied because a direction was throttled; `None` off the splice.
+    pub duplex_daemon_share: Option<f64>,
     /// Connections actually held in the memory phase.
     pub conns_held: Option<usize>,
     pub rss_before_kib: Option<u64>,
@@ -26,7 +31,7 @@ pub struct Sample {
 type Metric = (&'static str, &'static str, fn(&Sample) -> Option<f64>);
 
 /// Table and JSON columns, one definition so that the two never disagree.
-const METRICS: [Metric; 11] = [
+const METRICS: [Metric; 15] = [
     ("p50_us", "p50 µs", |s| Some(s.p50_us)),
     ("p99_us", "p99 µs", |s| Some(s.p99_us)),
     ("small_msgs_per_s", "64 B msg/s", |s| {
@@ -49,6 +54,22 @@ const METRICS: [Metric; 11] = [
     ("bulk_proxy_cpu_s_per_gb", "1 KiB proxy CPU s/GB", |s| {
         s.bulk.proxy_cpu_s_per_gb
     }),
+    ("duplex_mb_per_s", "duplex MB/s", |s| {
+        Some(s.duplex.mb_per_s)
+    }),
+    (
+        "duplex_machine_cpu_s_per_gb",
+        "duplex machine CPU s/GB",
+        |s| Some(s.duplex.machine_cpu_s_per_gb),
+    ),
+    ("duplex_proxy_cpu_s_per_gb", "duplex proxy CPU s/GB", |s| {
+        s.duplex.proxy_cpu_s_per_gb
+    }),
+    (
+        "duplex_daemon_share",
+        "duplex share copied by the daemon",
+        |s| s.duplex_daemon_share,
+    ),
     ("rss_bytes_per_conn", "proxy RSS B/conn", |s| {
         s.rss_bytes_per_conn
     }),
@@ -92,21 +113,21 @@ type Lookup<'a> = dyn Fn(&str, &str) -> Option<f64> + 'a;
 type Target = (&'static str, &'static str, Goal, fn(&Lookup) -> Option<f64>);
 
 /// The targets of the splice issue, all from the same run.
-const TARGETS: [Target; 4] = [
+const TARGETS: [Target; 6] = [
     (
-        "ebpf p50 / nginx p50",
+        "sockmap p50 / nginx p50",
         "p50_vs_nginx",
         Goal::AtMost(1.1),
         |get| Some(get("mqsplice-sockmap", "p50_us")? / get("nginx", "p50_us")?),
     ),
     (
-        "ebpf 1 KiB MB/s / nginx",
+        "sockmap 1 KiB MB/s / nginx",
         "bulk_vs_nginx",
         Goal::AtLeast(1.2),
         |get| Some(get("mqsplice-sockmap", "bulk_mb_per_s")? / get("nginx", "bulk_mb_per_s")?),
     ),
     (
-        "(ebpf − direct) / (nginx − direct) machine CPU s/GB, 1 KiB",
+        "(sockmap − direct) / (nginx − direct) machine CPU s/GB, 1 KiB",
         "cpu_over_direct_vs_nginx",
         Goal::AtMost(0.5),
         |get| {
@@ -117,7 +138,24 @@ const TARGETS: [Target; 4] = [
         },
     ),
     (
-        "ebpf RSS per spliced connection, bytes",
+        "sockmap full-duplex MB/s / nginx",
+        "duplex_vs_nginx",
+        Goal::AtLeast(1.2),
+        |get| Some(get("mqsplice-sockmap", "duplex_mb_per_s")? / get("nginx", "duplex_mb_per_s")?),
+    ),
+    (
+        "(sockmap − direct) / (nginx − direct) machine CPU s/GB, full duplex",
+        "duplex_cpu_over_direct_vs_nginx",
+        Goal::AtMost(0.5),
+        |get| {
+            let key = "duplex_machine_cpu_s_per_gb";
+            let direct = get("direct", key)?;
+            let nginx = get("nginx", key)? - direct;
+            (nginx > 0.0).then_some((get("mqsplice-sockmap", key)? - direct) / nginx)
+        },
+    ),
+    (
+        "sockmap RSS per spliced connection, bytes",
         "rss_per_spliced_conn",
         Goal::AtMost(1000.0),
         |get| get("mqsplice-sockmap", "rss_bytes_per_conn"),

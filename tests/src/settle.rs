@@ -1,0 +1,73 @@
+//! What a daemon still holds once its flows have ended: open connections, spliced pairs,
+//! connections per broker, and entries in the pinned per-flow maps. Every path must come back
+//! to nothing, or each finished flow leaks a descriptor, a map slot or a counter.
+
+use crate::flows::{stats, wait_for};
+use crate::maps;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// What the stats (and, on the sockmap path, the pinned maps) show as still held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Held {
+    /// `connections.active`.
+    pub connections: u64,
+    /// `dataplane.spliced_active` (0 on the userspace path, which has no such key).
+    pub spliced: u64,
+    /// The sum of `upstreams.*.servers[].active`.
+    pub to_servers: u64,
+    /// Entries in `mqs_socks`, `mqs_peers`, `mqs_flow_counters` (sockmap path only).
+    pub map_entries: [usize; 3],
+}
+
+impl Held {
+    /// Read from one stats document (and the maps it names).
+    pub fn of(json: &Value) -> Held {
+        let n = |v: &Value| v.as_u64().unwrap_or(0);
+        let to_servers = json["upstreams"]
+            .as_object()
+            .into_iter()
+            .flat_map(|ups| ups.values())
+            .flat_map(|u| u["servers"].as_array().cloned().unwrap_or_default())
+            .map(|s| n(&s["active"]))
+            .sum();
+        let map_entries = match (
+            json["dataplane"]["mode"].as_str(),
+            json["dataplane"]["bpffs_pin"].as_str(),
+        ) {
+            (Some("sockmap"), Some(pin)) => maps::flow_entries(pin),
+            _ => [0; 3],
+        };
+        Held {
+            connections: n(&json["connections"]["active"]),
+            spliced: n(&json["dataplane"]["spliced_active"]),
+            to_servers,
+            map_entries,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Held::default()
+    }
+}
+
+/// Waits up to `timeout` until the daemon at `stats_addr` holds nothing; `Ok(how long it took)`,
+/// or what was still held and the stats at the end.
+pub fn settled(stats_addr: SocketAddr, timeout: Duration) -> Result<Duration, String> {
+    let started = Instant::now();
+    let mut json = stats(stats_addr);
+    let mut held = Held::of(&json);
+    wait_for(timeout, || {
+        json = stats(stats_addr);
+        held = Held::of(&json);
+        held.is_empty()
+    });
+    if held.is_empty() {
+        Ok(started.elapsed())
+    } else {
+        Err(format!(
+            "still held after {timeout:?}: {held:?}\nstats: {json}"
+        ))
+    }
+}

@@ -392,9 +392,6 @@ fn userspace_paho_style_disconnects_close_every_pair_within_5_s() {
 }
 
 #[test]
-#[ignore = "issue 14: 99-100 of 100 pairs still held 5 s after the clients' DISCONNECT+FIN+RST \
-            (closes.rst counted 100, spliced_active 99-100, map entries 2 per pair); they end only \
-            at close_drain_timeout (30 s, counted drain_timeout)"]
 fn sockmap_paho_style_disconnects_close_every_pair_within_5_s() {
     paho_disconnects(SOCKMAP);
 }
@@ -510,9 +507,6 @@ fn userspace_a_client_vanishing_mid_throttle_is_gone_within_close_drain_timeout(
 }
 
 #[test]
-#[ignore = "issue 14: in 7 of 10 runs the broker is never closed: the daemon's broker-side \
-            socket is orphaned in FIN-WAIT-2 (a FIN, no RST) behind a zero window, the broker sits \
-            in CLOSE-WAIT with ~4 MB unsent and its write blocks past 6 s (userspace: reset in 6 ms)"]
 fn sockmap_a_client_vanishing_mid_throttle_is_gone_within_close_drain_timeout() {
     client_vanishes_mid_throttle(SOCKMAP);
 }

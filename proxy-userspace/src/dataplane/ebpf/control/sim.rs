@@ -106,6 +106,7 @@ struct Sim {
     preamble: u64,
     partial_reads: u64,
     settling: bool,
+    closes_counted: u32,
     /// TCP's counters as last given to the core.
     last: [SideCounters; 2],
     trace: VecDeque<String>,
@@ -183,6 +184,7 @@ impl Sim {
             preamble,
             partial_reads: 0,
             settling: false,
+            closes_counted: 0,
             last: [SideCounters::default(); 2],
             trace: VecDeque::new(),
         };
@@ -362,7 +364,9 @@ impl Sim {
                 self.timers
                     .push(std::cmp::Reverse((at, self.timer_seq, timer)));
             }
-            Action::Count(_) => {}
+            Action::Count(Count::Throttled | Count::HandedBack) => {}
+            // How the flow ended: counted once.
+            Action::Count(_) => self.closes_counted += 1,
             Action::Finish { reason, reset } => self.finished = Some((reason, reset)),
         }
         Ok(None)
@@ -698,6 +702,9 @@ impl Sim {
     }
 
     fn check_end(&self, reason: CloseReason, reset: [bool; 2]) -> Result<(), String> {
+        if self.closes_counted != 1 {
+            return Err(format!("the end was counted {} times", self.closes_counted));
+        }
         if self.partial_reads > 0 {
             return Err(format!(
                 "{} reads stopped inside the queue",

@@ -43,7 +43,7 @@ pub struct SpliceCounters {
     pub splice_refused: AtomicU64,
     /// Spliced pairs closed by FIN on both sides, each drained by the counter rule.
     pub fin_drained: AtomicU64,
-    /// Spliced pairs closed at once because a side was reset or failed.
+    /// Spliced pairs ended by a reset of one side (what it sent drained into the other first).
     pub rst: AtomicU64,
     /// Spliced pairs closed by `idle_timeout`.
     pub idle: AtomicU64,

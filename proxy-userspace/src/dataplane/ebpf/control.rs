@@ -2,15 +2,17 @@
 //!
 //! The watcher thread (`watch.rs`) owns the sockets, the maps, epoll and the timers. For each
 //! thing that happens to a flow it reads the flow's counters ([`Observed`]), calls
-//! [`FlowCore::step`] with the [`Event`], and carries out the [`Action`]s it gets back; the
-//! result of a read or a write comes back as the next event. Nothing here makes a syscall, so the
-//! rules are tested against a simulated kernel (`control/sim.rs`) over generated schedules.
+//! [`FlowCore::step`] with the [`Event`], and carries out the [`Action`]s it gets back
+//! (`control/interface.rs`); the result of a read or a write comes back as the next event.
+//! Nothing here makes a syscall, so the rules are tested against a simulated kernel
+//! (`control/sim.rs`) over generated schedules.
 //!
 //! The rules (shared/notes §3–4):
 //! - FIN: the peer's write side is shut only once every byte received before the FIN has been
 //!   written into the peer (the counter rule, [`close`]);
 //! - reset: what the reset side sent still goes into the other side, which is then closed once
-//!   its peer has acknowledged everything, or reset after `close_drain_timeout`;
+//!   its peer has acknowledged everything (with a reset if bytes it sent can no longer be
+//!   delivered), or reset after `close_drain_timeout`;
 //! - backpressure: a direction with too much in flight is throttled; the daemon then moves its
 //!   bytes, reading a socket only in whole-queue reads that fit the held-bytes bounds, and hands
 //!   it back to the kernel once nothing waits in the socket ([`throttle`], [`pump`]);

@@ -246,33 +246,10 @@ pub fn throughput(
     let mut buf = vec![0u8; 256 * 1024];
     let mut counter = EchoCounter::new(expect_remaining);
     let deadline = start + duration + PHASE_LIMIT;
-    let read_result = (|| -> anyhow::Result<()> {
-        while !counter.ended {
-            if Instant::now() > deadline {
-                bail!("passed its time limit after {} echoes", counter.packets);
-            }
-            let n = match reader.read(&mut buf) {
-                Ok(0) => bail!("closed after {} echoes", counter.packets),
-                Ok(n) => n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    bail!(
-                        "no echo for {STALL_LIMIT:?} after {} echoes (lost in the path?)",
-                        counter.packets
-                    )
-                }
-                Err(e) => return Err(e.into()),
-            };
-            counter.feed(&buf[..n])?;
-            received.store(counter.packets, Ordering::Release);
-            sender.thread().unpark();
-        }
-        Ok(())
-    })();
+    let read_result = read_echoes(&mut reader, &mut counter, &mut buf, deadline, |packets| {
+        received.store(packets, Ordering::Release);
+        sender.thread().unpark();
+    });
     let elapsed = start.elapsed().as_secs_f64();
     let machine_after = machine_cpu_ticks()?;
     let proxy_after = process_cpu_ticks(proxy);
@@ -288,17 +265,14 @@ pub fn throughput(
     if sent != counter.packets {
         bail!("{sent} PUBLISHes sent but {} echoed", counter.packets);
     }
-    let gb = (sent * size as u64) as f64 / 1e9;
-    Ok(Throughput {
-        bytes: sent * size as u64,
-        msgs_per_s: sent as f64 / elapsed,
-        mb_per_s: gb * 1e3 / elapsed,
-        machine_cpu_s_per_gb: (machine_after - machine_before) as f64 / user_hz / gb,
-        proxy_cpu_s_per_gb: match (proxy_before, proxy_after) {
-            (Some(b), Some(a)) => Some(a.saturating_sub(b) as f64 / user_hz / gb),
-            _ => None,
-        },
-    })
+    Ok(figures(
+        sent * size as u64,
+        sent,
+        elapsed,
+        machine_after - machine_before,
+        (proxy_before, proxy_after),
+        user_hz,
+    ))
 }
 
 /// Opens up to `count` MQTT sessions and keeps them idle. Stops early, with the reason, at
@@ -327,6 +301,63 @@ pub fn hold(addr: SocketAddr, count: usize) -> (Vec<TcpStream>, Option<String>) 
         }
     }
     (held, None)
+}
+
+/// Reads echoes into `counter` until the PINGRESP that ends the stream, failing on a close, a
+/// stall of [`STALL_LIMIT`] or the `deadline`; `after_read` gets the echo count after each read.
+fn read_echoes(
+    reader: &mut TcpStream,
+    counter: &mut EchoCounter,
+    buf: &mut [u8],
+    deadline: Instant,
+    mut after_read: impl FnMut(u64),
+) -> anyhow::Result<()> {
+    while !counter.ended {
+        if Instant::now() > deadline {
+            bail!("passed its time limit after {} echoes", counter.packets);
+        }
+        let n = match reader.read(buf) {
+            Ok(0) => bail!("closed after {} echoes", counter.packets),
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                bail!(
+                    "no echo for {STALL_LIMIT:?} after {} echoes (lost in the path?)",
+                    counter.packets
+                )
+            }
+            Err(e) => return Err(e.into()),
+        };
+        counter.feed(&buf[..n])?;
+        after_read(counter.packets);
+    }
+    Ok(())
+}
+
+/// A phase's figures from what it moved and the CPU ticks it cost.
+fn figures(
+    bytes: u64,
+    messages: u64,
+    elapsed: f64,
+    machine_ticks: u64,
+    proxy_ticks: (Option<u64>, Option<u64>),
+    user_hz: f64,
+) -> Throughput {
+    let gb = bytes as f64 / 1e9;
+    Throughput {
+        bytes,
+        msgs_per_s: messages as f64 / elapsed,
+        mb_per_s: gb * 1e3 / elapsed,
+        machine_cpu_s_per_gb: machine_ticks as f64 / user_hz / gb,
+        proxy_cpu_s_per_gb: match proxy_ticks {
+            (Some(b), Some(a)) => Some(a.saturating_sub(b) as f64 / user_hz / gb),
+            _ => None,
+        },
+    }
 }
 
 /// Payload of the full-duplex bulk stream's PUBLISHes.
@@ -378,31 +409,7 @@ pub fn duplex(
     let mut buf = vec![0u8; DUPLEX_WRITE];
     let mut counter = EchoCounter::new(expect_remaining);
     let deadline = start + duration + PHASE_LIMIT;
-    let read_result = (|| -> anyhow::Result<()> {
-        while !counter.ended {
-            if Instant::now() > deadline {
-                bail!("passed its time limit after {} echoes", counter.packets);
-            }
-            let n = match reader.read(&mut buf) {
-                Ok(0) => bail!("closed after {} echoes", counter.packets),
-                Ok(n) => n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    bail!(
-                        "no echo for {STALL_LIMIT:?} after {} echoes (lost in the path?)",
-                        counter.packets
-                    )
-                }
-                Err(e) => return Err(e.into()),
-            };
-            counter.feed(&buf[..n])?;
-        }
-        Ok(())
-    })();
+    let read_result = read_echoes(&mut reader, &mut counter, &mut buf, deadline, |_| {});
     let elapsed = start.elapsed().as_secs_f64();
     let machine_after = machine_cpu_ticks()?;
     let proxy_after = process_cpu_ticks(proxy);
@@ -416,17 +423,14 @@ pub fn duplex(
     if sent != counter.packets {
         bail!("{sent} PUBLISHes sent but {} echoed", counter.packets);
     }
-    let gb = (sent * size as u64) as f64 / 1e9;
-    Ok(Throughput {
-        bytes: sent * size as u64,
-        msgs_per_s: sent as f64 / elapsed,
-        mb_per_s: gb * 1e3 / elapsed,
-        machine_cpu_s_per_gb: (machine_after - machine_before) as f64 / user_hz / gb,
-        proxy_cpu_s_per_gb: match (proxy_before, proxy_after) {
-            (Some(b), Some(a)) => Some(a.saturating_sub(b) as f64 / user_hz / gb),
-            _ => None,
-        },
-    })
+    Ok(figures(
+        sent * size as u64,
+        sent,
+        elapsed,
+        machine_after - machine_before,
+        (proxy_before, proxy_after),
+        user_hz,
+    ))
 }
 
 #[cfg(test)]

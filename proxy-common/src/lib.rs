@@ -90,6 +90,16 @@ pub struct GlobalCounters {
     pub passed_bytes: u64,
     /// Signal events that did not fit in the ring buffer (the daemon's poll catches up).
     pub signals_lost: u64,
+    /// skbs the kernel handed to the verdict a second time (every byte already seen): dropped.
+    pub replayed_skbs: u64,
+    /// Bytes of those skbs.
+    pub replayed_bytes: u64,
+    /// skbs that began before the next unseen byte but carried new bytes too: trimmed.
+    pub overlap_skbs: u64,
+    /// Bytes trimmed off those skbs.
+    pub overlap_bytes_trimmed: u64,
+    /// skbs that could not be trimmed: dropped, and their flow marked broken.
+    pub trim_failed: u64,
 }
 
 /// Per-socket traffic counters kept by the kernel program.
@@ -109,6 +119,51 @@ pub struct FlowCounters {
     pub passed_bytes: u64,
     /// The `signal_at` value an event was last sent for (one event per signal point).
     pub signaled_at: u64,
+    /// TCP sequence number of the next byte the program has not seen on this socket.
+    pub next_seq: u32,
+    /// Non-zero once `next_seq` holds a value (set by the first verdict on the socket).
+    pub seq_known: u32,
+    /// Bytes of skbs the kernel handed to the verdict again, all already seen: dropped.
+    pub replayed_bytes: u64,
+    /// Non-zero when an skb could not be trimmed to its unseen bytes and was dropped: the flow
+    /// lost bytes and the daemon must reset it.
+    pub broken: u64,
+}
+
+/// What an skb's place in the TCP stream says about it, against the next byte not yet seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SegmentCheck {
+    /// Starts at the next unseen byte (or the first skb of the socket): new bytes only.
+    New,
+    /// Every byte was seen before: the kernel is handing the same segment over again.
+    Replay,
+    /// Starts before the next unseen byte and ends after it: this many leading bytes were seen.
+    Overlap(u32),
+    /// Starts after the next unseen byte: bytes were skipped (read around the program).
+    Gap(u32),
+}
+
+/// Classifies an skb of `len` bytes starting at sequence number `seq`, in serial-number
+/// arithmetic (RFC 1982), so a stream wrapping past 2^32 is handled.
+///
+/// Kept here, not in the program, so the rule is unit-tested on the host.
+pub fn check_segment(next_seq: u32, seq_known: bool, seq: u32, len: u32) -> SegmentCheck {
+    if !seq_known {
+        return SegmentCheck::New;
+    }
+    let start = seq.wrapping_sub(next_seq) as i32;
+    if start == 0 {
+        return SegmentCheck::New;
+    }
+    if start > 0 {
+        return SegmentCheck::Gap(start as u32);
+    }
+    let end = seq.wrapping_add(len).wrapping_sub(next_seq) as i32;
+    if end <= 0 {
+        SegmentCheck::Replay
+    } else {
+        SegmentCheck::Overlap(start.unsigned_abs())
+    }
 }
 
 // SAFETY: `PeerEntry` is `#[repr(C)]`, `Copy`, made of `u64`, two `u32` and `u64` (no implicit
@@ -117,8 +172,9 @@ pub struct FlowCounters {
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for PeerEntry {}
 
-// SAFETY: `FlowCounters` is `#[repr(C)]`, `Copy`, made only of `u64` fields (no padding) and every
-// bit pattern is a valid value, which is what `Pod` requires for copying it through map syscalls.
+// SAFETY: `FlowCounters` is `#[repr(C)]`, `Copy`, made of `u64` fields and one pair of `u32`s (no
+// padding) and every bit pattern is a valid value, which is what `Pod` requires for copying it
+// through map syscalls.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for FlowCounters {}
 
@@ -137,8 +193,34 @@ mod tests {
         // field added on one side only shows up here rather than as garbage in a map.
         assert_eq!(core::mem::size_of::<PeerEntry>(), 40);
         assert_eq!(core::mem::size_of::<SignalEvent>(), 8);
-        assert_eq!(core::mem::size_of::<GlobalCounters>(), 56);
-        assert_eq!(core::mem::size_of::<FlowCounters>(), 32);
+        assert_eq!(core::mem::size_of::<GlobalCounters>(), 96);
+        assert_eq!(core::mem::size_of::<FlowCounters>(), 56);
         assert_eq!(core::mem::align_of::<FlowCounters>(), 8);
+    }
+
+    #[test]
+    fn segments_are_classified_against_the_next_unseen_byte() {
+        use SegmentCheck::*;
+        // The first skb of a socket sets the position.
+        assert_eq!(check_segment(0, false, 12345, 100), New);
+        assert_eq!(check_segment(1000, true, 1000, 500), New);
+        // The same segment again, or a part of what was seen.
+        assert_eq!(check_segment(1500, true, 1000, 500), Replay);
+        assert_eq!(check_segment(1500, true, 1200, 300), Replay);
+        // Partly seen.
+        assert_eq!(check_segment(1500, true, 1000, 600), Overlap(500));
+        // Ahead of what was seen.
+        assert_eq!(check_segment(1500, true, 1600, 100), Gap(100));
+    }
+
+    #[test]
+    fn sequence_numbers_wrap() {
+        use SegmentCheck::*;
+        let next = 10u32;
+        let seq = u32::MAX - 89; // 100 bytes before `next`, across the wrap
+        assert_eq!(check_segment(next, true, seq, 100), Replay);
+        assert_eq!(check_segment(next, true, seq, 150), Overlap(100));
+        assert_eq!(check_segment(u32::MAX - 9, true, u32::MAX - 9, 100), New);
+        assert_eq!(check_segment(u32::MAX - 9, true, 5, 100), Gap(15));
     }
 }

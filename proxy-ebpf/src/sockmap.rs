@@ -19,15 +19,34 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::sk_action::{SK_DROP, SK_PASS},
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_socket_cookie, bpf_probe_read_kernel},
     macros::{map, stream_verdict},
     maps::{HashMap, PerCpuArray, RingBuf, SockHash},
     programs::SkBuffContext,
 };
 use aya_log_ebpf::warn;
 use proxy_common::{
-    FlowCounters, FlowKey, GlobalCounters, PeerEntry, SignalEvent, direction, throttle,
+    FlowCounters, FlowKey, GlobalCounters, PeerEntry, SegmentCheck, SignalEvent, check_segment,
+    direction, throttle,
 };
+
+/// Offsets in the running kernel's structs, from its BTF, written by the daemon at load time
+/// (`EbpfLoader::set_global`); 0 when unknown, and then skbs are not checked against the stream.
+/// `sk_buff.cb`: TCP keeps a segment's sequence number at its start (`TCP_SKB_CB(skb)->seq`), still
+/// there when the verdict runs.
+#[unsafe(no_mangle)]
+static SKB_CB_OFFSET: u32 = 0;
+/// `sk_buff.sk`: the socket the skb was received on.
+#[unsafe(no_mangle)]
+static SKB_SK_OFFSET: u32 = 0;
+/// `tcp_sock.copied_seq`: the next byte a reader of the socket would get.
+#[unsafe(no_mangle)]
+static TCP_COPIED_SEQ_OFFSET: u32 = 0;
+
+/// Most bytes one call of `bpf_skb_adjust_room` takes off an sk_skb's head.
+const TRIM_STEP: u32 = 4095;
+/// Bound of the trim loop (the verifier needs one): up to 1 MiB of already-seen bytes.
+const TRIM_STEPS_MAX: u32 = 256;
 
 /// Upper bound on spliced sockets (two per proxied connection).
 const MAX_SOCKETS: u32 = 262_144;
@@ -53,6 +72,134 @@ static MQS_TOTALS: PerCpuArray<GlobalCounters> = PerCpuArray::with_max_entries(1
 /// Signal events for the daemon: a socket passed its signal point.
 #[map(name = "mqs_events")]
 static MQS_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Reads a kernel value at `base + offset` (a scalar address: the verifier lets a privileged
+/// program hand any address to `bpf_probe_read_kernel`, which fails cleanly on a bad one).
+fn read_kernel<T>(base: u64, offset: u32) -> Option<T> {
+    // SAFETY: the helper copies `size_of::<T>()` bytes into a local, checking the address itself;
+    // nothing in the program dereferences it.
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }.ok()
+}
+
+/// Makes the skb start at the socket's next unseen byte, so no byte goes on twice.
+///
+/// TCP queues a segment that begins before `rcv_nxt` (a retransmission overlapping bytes already
+/// received, or a skb a reader has partly consumed) as it came, and leaves it to the reader to
+/// skip the seen part by `copied_seq`; the verdict path (`tcp_read_skb` → `sk_psock_verdict_recv`)
+/// hands the whole skb over and would send the seen bytes again. Measured here (docs/
+/// sockmap-replay.md): a 198,656-byte skb whose first 130,966 bytes the program had already
+/// forwarded. The program keeps each socket's next sequence number, starting from `copied_seq` at
+/// its first verdict, and trims what came before it; an skb of seen bytes only is dropped. An skb
+/// it cannot trim is dropped and the flow marked broken: the daemon resets it rather than let a
+/// byte be sent twice.
+fn skip_seen_bytes(
+    ctx: &SkBuffContext,
+    flow: *mut FlowCounters,
+    totals: Option<*mut GlobalCounters>,
+    cookie: FlowKey,
+) -> Result<(), u32> {
+    // SAFETY: constants of the object, patched by the loader before the program was loaded.
+    let (cb, sk_off, copied_off) = unsafe {
+        (
+            core::ptr::read_volatile(&SKB_CB_OFFSET),
+            core::ptr::read_volatile(&SKB_SK_OFFSET),
+            core::ptr::read_volatile(&TCP_COPIED_SEQ_OFFSET),
+        )
+    };
+    if cb == 0 {
+        return Ok(());
+    }
+    let skb = ctx.as_ptr() as u64;
+    let Some(seq) = read_kernel::<u32>(skb, cb) else {
+        return Ok(());
+    };
+    let len = ctx.len();
+    // SAFETY: a single writer per entry, in place (see `FlowCounters`).
+    let (next, known) = unsafe { ((*flow).next_seq, (*flow).seq_known != 0) };
+    let (next, known) = if known || sk_off == 0 || copied_off == 0 {
+        (next, known)
+    } else {
+        // The first verdict on this socket: the daemon may have read (or peeked) up to here.
+        match read_kernel::<u64>(skb, sk_off).and_then(|sk| read_kernel::<u32>(sk, copied_off)) {
+            Some(copied) => (copied, true),
+            None => (0, false),
+        }
+    };
+    let seen = match check_segment(next, known, seq, len) {
+        SegmentCheck::New => 0,
+        SegmentCheck::Gap(skipped) => {
+            // Bytes went around the program (read by the daemon before its first verdict, or
+            // taken by a plain `recvmsg`): nothing to undo here, the counters rule sees it.
+            warn!(
+                ctx,
+                "socket {}: skb at seq {} is {} bytes past the next unseen one",
+                cookie,
+                seq,
+                skipped
+            );
+            0
+        }
+        SegmentCheck::Replay => {
+            count(totals, |t| {
+                t.replayed_skbs += 1;
+                t.replayed_bytes += len as u64;
+            });
+            // SAFETY: as above.
+            unsafe { (*flow).replayed_bytes += len as u64 };
+            return Err(SK_DROP);
+        }
+        SegmentCheck::Overlap(seen) => seen,
+    };
+    if seen > 0 {
+        let mut left = seen;
+        for _ in 0..TRIM_STEPS_MAX {
+            if left == 0 {
+                break;
+            }
+            let step = if left < TRIM_STEP { left } else { TRIM_STEP };
+            if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
+                break;
+            }
+            left -= step;
+        }
+        if left > 0 {
+            warn!(
+                ctx,
+                "socket {}: could not trim {} seen bytes off an skb: flow marked broken",
+                cookie,
+                left
+            );
+            // SAFETY: as above.
+            unsafe { (*flow).broken = 1 };
+            count(totals, |t| t.trim_failed += 1);
+            if MQS_EVENTS
+                .output::<SignalEvent>(SignalEvent { cookie }, 0)
+                .is_err()
+            {
+                count(totals, |t| t.signals_lost += 1);
+            }
+            return Err(SK_DROP);
+        }
+        count(totals, |t| {
+            t.overlap_skbs += 1;
+            t.overlap_bytes_trimmed += seen as u64;
+        });
+    }
+    // SAFETY: as above.
+    unsafe {
+        (*flow).next_seq = seq.wrapping_add(len);
+        (*flow).seq_known = 1;
+    }
+    Ok(())
+}
+
+/// Adds to this CPU's slot of the totals.
+fn count(totals: Option<*mut GlobalCounters>, add: impl FnOnce(&mut GlobalCounters)) {
+    if let Some(totals) = totals {
+        // SAFETY: per-CPU slot of an array map, valid for this program run, not shared.
+        add(unsafe { &mut *totals });
+    }
+}
 
 /// Entry point the kernel calls for every skb received on a socket in `MQS_SOCKS`.
 #[stream_verdict]
@@ -83,6 +230,11 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         return Ok(SK_PASS);
     };
     let flow = MQS_FLOW_COUNTERS.get_ptr_mut(cookie);
+    if let Some(flow) = flow {
+        skip_seen_bytes(ctx, flow, totals, cookie)?;
+    }
+    // Trimming shortens the skb: every count below is of the bytes that go on.
+    let len = ctx.len() as u64;
     // SAFETY: reads of this socket's own counters, written only under the same socket lock.
     let (redirected, passed) = flow.map_or((0, 0), |f| unsafe { ((*f).bytes, (*f).passed_bytes) });
     // Passed bytes not yet read by the daemon: redirecting now would overtake them.

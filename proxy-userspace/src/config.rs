@@ -20,9 +20,9 @@ pub use validate::{
     DEFAULT_BPFFS_PIN, DEFAULT_BUFFER_SIZE, DEFAULT_CLOSE_DRAIN_TIMEOUT,
     DEFAULT_CONNECT_PACKET_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FAIL_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECT_SIZE, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_DAEMON_HELD_PER_FLOW, DEFAULT_MAX_DAEMON_HELD_TOTAL, DEFAULT_MAX_INFLIGHT_PER_FLOW,
-    DEFAULT_MAX_INFLIGHT_TOTAL, DEFAULT_RESOLVE_INTERVAL, DEFAULT_STATS_LISTEN, MAX_BUFFER_SIZE,
-    MAX_CONNECT_SIZE, MAX_DURATION, MIN_BUFFER_SIZE, MIN_CONNECT_SIZE,
+    DEFAULT_MAX_DAEMON_HELD_PER_FLOW, DEFAULT_MAX_DAEMON_HELD_TOTAL, DEFAULT_MAX_INFLIGHT_TOTAL,
+    DEFAULT_RESOLVE_INTERVAL, DEFAULT_STATS_LISTEN, MAX_BUFFER_SIZE, MAX_CONNECT_SIZE,
+    MAX_DURATION, MIN_BUFFER_SIZE, MIN_CONNECT_SIZE, auto_inflight_per_flow,
 };
 pub use ws::{
     DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_FRAME_SIZE, DEFAULT_WS_PATH, UpstreamProtocol,
@@ -57,6 +57,18 @@ pub enum DataplaneMode {
     Userspace,
 }
 
+/// `dataplane.max_inflight_per_flow`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InflightLimit {
+    /// As much as the kernel lets one socket's send queue grow to (`net.ipv4.tcp_wmem`'s
+    /// maximum): what a userspace proxy would have in flight towards a peer too, so a bulk flow the
+    /// peer keeps up with stays spliced, and a peer that falls behind is throttled no later than a
+    /// userspace proxy would block.
+    Auto,
+    /// A fixed number of bytes.
+    Bytes(usize),
+}
+
 /// `[dataplane]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DataplaneConfig {
@@ -67,8 +79,8 @@ pub struct DataplaneConfig {
     pub bpffs_pin: PathBuf,
     /// How long the bytes before a close may take to drain into the peer. Default 30s.
     pub close_drain_timeout: Duration,
-    /// A spliced direction with more bytes in the kernel than this is throttled. Default 1 MiB.
-    pub max_inflight_per_flow: usize,
+    /// A spliced direction with more bytes in the kernel than this is throttled. Default `auto`.
+    pub max_inflight_per_flow: InflightLimit,
     /// All spliced directions together; the biggest are throttled first. Default 256 MiB.
     pub max_inflight_total: usize,
     /// Bytes the daemon may hold for one throttled direction (read, not yet taken by the peer).
@@ -453,7 +465,7 @@ upstream = "emqx"
                 mode: DataplaneMode::Auto,
                 bpffs_pin: DEFAULT_BPFFS_PIN.into(),
                 close_drain_timeout: DEFAULT_CLOSE_DRAIN_TIMEOUT,
-                max_inflight_per_flow: DEFAULT_MAX_INFLIGHT_PER_FLOW,
+                max_inflight_per_flow: InflightLimit::Auto,
                 max_inflight_total: DEFAULT_MAX_INFLIGHT_TOTAL,
                 max_daemon_held_per_flow: DEFAULT_MAX_DAEMON_HELD_PER_FLOW,
                 max_daemon_held_total: DEFAULT_MAX_DAEMON_HELD_TOTAL,
@@ -517,7 +529,7 @@ upstream = "emqx"
                 mode: DataplaneMode::Auto,
                 bpffs_pin: DEFAULT_BPFFS_PIN.into(),
                 close_drain_timeout: DEFAULT_CLOSE_DRAIN_TIMEOUT,
-                max_inflight_per_flow: DEFAULT_MAX_INFLIGHT_PER_FLOW,
+                max_inflight_per_flow: InflightLimit::Auto,
                 max_inflight_total: DEFAULT_MAX_INFLIGHT_TOTAL,
                 max_daemon_held_per_flow: DEFAULT_MAX_DAEMON_HELD_PER_FLOW,
                 max_daemon_held_total: DEFAULT_MAX_DAEMON_HELD_TOTAL,

@@ -13,17 +13,15 @@ use super::raw::{NumOrStr, RawConfig, RawListener, RawServer, RawUpstream};
 use super::tls::{parse_cert_field, tls_table, upstream_tls_table};
 use super::units::{parse_duration, parse_size};
 use super::{
-    AccessLog, BalanceMethod, CertField, Config, DataplaneConfig, DataplaneMode, ListenerConfig,
-    ListenerKind, LogConfig, ProxyProtocol, ServerConfig, StatsConfig, TlsConfig, UpstreamConfig,
-    UpstreamProtocol, VerifyClient,
+    AccessLog, BalanceMethod, CertField, Config, DataplaneConfig, DataplaneMode, InflightLimit,
+    ListenerConfig, ListenerKind, LogConfig, ProxyProtocol, ServerConfig, StatsConfig, TlsConfig,
+    UpstreamConfig, UpstreamProtocol, VerifyClient,
 };
 
 /// Default of `stats.listen`.
 pub const DEFAULT_STATS_LISTEN: &str = "127.0.0.1:8888";
 /// Default of `dataplane.close_drain_timeout`.
 pub const DEFAULT_CLOSE_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default of `dataplane.max_inflight_per_flow`.
-pub const DEFAULT_MAX_INFLIGHT_PER_FLOW: usize = 1 << 20;
 /// Default of `dataplane.max_inflight_total`.
 pub const DEFAULT_MAX_INFLIGHT_TOTAL: usize = 256 << 20;
 /// Default of `dataplane.max_daemon_held_per_flow`: what NGINX buffers per connection, in scale.
@@ -298,6 +296,26 @@ pub fn positive_duration(value: &NumOrStr) -> Result<Duration, String> {
     } else {
         Ok(d)
     }
+}
+
+/// `"auto"` or a size between the in-flight bounds.
+fn parse_inflight_limit(value: &NumOrStr) -> Result<InflightLimit, String> {
+    match value {
+        NumOrStr::Str(s) if s.eq_ignore_ascii_case("auto") => Ok(InflightLimit::Auto),
+        v => size_in_range(v, MIN_INFLIGHT, MAX_INFLIGHT)
+            .map(InflightLimit::Bytes)
+            .map_err(|e| format!("\"auto\" or a size: {e}")),
+    }
+}
+
+/// What `"auto"` means on this host: the most one socket's send queue may grow to
+/// (`net.ipv4.tcp_wmem`'s third field), within the in-flight bounds. `tcp_wmem` is the file's
+/// text; `None` (unreadable) falls back to 4 MiB, Linux's default maximum.
+pub fn auto_inflight_per_flow(tcp_wmem: Option<&str>) -> u64 {
+    tcp_wmem
+        .and_then(|t| t.split_whitespace().nth(2)?.parse::<u64>().ok())
+        .unwrap_or(4 << 20)
+        .clamp(MIN_INFLIGHT, MAX_INFLIGHT)
 }
 
 /// A size key, written `"16KiB"`-style or as an integer number of bytes, within `[min, max]`.
@@ -639,8 +657,8 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Invalid> {
                 .as_ref()
                 .and_then(|d| d.max_inflight_per_flow.clone()),
             "dataplane.max_inflight_per_flow",
-            DEFAULT_MAX_INFLIGHT_PER_FLOW,
-            |v| size_in_range(v, MIN_INFLIGHT, MAX_INFLIGHT),
+            InflightLimit::Auto,
+            parse_inflight_limit,
         )?,
         max_inflight_total: field(
             &raw.dataplane
@@ -793,6 +811,38 @@ mod tests {
 
     fn s(v: &str) -> NumOrStr {
         NumOrStr::Str(v.into())
+    }
+
+    #[test]
+    fn inflight_limit_is_auto_or_a_size() {
+        assert_eq!(parse_inflight_limit(&s("auto")), Ok(InflightLimit::Auto));
+        assert_eq!(
+            parse_inflight_limit(&s("2MiB")),
+            Ok(InflightLimit::Bytes(2 << 20))
+        );
+        let e = parse_inflight_limit(&s("1KiB")).unwrap_err();
+        assert!(e.contains("\"auto\" or a size"), "{e}");
+        assert!(parse_inflight_limit(&s("lots")).is_err());
+    }
+
+    #[test]
+    fn auto_inflight_is_the_send_queue_maximum_within_bounds() {
+        assert_eq!(
+            auto_inflight_per_flow(Some("4096\t16384\t4194304\n")),
+            4 << 20
+        );
+        assert_eq!(
+            auto_inflight_per_flow(Some("4096 16384 33554432")),
+            32 << 20
+        );
+        // Out of bounds either way, or unreadable.
+        assert_eq!(auto_inflight_per_flow(Some("4096 4096 8192")), MIN_INFLIGHT);
+        assert_eq!(
+            auto_inflight_per_flow(Some("1 2 999999999999")),
+            MAX_INFLIGHT
+        );
+        assert_eq!(auto_inflight_per_flow(Some("garbage")), 4 << 20);
+        assert_eq!(auto_inflight_per_flow(None), 4 << 20);
     }
 
     #[test]

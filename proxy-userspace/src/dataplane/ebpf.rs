@@ -5,6 +5,7 @@
 //! broker socket, then the client socket, then the `SO_RCVLOWAT` kick on both, which makes the
 //! kernel forward the CONNECT still queued in the client socket and anything pipelined behind it.
 
+mod btf;
 mod control;
 mod loader;
 mod sockopt;
@@ -16,7 +17,7 @@ pub use loader::{EbpfPrograms, EbpfUnavailable, Maps, ProgramLogger};
 use super::{
     ClientStream, ConnectHandling, DataPath, DataPlane, Flow, FlowEnd, FlowFuture, UserspaceCopy,
 };
-use crate::config::DataplaneConfig;
+use crate::config::{DataplaneConfig, InflightLimit, auto_inflight_per_flow};
 use crate::stats::{ByteMeter, Direction};
 use control::FlowSetup;
 use proxy_common::{FlowCounters, PeerEntry, direction, throttle};
@@ -74,6 +75,10 @@ struct Shared {
     pin_dir: String,
     limits: Limits,
     // Keeps the program attached and the pins and lock in place for the life of the plane.
+    /// Whether the program trims skbs to their unseen bytes (see `btf`).
+    stream_check: bool,
+    /// Where `max_inflight_per_flow` came from: the configuration, or `auto` and what it read.
+    inflight_source: &'static str,
     _programs: EbpfPrograms,
 }
 
@@ -94,7 +99,14 @@ impl EbpfSplice {
         let maps = Arc::new(Mutex::new(maps));
         let counters = Arc::new(SpliceCounters::default());
         let limits = Limits {
-            per_flow: config.max_inflight_per_flow as u64,
+            per_flow: match config.max_inflight_per_flow {
+                InflightLimit::Bytes(n) => n as u64,
+                InflightLimit::Auto => auto_inflight_per_flow(
+                    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+                        .ok()
+                        .as_deref(),
+                ),
+            },
             total: config.max_inflight_total as u64,
             close_drain_timeout: config.close_drain_timeout,
             held_per_flow: config.max_daemon_held_per_flow as u64,
@@ -108,6 +120,13 @@ impl EbpfSplice {
             pin_dir.display(),
             pin_dir.display()
         );
+        if let Err(why) = programs.stream_check() {
+            tracing::warn!(
+                "the splice cannot check skbs against their sockets' stream positions ({why}): \
+                 a segment the kernel hands over again would reach the peer twice"
+            );
+        }
+        let stream_check = programs.stream_check().is_ok();
         Ok(EbpfSplice {
             shared: Arc::new(Shared {
                 maps,
@@ -116,6 +135,11 @@ impl EbpfSplice {
                 counters,
                 pin_dir: pin_dir.display().to_string(),
                 limits,
+                stream_check,
+                inflight_source: match config.max_inflight_per_flow {
+                    InflightLimit::Bytes(_) => "configured",
+                    InflightLimit::Auto => "auto: net.ipv4.tcp_wmem maximum",
+                },
                 _programs: programs,
             }),
         })
@@ -155,6 +179,11 @@ impl DataPlane for EbpfSplice {
                         sum.redirect_failed += t.redirect_failed;
                         sum.passed_bytes += t.passed_bytes;
                         sum.signals_lost += t.signals_lost;
+                        sum.replayed_skbs += t.replayed_skbs;
+                        sum.replayed_bytes += t.replayed_bytes;
+                        sum.overlap_skbs += t.overlap_skbs;
+                        sum.overlap_bytes_trimmed += t.overlap_bytes_trimmed;
+                        sum.trim_failed += t.trim_failed;
                         sum
                     })
             })
@@ -172,10 +201,17 @@ impl DataPlane for EbpfSplice {
             "redirect_failed": totals.redirect_failed,
             "passed_bytes": totals.passed_bytes,
             "signals_lost": totals.signals_lost,
+            "stream_check": self.shared.stream_check,
+            "replayed_skbs_dropped": totals.replayed_skbs,
+            "replayed_bytes_dropped": totals.replayed_bytes,
+            "overlapping_skbs_trimmed": totals.overlap_skbs,
+            "overlap_bytes_trimmed": totals.overlap_bytes_trimmed,
+            "untrimmable_skbs": totals.trim_failed,
             "throttled_active": c.throttled_active.load(Relaxed),
             "throttles_total": c.throttles_total.load(Relaxed),
             "inflight_bytes": c.inflight_bytes.load(Relaxed),
             "max_inflight_per_flow": self.shared.limits.per_flow,
+            "max_inflight_per_flow_source": self.shared.inflight_source,
             "max_inflight_total": self.shared.limits.total,
             "daemon_held_bytes": c.daemon_held_bytes.load(Relaxed),
             "max_daemon_held_per_flow": self.shared.limits.held_per_flow,

@@ -220,6 +220,15 @@ impl FlowCore {
             return Vec::new();
         }
         self.obs = *obs;
+        if let Some(side) = (0..2).find(|&s| obs.sides[s].broken) {
+            tracing::warn!(
+                side = side_name(side),
+                "the kernel handed over an skb with bytes already forwarded and it could not be \
+                 trimmed; the flow is reset rather than send them twice"
+            );
+            self.on_reset(side);
+            return std::mem::take(&mut self.out);
+        }
         if let Some(side) = (0..2).find(|&s| obs.sides[s].failed) {
             tracing::debug!(
                 side = side_name(side),

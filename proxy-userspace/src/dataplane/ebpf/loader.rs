@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfError,
+    Ebpf, EbpfError, EbpfLoader,
     maps::{HashMap, Map, MapData, PerCpuArray, RingBuf, SockHash},
     programs::{ProgramError, SkSkb},
 };
@@ -90,6 +90,9 @@ pub struct Maps {
 /// releases the pin directory's lock.
 pub struct EbpfPrograms {
     pin_dir: PathBuf,
+    /// Whether the program checks each skb against the socket's stream position (it needs the
+    /// kernel's BTF), or why not.
+    stream_check: Result<(), String>,
     logger: Option<ProgramLogger>,
     _pins: PinGuard,
     // Owns the program and its attachment to the socket map.
@@ -130,7 +133,15 @@ impl EbpfPrograms {
         })?;
         remove_stale_pins(&pin_dir)?;
 
-        let mut ebpf = Ebpf::load(OBJECT).map_err(classify_load)?;
+        let offsets = super::btf::KernelOffsets::of_running_kernel();
+        let mut loader = EbpfLoader::new();
+        if let Ok(o) = &offsets {
+            loader
+                .override_global("SKB_CB_OFFSET", &o.skb_cb, true)
+                .override_global("SKB_SK_OFFSET", &o.skb_sk, true)
+                .override_global("TCP_COPIED_SEQ_OFFSET", &o.tcp_copied_seq, true);
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(classify_load)?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => Some(logger),
             Err(e) => {
@@ -170,6 +181,7 @@ impl EbpfPrograms {
 
         let programs = Self {
             pin_dir,
+            stream_check: offsets.map(|_| ()).map_err(|e| e.to_string()),
             logger,
             _pins: pins,
             _ebpf: ebpf,
@@ -181,6 +193,12 @@ impl EbpfPrograms {
     /// The programs' log reader, for whoever polls it (once).
     pub fn take_logger(&mut self) -> Option<ProgramLogger> {
         self.logger.take()
+    }
+
+    /// `Err(why)` when the program cannot check skbs against the stream (no usable BTF): the
+    /// kernel's replays of seen bytes then go through, and the daemon says so.
+    pub fn stream_check(&self) -> &Result<(), String> {
+        &self.stream_check
     }
 
     /// Directory holding this instance's pinned maps (for log lines and bpftool hints).

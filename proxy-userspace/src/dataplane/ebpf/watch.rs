@@ -493,6 +493,7 @@ fn observe(
             return SideCounters {
                 redirected: program[side].bytes,
                 passed: program[side].passed_bytes,
+                broken: program[side].broken != 0,
                 ..flow.last[side]
             };
         }
@@ -506,6 +507,7 @@ fn observe(
                 outq,
                 rcvbuf,
                 failed: false,
+                broken: program[side].broken != 0,
             },
             _ => SideCounters {
                 failed: true,

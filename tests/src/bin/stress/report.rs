@@ -19,7 +19,7 @@ pub fn line(path: &str, minute: u64, daemon: &Daemon, tally: &Tally) -> String {
         .map_or("-".to_string(), |n| format!("{} KiB", n >> 10));
     format!(
         "[{minute:>3} min] {path:<9} flows {:>6}  corrupt {}  hung {}  short {}  | paho {} (lost {})  \
-         cycles {} (slow to settle {}, unsettled {})  | throttles {}  held {held}  | rss {} MiB  fds {}",
+         cycles {} (slow to settle {}, unsettled {})  | throttles {}  held {held}  overlaps trimmed {} (untrimmable {})  | rss {} MiB  fds {}",
         flows.flows,
         flows.corrupt,
         flows.hung,
@@ -30,6 +30,8 @@ pub fn line(path: &str, minute: u64, daemon: &Daemon, tally: &Tally) -> String {
         tally.slow_to_settle.load(Relaxed),
         tally.unsettled.load(Relaxed),
         or_dash(dataplane["throttles_total"].as_u64()),
+        or_dash(dataplane["overlapping_skbs_trimmed"].as_u64()),
+        or_dash(dataplane["untrimmable_skbs"].as_u64()),
         daemon.rss_kib() / 1024,
         daemon.open_fds(),
     )

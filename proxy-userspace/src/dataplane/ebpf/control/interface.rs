@@ -24,6 +24,8 @@ pub struct SideCounters {
     pub rcvbuf: u64,
     /// The counters could not be read (the socket is unusable).
     pub failed: bool,
+    /// The program dropped an skb it could not trim to its unseen bytes: the stream lost bytes.
+    pub broken: bool,
 }
 
 /// What the driver observed just before an event is handled.

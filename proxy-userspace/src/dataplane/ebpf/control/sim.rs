@@ -229,6 +229,7 @@ impl Sim {
                 outq: sock.sendq,
                 rcvbuf: sock.rcvbuf,
                 failed: false,
+                broken: false,
             }
         });
         // Other flows hold bytes too, for a while.

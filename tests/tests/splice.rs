@@ -753,3 +753,113 @@ fn sockmap_server_and_listener_bytes_move_while_a_spliced_flow_is_open() {
     );
     drop(daemon);
 }
+
+/// A client whose first write is one segment, of which the daemon has already read a part
+/// before the socket enters the map (as a proxy that reads exactly the CONNECT would): the
+/// kernel hands the whole segment to the verdict, and the program must send on only the bytes
+/// after what was read. Before the program trimmed skbs to the socket's next unseen byte, the
+/// read bytes reached the broker a second time (shared notes §1). No daemon: the project's own
+/// program and maps, set up in the hand-over order.
+#[test]
+fn sockmap_a_partly_read_segment_goes_on_from_the_first_unread_byte() {
+    use mqsplice::dataplane::ebpf::{EbpfPrograms, set_rcvlowat, socket_cookie};
+    use proxy_common::{FlowCounters, PeerEntry, direction, throttle};
+    use std::os::fd::{AsFd, AsRawFd};
+
+    if !Mode::Sockmap.runnable() {
+        return;
+    }
+    let pin = unique_pin_dir();
+    let (programs, maps) = EbpfPrograms::load(&pin).expect("load the splice programs");
+    assert!(
+        programs.stream_check().is_ok(),
+        "the program needs the kernel's BTF here: {:?}",
+        programs.stream_check()
+    );
+    let proxy_l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let broker_l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = TcpStream::connect(proxy_l.local_addr().unwrap()).unwrap();
+    let (mut a, _) = proxy_l.accept().unwrap();
+    let b = TcpStream::connect(broker_l.local_addr().unwrap()).unwrap();
+    let (mut broker, _) = broker_l.accept().unwrap();
+
+    // One write, one segment on loopback: 4-byte counters 0..1000 (4,000 bytes).
+    let stream: Vec<u8> = (0u32..1000).flat_map(u32::to_le_bytes).collect();
+    client.write_all(&stream).unwrap();
+    let mut probe = [0u8; 4000];
+    for _ in 0..500 {
+        if mqsplice::dataplane::ebpf::peek(a.as_fd(), &mut probe).unwrap_or(0) == stream.len() {
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    // The "daemon" reads the first 100 bytes itself, as a CONNECT, and writes them on.
+    let mut head = [0u8; 100];
+    a.read_exact(&mut head).unwrap();
+    let mut b_writer = b.try_clone().unwrap();
+    b_writer.write_all(&head).unwrap();
+
+    let cookies = [
+        socket_cookie(a.as_fd()).unwrap(),
+        socket_cookie(b.as_fd()).unwrap(),
+    ];
+    let entry = |side: usize| PeerEntry {
+        peer_cookie: cookies[1 - side],
+        direction: [direction::TO_UPSTREAM, direction::TO_CLIENT][side],
+        throttled: throttle::OFF,
+        signal_at: u64::MAX,
+        daemon_read: 0,
+        hard_limit: u64::MAX,
+    };
+    let mut maps = maps;
+    for (side, &cookie) in cookies.iter().enumerate() {
+        maps.flow_counters
+            .insert(cookie, FlowCounters::default(), 0)
+            .unwrap();
+        maps.peers.insert(cookie, entry(side), 0).unwrap();
+    }
+    maps.socks.insert(cookies[1], b.as_raw_fd(), 0).unwrap();
+    maps.socks.insert(cookies[0], a.as_raw_fd(), 0).unwrap();
+    // The hand-over kick: the verdict runs over what is queued.
+    set_rcvlowat(a.as_fd(), 1).unwrap();
+    set_rcvlowat(b.as_fd(), 1).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+
+    broker
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    // Read until a quiet half second after the last expected byte, to catch extra ones.
+    loop {
+        match broker.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => break,
+        }
+    }
+    let trimmed = maps
+        .flow_counters
+        .get(&cookies[0], 0)
+        .map(|c| c.bytes)
+        .unwrap_or_default();
+    for cookie in cookies {
+        let _ = maps.socks.remove(&cookie);
+        let _ = maps.peers.remove(&cookie);
+        let _ = maps.flow_counters.remove(&cookie);
+    }
+    drop(programs);
+    assert_eq!(
+        got.len(),
+        stream.len(),
+        "the broker got {} bytes for {} sent (100 of them read before the hand-over)",
+        got.len(),
+        stream.len()
+    );
+    assert!(got == stream, "the broker's bytes differ from the client's");
+    assert_eq!(
+        trimmed,
+        stream.len() as u64 - 100,
+        "the program should have forwarded exactly the unread bytes"
+    );
+}

@@ -276,9 +276,6 @@ fn userspace_readers_pausing_at_random_moments_get_every_byte_once() {
 }
 
 #[test]
-#[ignore = "issue 14: 1 of 16 runs (1 of 960 flows, round 3 of a run) came back corrupt about \
-            19 MiB into a 32 MiB flow on the debug daemon; cargo xtask stress (release daemon) sees \
-            such flows replay from 130,966 bytes back, about 1 flow in 300"]
 fn sockmap_readers_pausing_at_random_moments_get_every_byte_once() {
     numbered_flows(SOCKMAP, PAUSING_READER);
 }

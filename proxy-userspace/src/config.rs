@@ -60,10 +60,10 @@ pub enum DataplaneMode {
 /// `dataplane.max_inflight_per_flow`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InflightLimit {
-    /// As much as the kernel lets one socket's send queue grow to (`net.ipv4.tcp_wmem`'s
-    /// maximum): what a userspace proxy would have in flight towards a peer too, so a bulk flow the
-    /// peer keeps up with stays spliced, and a peer that falls behind is throttled no later than a
-    /// userspace proxy would block.
+    /// What the kernel buffers for one flow through a userspace proxy that holds nothing itself:
+    /// a full receive queue plus a full send queue (the maxima of `net.ipv4.tcp_rmem` and
+    /// `tcp_wmem`). A bulk flow its peer keeps up with stays spliced, and a peer that falls
+    /// behind is throttled no later than a userspace proxy's reads would stop.
     Auto,
     /// A fixed number of bytes.
     Bytes(usize),

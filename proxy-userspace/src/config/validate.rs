@@ -308,14 +308,17 @@ fn parse_inflight_limit(value: &NumOrStr) -> Result<InflightLimit, String> {
     }
 }
 
-/// What `"auto"` means on this host: the most one socket's send queue may grow to
-/// (`net.ipv4.tcp_wmem`'s third field), within the in-flight bounds. `tcp_wmem` is the file's
-/// text; `None` (unreadable) falls back to 4 MiB, Linux's default maximum.
-pub fn auto_inflight_per_flow(tcp_wmem: Option<&str>) -> u64 {
-    tcp_wmem
-        .and_then(|t| t.split_whitespace().nth(2)?.parse::<u64>().ok())
-        .unwrap_or(4 << 20)
-        .clamp(MIN_INFLIGHT, MAX_INFLIGHT)
+/// What `"auto"` means on this host: the most the kernel buffers for one flow through a userspace
+/// proxy without the proxy holding a byte — a full receive queue on the socket it reads
+/// (`net.ipv4.tcp_rmem`'s third field) plus a full send queue on the socket it writes
+/// (`net.ipv4.tcp_wmem`'s third field) — within the in-flight bounds. The texts of the two files;
+/// an unreadable one counts as Linux's default maximum (6 MiB and 4 MiB).
+pub fn auto_inflight_per_flow(tcp_rmem: Option<&str>, tcp_wmem: Option<&str>) -> u64 {
+    let max = |text: Option<&str>, default: u64| {
+        text.and_then(|t| t.split_whitespace().nth(2)?.parse::<u64>().ok())
+            .unwrap_or(default)
+    };
+    (max(tcp_rmem, 6 << 20) + max(tcp_wmem, 4 << 20)).clamp(MIN_INFLIGHT, MAX_INFLIGHT)
 }
 
 /// A size key, written `"16KiB"`-style or as an integer number of bytes, within `[min, max]`.
@@ -826,23 +829,16 @@ mod tests {
     }
 
     #[test]
-    fn auto_inflight_is_the_send_queue_maximum_within_bounds() {
-        assert_eq!(
-            auto_inflight_per_flow(Some("4096\t16384\t4194304\n")),
-            4 << 20
-        );
-        assert_eq!(
-            auto_inflight_per_flow(Some("4096 16384 33554432")),
-            32 << 20
-        );
-        // Out of bounds either way, or unreadable.
-        assert_eq!(auto_inflight_per_flow(Some("4096 4096 8192")), MIN_INFLIGHT);
-        assert_eq!(
-            auto_inflight_per_flow(Some("1 2 999999999999")),
-            MAX_INFLIGHT
-        );
-        assert_eq!(auto_inflight_per_flow(Some("garbage")), 4 << 20);
-        assert_eq!(auto_inflight_per_flow(None), 4 << 20);
+    fn auto_inflight_is_a_full_receive_plus_a_full_send_queue_within_bounds() {
+        let (rmem, wmem) = ("4096\t131072\t33554432\n", "4096\t16384\t4194304\n");
+        assert_eq!(auto_inflight_per_flow(Some(rmem), Some(wmem)), 36 << 20);
+        // Out of bounds either way, or unreadable (Linux's defaults: 6 MiB and 4 MiB).
+        let tiny = Some("1 2 4096");
+        assert_eq!(auto_inflight_per_flow(tiny, tiny), MIN_INFLIGHT);
+        let huge = Some("1 2 999999999999");
+        assert_eq!(auto_inflight_per_flow(huge, Some(wmem)), MAX_INFLIGHT);
+        assert_eq!(auto_inflight_per_flow(Some("garbage"), None), 10 << 20);
+        assert_eq!(auto_inflight_per_flow(None, Some(wmem)), 10 << 20);
     }
 
     #[test]

@@ -101,11 +101,15 @@ impl EbpfSplice {
         let limits = Limits {
             per_flow: match config.max_inflight_per_flow {
                 InflightLimit::Bytes(n) => n as u64,
-                InflightLimit::Auto => auto_inflight_per_flow(
-                    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
-                        .ok()
-                        .as_deref(),
-                ),
+                InflightLimit::Auto => {
+                    let sysctl = |name: &str| {
+                        std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}")).ok()
+                    };
+                    auto_inflight_per_flow(
+                        sysctl("tcp_rmem").as_deref(),
+                        sysctl("tcp_wmem").as_deref(),
+                    )
+                }
             },
             total: config.max_inflight_total as u64,
             close_drain_timeout: config.close_drain_timeout,
@@ -138,7 +142,9 @@ impl EbpfSplice {
                 stream_check,
                 inflight_source: match config.max_inflight_per_flow {
                     InflightLimit::Bytes(_) => "configured",
-                    InflightLimit::Auto => "auto: net.ipv4.tcp_wmem maximum",
+                    InflightLimit::Auto => {
+                        "auto: net.ipv4.tcp_rmem maximum + net.ipv4.tcp_wmem maximum"
+                    }
                 },
                 _programs: programs,
             }),

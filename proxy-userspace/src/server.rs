@@ -221,12 +221,11 @@ pub async fn start_with(config: Config, options: Options) -> anyhow::Result<Runn
     })
 }
 
-/// Why `auto` does not choose the sockmap splice, and what `mode = "sockmap"` warns of at start.
-pub const SOCKMAP_HAZARD: &str = "the sockmap splice is not chosen by auto: on Linux 6.18 the \
-     kernel has run its verdict program twice over the same received bytes of a busy throttled \
-     socket, so a flow got one or two 64 KiB segments twice (about 1 flow in 300 under \
-     cargo xtask stress; docs/sockmap-replay.md); use mode = \"sockmap\" only where that risk \
-     is acceptable";
+/// Why `auto` does not choose the sockmap splice on a kernel without usable BTF, and what
+/// `mode = "sockmap"` warns of there.
+pub const NO_STREAM_CHECK: &str = "the kernel's BTF (/sys/kernel/btf/vmlinux) is not usable, so \
+     the splice cannot trim the segments TCP queues with bytes it has already forwarded, and a \
+     retransmission could reach the peer twice (docs/sockmap-replay.md)";
 
 fn choose_dataplane(config: &DataplaneConfig) -> anyhow::Result<DataplaneChoice> {
     let mode = config.mode;
@@ -237,15 +236,34 @@ fn choose_dataplane(config: &DataplaneConfig) -> anyhow::Result<DataplaneChoice>
     };
     match mode {
         DataplaneMode::Userspace => Ok(userspace("dataplane.mode = \"userspace\"".into())),
-        // Not the sockmap splice: on this kernel the verdict has run twice over the same bytes of
-        // a throttled socket, replaying them (docs/sockmap-replay.md). A proxy that changes one byte is
-        // unusable, so `auto` takes the exact path until a spliced one is proven exact.
-        DataplaneMode::Auto => Ok(userspace(format!(
-            "userspace copy (auto): {SOCKMAP_HAZARD}"
-        ))),
+        // The splice only when its program can trim the segments TCP queues with bytes it has
+        // already forwarded (docs/sockmap-replay.md): without the kernel's BTF it cannot, and a
+        // proxy that sends a byte twice is unusable.
+        DataplaneMode::Auto => match EbpfSplice::start(config) {
+            Ok(plane) if plane.checks_the_stream() => Ok(DataplaneChoice {
+                plane: Arc::new(plane),
+                requested: mode,
+                reason: format!(
+                    "in-kernel sockmap splice (auto), maps pinned under {}",
+                    config.bpffs_pin.display()
+                ),
+            }),
+            Ok(_) => {
+                let reason = format!("userspace copy: {NO_STREAM_CHECK}");
+                tracing::warn!("dataplane.mode = \"auto\": {reason}");
+                Ok(userspace(reason))
+            }
+            Err(e) => {
+                let reason = format!("userspace copy: the eBPF data plane cannot be used: {e}");
+                tracing::warn!("dataplane.mode = \"auto\": {reason}");
+                Ok(userspace(reason))
+            }
+        },
         DataplaneMode::Sockmap => match EbpfSplice::start(config) {
             Ok(plane) => {
-                tracing::warn!("dataplane.mode = \"sockmap\": {SOCKMAP_HAZARD}");
+                if !plane.checks_the_stream() {
+                    tracing::warn!("dataplane.mode = \"sockmap\": {NO_STREAM_CHECK}");
+                }
                 Ok(DataplaneChoice {
                     plane: Arc::new(plane),
                     requested: mode,

@@ -4,15 +4,16 @@
 //! does not wake the daemon; `auto` falls back to userspace and says why. The daemon runs as the
 //! built binary (`MQSPLICE_BIN`); the eBPF tests need root (see `Mode::runnable`).
 
-use mqsplice_tests::daemon::config_for;
+use mqsplice_tests::daemon::{config_for, write_config};
 use mqsplice_tests::flows::{
     End, Graceful, KIB, MIB, Received, Rng, bytes_acked, config_with, connect_flow, flow_backend,
-    flow_connect, linger_zero, read_stream, stats, voluntary_ctxt_switches, wait_for, write_stream,
+    flow_connect, linger_zero, read_stream, stats, voluntary_ctxt_switches, wait_for,
+    world_readable, write_stream,
 };
 use mqsplice_tests::{Mode, maps, unique_pin_dir};
 use serde_json::Value;
 use std::collections::HashMap;
-use std::io::{ErrorKind, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, mpsc};
@@ -760,6 +761,49 @@ fn ebpf_512_mib_spliced_transfer_costs_under_2000_voluntary_context_switches() {
 // ---------------------------------------------------------------------------------------------
 // `auto` without the means to splice.
 
+/// A daemon child started by hand (as another user), with its stderr collected; killed on drop.
+struct Spawned {
+    child: std::process::Child,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Spawned {
+    fn start(command: &mut std::process::Command, stats: SocketAddr) -> Spawned {
+        let mut child = command
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn mqsplice");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (pipe, sink) = (child.stderr.take().unwrap(), stderr.clone());
+        thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut all = sink.lock().unwrap();
+                all.push_str(&line);
+                all.push('\n');
+            }
+        });
+        let spawned = Spawned { child, stderr };
+        let up = wait_for(Duration::from_secs(20), || {
+            TcpStream::connect(stats).is_ok()
+        });
+        assert!(up, "the daemon did not serve stats: {}", spawned.stderr());
+        spawned
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A userspace config switched to `mode = "auto"` with pins under `pin`.
 fn auto_config(brokers: &[SocketAddr], pin: &str) -> (String, SocketAddr, SocketAddr) {
     let (text, listen, stats) = config_for(Mode::Userspace, brokers, "");
@@ -788,40 +832,98 @@ fn serves_on_userspace(listen: SocketAddr, stats_addr: SocketAddr, stderr: &str)
     );
 }
 
-/// Until a spliced path is proven byte-exact on this kernel, `auto` must serve on the exact
-/// path and say why, without loading anything into the kernel; `mode = "sockmap"` still splices,
-/// and warns at start.
 #[test]
-fn auto_serves_on_userspace_and_says_why_and_sockmap_warns_at_start() {
+fn auto_without_privilege_or_with_a_locked_pin_dir_serves_on_userspace_and_says_why() {
+    use std::os::unix::process::CommandExt;
+    let broker = drain_broker();
+
+    // (a) As `nobody`, which may not load BPF programs (when not root, as ourselves).
+    let (text, listen, stats_addr) = auto_config(&[broker], &unique_pin_dir());
+    let path = write_config(&text);
+    world_readable(path.parent().unwrap());
+    world_readable(&path);
+    let mut command = std::process::Command::new(mqsplice_tests::proxy::binary());
+    command.args(["run", "--config"]).arg(&path);
+    if Mode::Sockmap.runnable() {
+        command.uid(65534).gid(65534);
+    }
+    let unprivileged = Spawned::start(&mut command, stats_addr);
+    if Mode::Sockmap.runnable() {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", unprivileged.child.id())).unwrap();
+        assert!(
+            status.lines().any(|l| l.starts_with("Uid:\t65534")),
+            "the daemon does not run as nobody"
+        );
+    }
+    serves_on_userspace(listen, stats_addr, &unprivileged.stderr());
+    // Both halves run and report together, so one missing reason does not hide the other.
+    let mut failures = Vec::new();
+    let stderr = unprivileged.stderr();
+    if !stderr.contains("not permitted") {
+        failures.push(format!(
+            "(a) unprivileged auto: stderr does not say \"not permitted\":\n{stderr}"
+        ));
+    }
+    drop(unprivileged);
+
+    // (b) As root, with the pin directory held by a running eBPF instance.
+    if !Mode::Sockmap.runnable() {
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+        return;
+    }
+    let (text, listen, stats_addr) = config_for(Mode::Sockmap, &[broker], "");
+    let holder = Graceful::start(&text, listen, stats_addr);
+    let pin = stats(stats_addr)["dataplane"]["bpffs_pin"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (text, listen, stats_addr) = auto_config(&[broker], &pin);
+    let second = Graceful::start(&text, listen, stats_addr);
+    serves_on_userspace(listen, stats_addr, &second.stderr());
+    if !second
+        .stderr()
+        .contains("in use by another mqsplice instance")
+    {
+        failures.push(format!(
+            "(b) auto with a held pin directory: stderr does not say \"in use by another \
+             mqsplice instance\":\n{}",
+            second.stderr()
+        ));
+    }
+    assert!(
+        std::path::Path::new(&pin).join("mqs_socks").exists(),
+        "the second instance disturbed the first one's pins"
+    );
+    drop(second);
+    drop(holder);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn auto_splices_in_the_kernel_when_the_programs_load_and_check_the_stream() {
+    if !Mode::Sockmap.runnable() {
+        return;
+    }
     let broker = drain_broker();
     let pin = unique_pin_dir();
     let (text, listen, stats_addr) = auto_config(&[broker], &pin);
     let auto = Graceful::start(&text, listen, stats_addr);
-    serves_on_userspace(listen, stats_addr, &auto.stderr());
+    drop(connect_flow(listen, 0));
     let dataplane = &stats(stats_addr)["dataplane"];
     assert_eq!(dataplane["requested"], "auto", "{dataplane}");
+    assert_eq!(
+        dataplane["mode"],
+        "sockmap",
+        "{dataplane}\nstderr:\n{}",
+        auto.stderr()
+    );
+    assert_eq!(dataplane["stream_check"], true, "{dataplane}");
     assert!(
-        dataplane["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("not chosen by auto") && r.contains("docs/")),
+        dataplane["max_inflight_per_flow"].as_u64().unwrap_or(0) >= 64 << 10
+            && dataplane["max_inflight_per_flow_source"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("auto")),
         "{dataplane}"
-    );
-    assert!(
-        !std::path::Path::new(&pin).exists(),
-        "auto loaded the eBPF programs (pins under {pin})"
-    );
-    drop(auto);
-
-    if !Mode::Sockmap.runnable() {
-        return;
-    }
-    let (text, listen, stats_addr) = config_for(Mode::Sockmap, &[broker], "");
-    let spliced = Graceful::start(&text, listen, stats_addr);
-    drop(connect_flow(listen, 0));
-    assert_eq!(stats(stats_addr)["dataplane"]["mode"], "sockmap");
-    assert!(
-        spliced.stderr().contains("docs/sockmap-replay.md"),
-        "mode = \"sockmap\" did not warn at start:\n{}",
-        spliced.stderr()
     );
 }

@@ -152,6 +152,14 @@ impl EbpfSplice {
     }
 }
 
+impl EbpfSplice {
+    /// Whether the program trims skbs to their sockets' unseen bytes (the kernel's BTF gave it
+    /// the offsets it needs): only then is the splice byte-exact on 6.18.
+    pub fn checks_the_stream(&self) -> bool {
+        self.shared.stream_check
+    }
+}
+
 impl DataPlane for EbpfSplice {
     fn path(&self) -> DataPath {
         DataPath::Sockmap

@@ -129,8 +129,8 @@ struct Sim {
     /// The broker echoes what it reads, as the integrity tests' broker does: it reads only while
     /// it can write back, so a direction the daemon does not read stops the other one.
     echo: bool,
-    /// In a [`World`]: what the other flows hold, set before each step (else a random figure).
-    others_held: Option<u64>,
+    /// In a [`World`]: what the other flows reserved, set before each step (else a random figure).
+    others_reserved: Option<u64>,
 }
 
 /// How many bytes an echoing broker reads ahead of what it wrote back.
@@ -220,7 +220,7 @@ impl Sim {
             last: [SideCounters::default(); 2],
             trace: VecDeque::new(),
             echo: world.is_some(),
-            others_held: world.map(|_| 0),
+            others_reserved: world.map(|_| 0),
         };
         sim.apply_all(actions);
         sim
@@ -266,18 +266,18 @@ impl Sim {
             }
         });
         // Other flows hold bytes too, for a while.
-        let others = match self.others_held {
+        let others = match self.others_reserved {
             Some(held) => held,
             None if self.settling => 0,
             None => self.rng.below(64 * 1024),
         };
-        let held_total = self.core.held_bytes() + others;
+        let reserved_total = self.core.reserved() + others;
         self.last = sides;
         Observed {
             now: self.now(),
             sides,
             flows: 1,
-            held_total,
+            reserved_total,
         }
     }
 
@@ -866,21 +866,25 @@ impl World {
         }
     }
 
-    /// Tells flow `i` what the others hold, as the driver's sum does.
+    /// Tells flow `i` what the others reserved, as the driver's sum does.
     fn share(&mut self, i: usize) {
         let others = (self.flows.iter().enumerate())
             .filter(|&(k, _)| k != i)
-            .map(|(_, f)| f.core.held_bytes())
+            .map(|(_, f)| f.core.reserved())
             .sum();
-        self.flows[i].others_held = Some(others);
+        self.flows[i].others_reserved = Some(others);
     }
 
     fn check_bound(&self) -> Result<(), String> {
         let held: Vec<u64> = self.flows.iter().map(|f| f.core.held_bytes()).collect();
-        let total: u64 = held.iter().sum();
-        if total > self.limits.held_total && held.iter().filter(|&&h| h > 0).count() > 1 {
+        let reserved: Vec<u64> = self.flows.iter().map(|f| f.core.reserved()).collect();
+        let over = |v: &[u64]| {
+            v.iter().sum::<u64>() > self.limits.held_total
+                && v.iter().filter(|&&h| h > 0).count() > 1
+        };
+        if over(&held) || over(&reserved) || held.iter().zip(&reserved).any(|(h, r)| h > r) {
             return Err(format!(
-                "the flows hold {total} bytes ({held:?}), over the total of {}",
+                "the flows hold {held:?} and reserved {reserved:?}, over the total of {}",
                 self.limits.held_total
             ));
         }

@@ -29,7 +29,7 @@ mod throttle;
 pub use interface::{
     Action, Count, Event, Observed, ReadOutcome, SideCounters, Timer, WriteOutcome,
 };
-pub use pump::SKB_SLACK;
+pub use pump::{SKB_SLACK, spliced_rcvbuf};
 pub use throttle::{grant, pick_to_throttle};
 
 use crate::dataplane::CloseReason;

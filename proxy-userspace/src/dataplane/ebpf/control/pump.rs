@@ -15,6 +15,21 @@ pub fn clamped_rcvbuf(held_per_flow: u64) -> u64 {
     (held_per_flow.saturating_sub(SKB_SLACK) / 2).max(4096)
 }
 
+/// The receive buffer a socket gets when it is spliced (the `SO_RCVBUF` value): the clamp's, from
+/// the start.
+///
+/// A throttled socket is read in whole-queue reads, and TCP does not take back a window it
+/// offered: with the buffer autotuned (to `tcp_rmem`'s maximum, 32 MiB on the test machines) the
+/// first read after a throttle had to be sized for tens of MiB, so the per-flow bound meant
+/// nothing, a few such reads filled `max_daemon_held_total`, and the reservations that keep flows
+/// from wedging ([`admit`]) left one flow at a time to move. Bounded from the start, the window
+/// never offers more than the clamped queue, and every read is a clamped queue's. The cost: a
+/// spliced direction's window is about `max_daemon_held_per_flow`, which caps it at about that
+/// much per round trip (plenty on a LAN; raise the bound for long fat links).
+pub fn spliced_rcvbuf(limits: &Limits) -> u64 {
+    clamped_rcvbuf(limits.held_per_flow)
+}
+
 /// What the receive buffer of a clamped socket is, as the kernel keeps it (twice the value set).
 pub fn clamped_buffer(held_per_flow: u64) -> u64 {
     2 * clamped_rcvbuf(held_per_flow)

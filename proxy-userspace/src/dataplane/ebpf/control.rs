@@ -15,7 +15,9 @@
 //!   delivered), or reset after `close_drain_timeout`;
 //! - backpressure: a direction with too much in flight is throttled; the daemon then moves its
 //!   bytes, reading a socket only in whole-queue reads that fit the held-bytes bounds, and hands
-//!   it back to the kernel once nothing waits in the socket ([`throttle`], [`pump`]);
+//!   it back to the kernel once nothing waits in the socket ([`throttle`], [`pump`]); a flow that
+//!   holds bytes keeps room in the total for the next read of both its directions, so the total
+//!   never wedges flows whose peers wait on each other ([`pump::admit`]);
 //! - idle: nothing moved for `idle_timeout`; and a flow with a side gone that makes no progress
 //!   for `close_drain_timeout` ends.
 

@@ -115,7 +115,7 @@ impl FlowCore {
                 .map_or(BACKOFF_START, |b| (b * 2).min(BACKOFF_MAX));
             t.room_backoff = Some(wait);
             t.timer_pending = true;
-            tracing::trace!(side, need, others, "no room to read; waiting");
+            tracing::trace!(side, need, have, others, "no room to read; waiting");
             self.at(wait, Timer::Pump(side));
         }
     }

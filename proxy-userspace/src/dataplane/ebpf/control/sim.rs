@@ -937,7 +937,7 @@ impl World {
             };
             steps += 1;
             self.step(i, true).map_err(|e| self.fail(i, &e))?;
-            if steps % 64 == 0 {
+            if steps.is_multiple_of(64) {
                 for k in live(self) {
                     self.share(k);
                     self.flows[k].tick().map_err(|e| self.fail(k, &e))?;

@@ -15,7 +15,9 @@
 //!   delivered), or reset after `close_drain_timeout`;
 //! - backpressure: a direction with too much in flight is throttled; the daemon then moves its
 //!   bytes, reading a socket only in whole-queue reads that fit the held-bytes bounds, and hands
-//!   it back to the kernel once nothing waits in the socket ([`throttle`], [`pump`]);
+//!   it back to the kernel once nothing waits in the socket ([`throttle`], [`pump`]); a flow that
+//!   holds bytes keeps room in the total for the next read of both its directions, so the total
+//!   never wedges flows whose peers wait on each other ([`pump::admit`]);
 //! - idle: nothing moved for `idle_timeout`; and a flow with a side gone that makes no progress
 //!   for `close_drain_timeout` ends.
 
@@ -29,6 +31,7 @@ mod throttle;
 pub use interface::{
     Action, Count, Event, Observed, ReadOutcome, SideCounters, Timer, WriteOutcome,
 };
+pub use pump::{SKB_SLACK, spliced_rcvbuf};
 pub use throttle::{grant, pick_to_throttle};
 
 use crate::dataplane::CloseReason;
@@ -150,6 +153,9 @@ pub struct FlowCore {
     fin_seen: [bool; 2],
     /// Bytes the daemon dropped because the side they were for was reset.
     dropped: u64,
+    /// Room of `max_daemon_held_total` this flow reserved while it holds bytes: enough for the
+    /// next read of each direction ([`pump::admit`]).
+    reserve: u64,
     /// The side that was reset, and since when the other side drains.
     reset: Option<(usize, Instant)>,
     /// Epoll interest beyond the hang-up, per socket: readable, writable.
@@ -196,6 +202,7 @@ impl FlowCore {
             first_fin: None,
             fin_seen: [false; 2],
             dropped: 0,
+            reserve: 0,
             reset: None,
             interest: [(false, false); 2],
             last_activity: 0,
@@ -206,7 +213,7 @@ impl FlowCore {
                 now,
                 sides: [SideCounters::default(); 2],
                 flows: 1,
-                held_total: 0,
+                reserved_total: 0,
             },
             out: Vec::new(),
         };
@@ -318,6 +325,21 @@ impl FlowCore {
             .filter_map(|w| w.throttle.as_ref())
             .map(Throttle::held_len)
             .sum()
+    }
+
+    /// Room of `max_daemon_held_total` this flow has reserved: none while it holds nothing and
+    /// reads nothing, else at least what it holds ([`pump::admit`]).
+    pub fn reserved(&self) -> u64 {
+        let reading = self
+            .ways
+            .iter()
+            .any(|w| w.throttle.as_ref().is_some_and(|t| t.io_pending));
+        let held = self.held_bytes();
+        if held > 0 || reading {
+            self.reserve.max(held)
+        } else {
+            0
+        }
     }
 
     /// Bytes the kernel holds for this flow's peers, as last measured (both directions).

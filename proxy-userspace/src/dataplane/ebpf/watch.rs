@@ -7,8 +7,8 @@
 //! out the [`Action`]s the core returns; the rules themselves live in `control`.
 
 use super::control::{
-    Action, Count, Event, FlowCore, FlowSetup, Limits, Observed, ReadOutcome, SideCounters, Timer,
-    WriteOutcome, pick_to_throttle,
+    Action, Count, Event, FlowCore, FlowSetup, Limits, Observed, ReadOutcome, SKB_SLACK,
+    SideCounters, Timer, WriteOutcome, pick_to_throttle,
 };
 use super::sockopt::{
     Epoll, Wakeup, rcvbuf, release_free_memory, reset_on_close, set_rcvbuf, set_rcvlowat,
@@ -90,6 +90,7 @@ impl Watcher {
             next_id: 1,
             inflight_total: 0,
             held_total: 0,
+            reserved_total: 0,
             read_buf: Vec::new(),
             throttled_before: false,
         };
@@ -122,10 +123,12 @@ struct WatchThread {
     by_cookie: HashMap<u64, (u64, usize)>,
     timers: BinaryHeap<Reverse<(Instant, u64, Timer)>>,
     next_id: u64,
-    /// Sums over flows of [`FlowCore::inflight`] and [`FlowCore::held_bytes`].
+    /// Sums over flows of [`FlowCore::inflight`], [`FlowCore::held_bytes`] and
+    /// [`FlowCore::reserved`] (what the cores' held-bytes rule is given).
     inflight_total: u64,
     held_total: u64,
-    /// Where throttled sockets are read into: the per-flow bound, kept while any direction is
+    reserved_total: u64,
+    /// Where throttled sockets are read into: a clamped queue's read, kept while any direction is
     /// throttled (what a read returns is copied out at its exact size).
     read_buf: Vec<u8>,
     /// Whether a direction was throttled at the end of the previous turn of the loop.
@@ -308,11 +311,16 @@ impl WatchThread {
                 return;
             };
             let needs = flow.core.needs(&event);
-            let obs = observe(&self.maps, flow, needs, flows, self.held_total);
-            let before = (flow.core.inflight(), flow.core.held_bytes());
+            let obs = observe(&self.maps, flow, needs, flows, self.reserved_total);
+            let before = (
+                flow.core.inflight(),
+                flow.core.held_bytes(),
+                flow.core.reserved(),
+            );
             let actions = flow.core.step(event, &obs);
             self.inflight_total = self.inflight_total - before.0 + flow.core.inflight();
             self.held_total = self.held_total - before.1 + flow.core.held_bytes();
+            self.reserved_total = self.reserved_total - before.2 + flow.core.reserved();
             for action in actions {
                 self.apply(id, action, &mut queue);
             }
@@ -371,9 +379,9 @@ impl WatchThread {
                         Err(_) => break ReadOutcome::Failed,
                     }
                 };
-                if self.read_buf.len() as u64 > self.limits.held_per_flow {
-                    // A bigger read than the bound (a queue that filled before the clamp): not
-                    // kept.
+                if self.read_buf.len() as u64 > self.limits.held_per_flow + SKB_SLACK {
+                    // A bigger read than a clamped queue's (one that filled before the clamp):
+                    // not kept.
                     self.read_buf = Vec::new();
                 }
                 queue.push_back(Event::Read(side, outcome));
@@ -445,6 +453,7 @@ impl WatchThread {
         }
         self.inflight_total = self.inflight_total.saturating_sub(flow.core.inflight());
         self.held_total = self.held_total.saturating_sub(flow.core.held_bytes());
+        self.reserved_total = self.reserved_total.saturating_sub(flow.core.reserved());
         self.counters
             .throttled_active
             .fetch_sub(flow.core.throttled() as u64, Relaxed);
@@ -478,7 +487,7 @@ fn observe(
     flow: &mut FlowState,
     needs: [bool; 2],
     flows: u64,
-    held_total: u64,
+    reserved_total: u64,
 ) -> Observed {
     let spliced = &flow.spliced;
     let program = {
@@ -520,6 +529,6 @@ fn observe(
         now: Instant::now(),
         sides,
         flows,
-        held_total,
+        reserved_total,
     }
 }

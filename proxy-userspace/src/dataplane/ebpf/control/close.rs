@@ -280,7 +280,7 @@ mod tests {
                 now,
                 sides: [SideCounters::default(); 2],
                 flows: 1,
-                held_total: 0,
+                reserved_total: 0,
             };
             obs.sides[CLIENT] = SideCounters {
                 received,

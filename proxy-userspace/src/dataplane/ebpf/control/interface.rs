@@ -36,8 +36,9 @@ pub struct Observed {
     pub sides: [SideCounters; 2],
     /// Spliced pairs now: a direction's share of `max_inflight_total` depends on it.
     pub flows: u64,
-    /// Bytes the daemon holds over all flows, this one included.
-    pub held_total: u64,
+    /// Room of `max_daemon_held_total` reserved over all flows ([`super::FlowCore::reserved`]),
+    /// this one included.
+    pub reserved_total: u64,
 }
 
 /// The flow's timers; the driver fires them at the time an [`Action::At`] asked for.

@@ -37,6 +37,22 @@ fn byte(d: usize, i: u64) -> u8 {
     ((i + 97 * d as u64) % 251) as u8
 }
 
+/// Limits drawn for a schedule: small, so that schedules reach them.
+fn random_limits(rng: &mut Rng) -> Limits {
+    let limits = Limits {
+        per_flow: 8 * 1024 + rng.below(32 * 1024),
+        total: 64 * 1024 + rng.below(256 * 1024),
+        close_drain_timeout: Duration::from_secs(30),
+        held_per_flow: 96 * 1024 + rng.below(160 * 1024),
+        held_total: 0,
+    };
+    // Never less than the per-flow bound (the configuration insists).
+    Limits {
+        held_total: limits.held_per_flow + rng.below(512 * 1024),
+        ..limits
+    }
+}
+
 /// How a remote ends its stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ending {
@@ -110,29 +126,32 @@ struct Sim {
     /// TCP's counters as last given to the core.
     last: [SideCounters; 2],
     trace: VecDeque<String>,
+    /// The broker echoes what it reads, as the integrity tests' broker does: it reads only while
+    /// it can write back, so a direction the daemon does not read stops the other one.
+    echo: bool,
+    /// In a [`World`]: what the other flows reserved, set before each step (else a random figure).
+    others_reserved: Option<u64>,
 }
+
+/// How many bytes an echoing broker reads ahead of what it wrote back.
+const ECHO_BUF: u64 = 32 * 1024;
 
 impl Sim {
     fn new(seed: u64) -> Sim {
         let mut rng = Rng(seed);
-        let limits = Limits {
-            per_flow: 8 * 1024 + rng.below(32 * 1024),
-            total: 64 * 1024 + rng.below(256 * 1024),
-            close_drain_timeout: Duration::from_secs(30),
-            held_per_flow: 96 * 1024 + rng.below(160 * 1024),
-            held_total: 0,
-        };
-        // Never less than the per-flow bound (the configuration insists).
-        let limits = Limits {
-            held_total: limits.held_per_flow + rng.below(512 * 1024),
-            ..limits
-        };
+        let limits = random_limits(&mut rng);
+        Sim::build(rng, limits, None)
+    }
+
+    /// A flow with `limits`; in a world of `world` flows (echoing brokers, sockets whose buffers
+    /// were bounded at the splice or not), or alone (independent remotes) when `None`.
+    fn build(mut rng: Rng, limits: Limits, world: Option<u64>) -> Sim {
         let preamble = if rng.chance(50) {
             0
         } else {
             1 + rng.below(100)
         };
-        let flows = 1 + rng.below(4);
+        let flows = world.unwrap_or_else(|| 1 + rng.below(4));
         let hard_limit = grant(&limits, flows);
         let setup = FlowSetup {
             cookies: [11, 22],
@@ -148,11 +167,20 @@ impl Sim {
             1 => Ending::Rst,
             _ => Ending::Fin,
         };
-        let endings = [ending(&mut rng), ending(&mut rng)];
+        let endings = if world.is_some() {
+            // Both FIN once done: an echo broker ends when the client's stream did.
+            [Ending::Fin; 2]
+        } else {
+            [ending(&mut rng), ending(&mut rng)]
+        };
         let mut socks: [Sock; 2] = Default::default();
         for (side, sock) in socks.iter_mut().enumerate() {
             // What autotuning had reached: up to many times the daemon's bound.
             sock.rcvbuf = 64 * 1024 + rng.below(4 * 1024 * 1024);
+            if world.is_some() && rng.chance(50) {
+                // Bounded at the splice, the clamp's size.
+                sock.rcvbuf = 2 * super::pump::clamped_rcvbuf(limits.held_per_flow);
+            }
             sock.total = match rng.below(4) {
                 0 => rng.below(64),
                 1 => rng.below(16 * 1024),
@@ -166,6 +194,10 @@ impl Sim {
                 daemon_read: 0,
                 hard_limit,
             });
+        }
+        if world.is_some() {
+            // The broker echoes the client's stream.
+            socks[BROKER].total = socks[CLIENT].total;
         }
         // The broker socket made the connect (its SYN) and took the PROXY header.
         socks[BROKER].acked = 1 + preamble;
@@ -187,6 +219,8 @@ impl Sim {
             closes_counted: 0,
             last: [SideCounters::default(); 2],
             trace: VecDeque::new(),
+            echo: world.is_some(),
+            others_reserved: world.map(|_| 0),
         };
         sim.apply_all(actions);
         sim
@@ -233,18 +267,18 @@ impl Sim {
             }
         });
         // Other flows hold bytes too, for a while.
-        let others = if self.settling {
-            0
-        } else {
-            self.rng.below(64 * 1024)
+        let others = match self.others_reserved {
+            Some(held) => held,
+            None if self.settling => 0,
+            None => self.rng.below(64 * 1024),
         };
-        let held_total = self.core.held_bytes() + others;
+        let reserved_total = self.core.reserved() + others;
         self.last = sides;
         Observed {
             now: self.now(),
             sides,
             flows: 1,
-            held_total,
+            reserved_total,
         }
     }
 
@@ -482,7 +516,14 @@ impl Sim {
         s.right_edge = s
             .right_edge
             .max(s.received + s.rcvbuf.saturating_sub(queued));
-        let len = (1 + self.rng.below(16 * 1024)).min(s.total - s.sent);
+        let mut len = (1 + self.rng.below(16 * 1024)).min(s.total - s.sent);
+        if self.echo && d == BROKER {
+            // Only what it read can be echoed.
+            len = len.min(s.broker_read(self.preamble) - s.sent);
+            if len == 0 {
+                return;
+            }
+        }
         if s.received + len > s.right_edge {
             return;
         }
@@ -614,7 +655,14 @@ impl Sim {
         if s.rst || s.stalled_until > self.step_no || s.sendq == 0 {
             return;
         }
-        let k = (1 + self.rng.below(32 * 1024)).min(s.sendq);
+        let mut k = (1 + self.rng.below(32 * 1024)).min(s.sendq);
+        if self.echo && p == BROKER {
+            // It reads only while it can write back: the echo it still owes is bounded.
+            k = k.min((s.sent + ECHO_BUF).saturating_sub(s.broker_read(self.preamble)));
+            if k == 0 {
+                return;
+            }
+        }
         s.sendq -= k;
         s.acked += k;
         if s.interest.1 {
@@ -682,15 +730,7 @@ impl Sim {
             steps += 1;
             self.random_step(true)?;
             if steps % 64 == 0 {
-                // Time passes at a steady pace: a timeout shows as many steps.
-                self.clock += Duration::from_millis(5);
-                while self
-                    .timers
-                    .peek()
-                    .is_some_and(|std::cmp::Reverse((at, _, _))| *at <= self.clock)
-                {
-                    self.fire_timer()?;
-                }
+                self.tick()?;
             }
         }
         let Some((reason, reset)) = self.finished else {
@@ -700,6 +740,19 @@ impl Sim {
             ));
         };
         self.check_end(reason, reset)
+    }
+
+    /// Time passes at a steady pace while settling: a timeout shows as many steps.
+    fn tick(&mut self) -> Result<(), String> {
+        self.clock += Duration::from_millis(5);
+        while self
+            .timers
+            .peek()
+            .is_some_and(|std::cmp::Reverse((at, _, _))| *at <= self.clock)
+        {
+            self.fire_timer()?;
+        }
+        Ok(())
     }
 
     fn check_end(&self, reason: CloseReason, reset: [bool; 2]) -> Result<(), String> {
@@ -737,6 +790,12 @@ impl Sim {
 }
 
 impl Sock {
+    /// Bytes the broker's remote read of what was written into this (broker) socket: the
+    /// acknowledged bytes, less its SYN and the PROXY header.
+    fn broker_read(&self, preamble: u64) -> u64 {
+        self.acked.saturating_sub(1 + preamble)
+    }
+
     /// Bytes of this socket's direction written into `peer` (the sim checks each against the
     /// pattern as it is written, so a count is enough).
     fn written_into(&self, peer: &Sock) -> u64 {
@@ -746,13 +805,19 @@ impl Sock {
 
 fn run_seed(seed: u64) -> Result<(), String> {
     let mut sim = Sim::new(seed);
-    sim.run().map_err(|e| {
+    sim.run()
+        .map_err(|e| describe(&sim, &format!("seed {seed}: {e}")))
+}
+
+/// A failure with the flow's state and its last steps (all of them in `MQS_SIM_TRACE`).
+fn describe(sim: &Sim, e: &str) -> String {
+    {
         if let Some(path) = std::env::var_os("MQS_SIM_TRACE") {
             let _ = std::fs::write(path, Vec::from(sim.trace.clone()).join("\n"));
         }
         let tail: Vec<_> = sim.trace.iter().rev().take(60).rev().cloned().collect();
         format!(
-            "seed {seed}: {e}\nendings {:?} pending {} steps {}\nsockets {:?}\nlast steps:\n{}",
+            "{e}\nendings {:?} pending {} steps {}\nsockets {:?}\nlast steps:\n{}",
             sim.endings,
             sim.pending.len(),
             sim.step_no,
@@ -772,7 +837,129 @@ fn run_seed(seed: u64) -> Result<(), String> {
                 .collect::<Vec<_>>(),
             tail.join("\n")
         )
-    })
+    }
+}
+
+/// Several flows on one daemon: they share `max_daemon_held_total`, and their brokers echo
+/// (a broker reads only while it can write back), so a direction the daemon does not read stops
+/// the other direction of its flow. With buffers bigger than the bound allows, or bounded at the
+/// splice. Every flow must end with every byte delivered once, in order (whatever the others
+/// hold, a flow whose peers take bytes makes progress), and the bytes held over all flows must
+/// stay within the total (beyond it only for a lone flow whose one read is bigger than the total).
+struct World {
+    flows: Vec<Sim>,
+    limits: Limits,
+    seed: u64,
+}
+
+impl World {
+    fn new(seed: u64) -> World {
+        let mut rng = Rng(seed);
+        let limits = random_limits(&mut rng);
+        let n = 2 + rng.below(5);
+        let flows = (0..n)
+            .map(|_| Sim::build(Rng(rng.next()), limits, Some(n)))
+            .collect();
+        World {
+            flows,
+            limits,
+            seed,
+        }
+    }
+
+    /// Tells flow `i` what the others reserved, as the driver's sum does.
+    fn share(&mut self, i: usize) {
+        let others = (self.flows.iter().enumerate())
+            .filter(|&(k, _)| k != i)
+            .map(|(_, f)| f.core.reserved())
+            .sum();
+        self.flows[i].others_reserved = Some(others);
+    }
+
+    fn check_bound(&self) -> Result<(), String> {
+        let held: Vec<u64> = self.flows.iter().map(|f| f.core.held_bytes()).collect();
+        let reserved: Vec<u64> = self.flows.iter().map(|f| f.core.reserved()).collect();
+        let over = |v: &[u64]| {
+            v.iter().sum::<u64>() > self.limits.held_total
+                && v.iter().filter(|&&h| h > 0).count() > 1
+        };
+        if over(&held) || over(&reserved) || held.iter().zip(&reserved).any(|(h, r)| h > r) {
+            return Err(format!(
+                "the flows hold {held:?} and reserved {reserved:?}, over the total of {}",
+                self.limits.held_total
+            ));
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, i: usize, settle: bool) -> Result<(), String> {
+        self.share(i);
+        self.flows[i].random_step(settle)?;
+        self.check_bound()
+    }
+
+    fn fail(&self, i: usize, e: &str) -> String {
+        let held: Vec<u64> = self.flows.iter().map(|f| f.core.held_bytes()).collect();
+        describe(
+            &self.flows[i],
+            &format!(
+                "world seed {} ({} flows, {:?}, held {held:?}), flow {i}: {e}",
+                self.seed,
+                self.flows.len(),
+                self.limits
+            ),
+        )
+    }
+
+    fn run(&mut self) -> Result<(), String> {
+        let n = self.flows.len();
+        let mut rng = Rng(self.seed ^ 0x5eed);
+        let live = |w: &World| -> Vec<usize> {
+            (0..n).filter(|&k| w.flows[k].finished.is_none()).collect()
+        };
+        for _ in 0..20_000 * n {
+            let open = live(self);
+            let Some(&i) = open.get(rng.below(open.len() as u64) as usize) else {
+                break;
+            };
+            self.step(i, false).map_err(|e| self.fail(i, &e))?;
+        }
+        for f in &mut self.flows {
+            for d in [0, 1] {
+                f.socks[d].stalled_until = 0;
+            }
+            f.settling = true;
+        }
+        let mut steps = 0u64;
+        while steps < 1_000_000 * n as u64 {
+            let open = live(self);
+            let Some(&i) = open.get(rng.below(open.len() as u64) as usize) else {
+                break;
+            };
+            steps += 1;
+            self.step(i, true).map_err(|e| self.fail(i, &e))?;
+            if steps.is_multiple_of(64) {
+                for k in live(self) {
+                    self.share(k);
+                    self.flows[k].tick().map_err(|e| self.fail(k, &e))?;
+                    self.check_bound().map_err(|e| self.fail(k, &e))?;
+                }
+            }
+        }
+        for (i, f) in self.flows.iter().enumerate() {
+            let Some((reason, reset)) = f.finished else {
+                return Err(self.fail(
+                    i,
+                    &format!(
+                        "the flow did not end: core {:#?}, clock {:?}",
+                        f.core, f.clock
+                    ),
+                ));
+            };
+            f.check_end(reason, reset).map_err(|e| self.fail(i, &e))?;
+        }
+        Ok(())
+    }
 }
 
 #[test]
@@ -787,6 +974,23 @@ fn generated_schedules_deliver_every_byte_once_in_order() {
         .unwrap_or(1);
     for seed in first..first + cases {
         if let Err(e) = run_seed(seed) {
+            panic!("{e}");
+        }
+    }
+}
+
+#[test]
+fn flows_sharing_the_held_bound_with_echoing_brokers_all_finish() {
+    let cases: u64 = std::env::var("MQS_SIM_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(300, |c: u64| c.div_ceil(4));
+    let first: u64 = std::env::var("MQS_SIM_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    for seed in first..first + cases {
+        if let Err(e) = World::new(seed).run() {
             panic!("{e}");
         }
     }

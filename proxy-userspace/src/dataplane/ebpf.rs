@@ -291,15 +291,6 @@ impl Shared {
         };
         match self.insert(&client, &broker) {
             Ok((cookies, signal_at, hard_limit)) => {
-                // The window each socket offers is bounded from now on, so that a throttle never
-                // leaves more in it than the daemon's per-flow bound (control::spliced_rcvbuf).
-                // Before the kick: until then only the CONNECT has arrived.
-                let rcvbuf = control::spliced_rcvbuf(&self.limits);
-                for socket in [&client, &broker] {
-                    if let Err(e) = sockopt::set_rcvbuf(socket.as_fd(), rcvbuf) {
-                        tracing::debug!("cannot bound a spliced socket's receive buffer: {e}");
-                    }
-                }
                 // The kick: the verdict now runs over the CONNECT (and whatever followed it)
                 // that is still queued in the client socket, and over anything the broker sent.
                 for socket in [&client, &broker] {

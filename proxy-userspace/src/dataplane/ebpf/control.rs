@@ -31,7 +31,6 @@ mod throttle;
 pub use interface::{
     Action, Count, Event, Observed, ReadOutcome, SideCounters, Timer, WriteOutcome,
 };
-pub use pump::{SKB_SLACK, spliced_rcvbuf};
 pub use throttle::{grant, pick_to_throttle};
 
 use crate::dataplane::CloseReason;
@@ -95,13 +94,6 @@ struct Throttle {
     room_backoff: Option<Duration>,
     /// A `Pump` timer is set.
     timer_pending: bool,
-    /// The socket's receive buffer before the clamp, and what TCP had received then: until that
-    /// much more has arrived, the window advertised before the clamp still lets the sender fill
-    /// the queue beyond the clamped buffer (TCP does not shrink a window it offered).
-    rcvbuf_before: u64,
-    received_at_clamp: u64,
-    /// The receive buffer was clamped (at the first check after the throttle).
-    clamped: bool,
 }
 
 impl Throttle {

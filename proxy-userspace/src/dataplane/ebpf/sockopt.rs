@@ -304,23 +304,6 @@ pub fn rcvbuf(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(value.max(0) as u64)
 }
 
-/// Sets the socket's receive buffer (`SO_RCVBUFFORCE`: not capped by `net.core.rmem_max`; the
-/// kernel doubles the value for its bookkeeping). It also turns off TCP's autotuning of it.
-pub fn set_rcvbuf(fd: BorrowedFd<'_>, bytes: u64) -> io::Result<()> {
-    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `fd` is live for the borrow; `value` is a c_int and the length passed matches it.
-    check(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&raw const value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })?;
-    Ok(())
-}
-
 /// Hands memory the allocator keeps free back to the system (glibc keeps freed chunks of every
 /// thread's arena for reuse): after a burst of throttled flows, the daemon's footprint returns to
 /// what it was.

@@ -7,12 +7,12 @@
 //! out the [`Action`]s the core returns; the rules themselves live in `control`.
 
 use super::control::{
-    Action, Count, Event, FlowCore, FlowSetup, Limits, Observed, ReadOutcome, SKB_SLACK,
-    SideCounters, Timer, WriteOutcome, pick_to_throttle,
+    Action, Count, Event, FlowCore, FlowSetup, Limits, Observed, ReadOutcome, SideCounters, Timer,
+    WriteOutcome, pick_to_throttle,
 };
 use super::sockopt::{
-    Epoll, Wakeup, rcvbuf, release_free_memory, reset_on_close, set_rcvbuf, set_rcvlowat,
-    tcp_bytes, unacked_out,
+    Epoll, Wakeup, rcvbuf, release_free_memory, reset_on_close, set_rcvlowat, tcp_bytes,
+    unacked_out,
 };
 use super::{ProgramLogger, SharedMaps, SpliceCounters};
 use crate::dataplane::{CloseReason, DataPath, FlowEnd};
@@ -128,7 +128,7 @@ struct WatchThread {
     inflight_total: u64,
     held_total: u64,
     reserved_total: u64,
-    /// Where throttled sockets are read into: a clamped queue's read, kept while any direction is
+    /// Where throttled sockets are read into: one bounded read, kept while any direction is
     /// throttled (what a read returns is copied out at its exact size).
     read_buf: Vec<u8>,
     /// Whether a direction was throttled at the end of the previous turn of the loop.
@@ -341,11 +341,6 @@ impl WatchThread {
             Action::Barrier(side) => {
                 let _ = set_rcvlowat(sockets[side].as_fd(), 1);
             }
-            Action::SetRcvbuf(side, bytes) => {
-                if let Err(e) = set_rcvbuf(sockets[side].as_fd(), bytes) {
-                    tracing::debug!("cannot set a spliced socket's receive buffer: {e}");
-                }
-            }
             Action::Interest(side, readable, writable) => {
                 let mut wanted = BASE_INTEREST;
                 if readable {
@@ -379,11 +374,6 @@ impl WatchThread {
                         Err(_) => break ReadOutcome::Failed,
                     }
                 };
-                if self.read_buf.len() as u64 > self.limits.held_per_flow + SKB_SLACK {
-                    // A bigger read than a clamped queue's (one that filled before the clamp):
-                    // not kept.
-                    self.read_buf = Vec::new();
-                }
                 queue.push_back(Event::Read(side, outcome));
             }
             Action::Write(side) => {

@@ -120,10 +120,6 @@ pub enum Action {
     /// Take socket `side`'s lock (`SO_RCVLOWAT`): once done, no verdict that read the previous
     /// entry is still counting.
     Barrier(usize),
-    /// Set socket `side`'s receive buffer (`SO_RCVBUF`, which the kernel doubles): clamped while
-    /// the direction is throttled, so that its whole queue fits the daemon's per-flow bound, and
-    /// given back its size at hand-back.
-    SetRcvbuf(usize, u64),
     /// Socket `side`'s epoll interest beyond the hang-up: readable, writable.
     Interest(usize, bool, bool),
     /// Read at most `max` bytes from socket `side`; report [`Event::Read`].

@@ -1,56 +1,21 @@
-//! Moving a throttled direction's bytes: whole-queue reads within the held-bytes bounds, writes
+//! Moving a throttled direction's bytes: bounded reads within the held-bytes bounds, writes
 //! into the peer, and the end of the stream.
 
 use super::{
     Action, BACKOFF_MAX, BACKOFF_START, FlowCore, Limits, ReadOutcome, Stage, Timer, WriteOutcome,
 };
 
-/// Room for skbs that reach a clamped socket beyond its receive buffer: TCP accepts one more
-/// segment over it (up to 64 KiB on loopback or with GRO).
-pub const SKB_SLACK: u64 = 64 * 1024;
-
-/// What the receive buffer of a throttled socket is clamped to (the `SO_RCVBUF` value; the kernel
-/// doubles it), so that its whole queue, plus one segment, fits `held_per_flow`.
-pub fn clamped_rcvbuf(held_per_flow: u64) -> u64 {
-    (held_per_flow.saturating_sub(SKB_SLACK) / 2).max(4096)
-}
-
-/// The receive buffer a socket gets when it is spliced (the `SO_RCVBUF` value): the clamp's, from
-/// the start.
+/// How much one read of a throttled socket takes at most: the per-flow bound.
 ///
-/// A throttled socket is read in whole-queue reads, and TCP does not take back a window it
-/// offered: with the buffer autotuned (to `tcp_rmem`'s maximum, 32 MiB on the test machines) the
-/// first read after a throttle had to be sized for tens of MiB, so the per-flow bound meant
-/// nothing, a few such reads filled `max_daemon_held_total`, and the reservations that keep flows
-/// from wedging ([`admit`]) left one flow at a time to move. Bounded from the start, the window
-/// never offers more than the clamped queue, and every read is a clamped queue's. The cost: a
-/// spliced direction's window is about `max_daemon_held_per_flow`, which caps it at about that
-/// much per round trip (plenty on a LAN; raise the bound for long fat links).
-pub fn spliced_rcvbuf(limits: &Limits) -> u64 {
-    clamped_rcvbuf(limits.held_per_flow)
-}
-
-/// What the receive buffer of a clamped socket is, as the kernel keeps it (twice the value set).
-pub fn clamped_buffer(held_per_flow: u64) -> u64 {
-    2 * clamped_rcvbuf(held_per_flow)
-}
-
-/// How much one read of a throttled socket must be able to take.
-///
-/// A read must take the socket's whole queue: a read that stops inside one of the kernel's queued
-/// messages replayed bytes on 6.18 (the cause is under investigation), so reads never depend on
-/// stopping early. The queue is what TCP received and neither the program redirected nor the
-/// daemon read (`unread`, a FIN included), plus what arrives before the read: once the clamp
-/// holds, the whole queue fits `held_per_flow`; until then (`window_left`: what a window offered
-/// before the clamp, bigger than the clamped buffer, may still bring) it may grow by that much
-/// and one clamped buffer more.
-pub fn read_size(limits: &Limits, unread: u64, window_left: u64) -> u64 {
-    let arriving = if window_left > 0 {
-        window_left + limits.held_per_flow
-    } else {
-        SKB_SLACK
-    };
-    limits.held_per_flow.max(unread + arriving)
+/// Reads are bounded, and stop wherever the bound falls in the socket's queue. An earlier design
+/// read each throttled socket's whole queue, clamping its receive buffer to fit, because partial
+/// reads seemed to replay bytes; the replays were TCP's (a retransmission overlapping received
+/// bytes, queued whole and forwarded whole by the verdict path) and the program now trims them
+/// (docs/sockmap-replay.md), and a socket in the map is read from its message queue only
+/// (`tcp_bpf_recvmsg_parser`), where a partial read is exact. The socket's window, not the daemon,
+/// holds the rest: the kernel's memory, bounded by TCP as for any proxy.
+pub fn read_size(limits: &Limits) -> u64 {
+    limits.held_per_flow
 }
 
 /// Whether a flow may read now: the read and what the flow may need next reserve `need` bytes of
@@ -123,7 +88,6 @@ impl FlowCore {
     /// The size direction `side`'s next read needs, were it made now (0 if it reads no more).
     fn next_read(&self, side: usize) -> u64 {
         let way = &self.ways[side];
-        let c = self.obs.sides[side];
         let into_reset = self.reset.is_some_and(|(reset, _)| reset != side);
         let done = way
             .throttle
@@ -132,25 +96,7 @@ impl FlowCore {
         if into_reset || done {
             return 0;
         }
-        let unread = c.received.saturating_sub(c.redirected + way.daemon_read);
-        let bound = clamped_buffer(self.limits.held_per_flow);
-        // After a reset nothing more arrives.
-        let reset_here = self.reset.is_some_and(|(reset, _)| reset == side);
-        match way.throttle.as_ref().filter(|t| t.clamped) {
-            // A buffer never bigger than the clamp offered no window beyond it.
-            Some(t) if reset_here || t.rcvbuf_before <= bound => read_size(&self.limits, unread, 0),
-            Some(t) => {
-                let since_clamp = c.received - t.received_at_clamp.min(c.received);
-                let window_left = t.rcvbuf_before.saturating_sub(since_clamp);
-                read_size(&self.limits, unread, window_left)
-            }
-            // Not clamped yet: before the clamp the window offered so far may still bring up to
-            // the whole buffer (and a segment), and a window bigger than the clamp that much again.
-            None => {
-                let window_left = if c.rcvbuf > bound { c.rcvbuf } else { 0 };
-                read_size(&self.limits, unread + c.rcvbuf + SKB_SLACK, window_left)
-            }
-        }
+        read_size(&self.limits)
     }
 
     /// What direction `side` may need of its flow's reservation before its next read: what it
@@ -263,38 +209,6 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn reads_take_the_whole_queue() {
-        let limits = Limits {
-            per_flow: 1 << 20,
-            total: 256 << 20,
-            close_drain_timeout: Duration::from_secs(30),
-            held_per_flow: 256 << 10,
-            held_total: 1 << 20,
-        };
-        // (unread, window left from before the clamp, read size)
-        let table = [
-            // A clamped queue: the per-flow bound.
-            (0, 0, 256 << 10),
-            (100 << 10, 0, 256 << 10),
-            // A queue that filled before the clamp: all of it, and a segment.
-            (512 << 10, 0, (512 << 10) + SKB_SLACK),
-            // The old window still open: what it may bring, and a clamped buffer more.
-            (
-                100 << 10,
-                200 << 10,
-                (100 << 10) + (200 << 10) + (256 << 10),
-            ),
-        ];
-        for (unread, window_left, want) in table {
-            assert_eq!(
-                read_size(&limits, unread, window_left),
-                want,
-                "unread {unread} window left {window_left}"
-            );
-        }
-    }
-
-    #[test]
     fn a_flow_reads_within_its_reservation_or_the_room_left() {
         let limits = Limits {
             per_flow: 1 << 20,
@@ -323,13 +237,6 @@ mod tests {
                 want,
                 "need {need} have {have} others {others}"
             );
-        }
-    }
-
-    #[test]
-    fn a_clamped_queue_fits_the_per_flow_bound() {
-        for bound in [128 << 10, 256 << 10, 1 << 20] {
-            assert!(2 * clamped_rcvbuf(bound) + SKB_SLACK <= bound);
         }
     }
 }

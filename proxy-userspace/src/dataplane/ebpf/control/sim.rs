@@ -177,10 +177,6 @@ impl Sim {
         for (side, sock) in socks.iter_mut().enumerate() {
             // What autotuning had reached: up to many times the daemon's bound.
             sock.rcvbuf = 64 * 1024 + rng.below(4 * 1024 * 1024);
-            if world.is_some() && rng.chance(50) {
-                // Bounded at the splice, the clamp's size.
-                sock.rcvbuf = 2 * super::pump::clamped_rcvbuf(limits.held_per_flow);
-            }
             sock.total = match rng.below(4) {
                 0 => rng.below(64),
                 1 => rng.below(16 * 1024),
@@ -328,7 +324,6 @@ impl Sim {
         match action {
             Action::SetEntry(side, entry) => self.socks[side].entry = Some(entry),
             Action::Barrier(_) => {}
-            Action::SetRcvbuf(side, v) => self.socks[side].rcvbuf = 2 * v,
             Action::Interest(side, r, w) => {
                 self.socks[side].interest = (r, w);
                 // epoll_ctl(MOD) reports a readiness that is already there.
@@ -340,36 +335,11 @@ impl Sim {
                 }
             }
             Action::Read(side, max) => {
-                // However many segments arrive before it, the read must be able to take the
-                // whole queue: what is queued now plus what the window still lets in.
-                let s = &self.socks[side];
-                let queued: u64 = s
-                    .unverdicted
-                    .iter()
-                    .chain(&s.rcvq)
-                    .chain(&s.deferred)
-                    .map(|x| x.1)
-                    .sum();
-                let edge = s
-                    .right_edge
-                    .max(s.received + s.rcvbuf.saturating_sub(queued));
-                let could_hold = queued + edge.saturating_sub(s.received);
-                if !s.rst && (max as u64) < could_hold {
+                if max as u64 > self.core.limits.held_per_flow {
                     return Err(format!(
-                        "a read of {max} bytes of the {} could stop inside its queue ({queued} \
-                         queued, {} more may arrive)",
-                        side_name(side),
-                        edge.saturating_sub(s.received)
+                        "a read of {max} bytes is over the per-flow bound {}",
+                        self.core.limits.held_per_flow
                     ));
-                }
-                // The sender does not wait for the daemon: segments arrive (and the verdict
-                // passes them) between the counters the read was sized from and the read.
-                if self.rng.chance(50) {
-                    for _ in 0..self.rng.below(12) {
-                        self.remote_send(side);
-                        self.verdict(side);
-                        self.undefer(side);
-                    }
                 }
                 return Ok(Some(Event::Read(side, self.read(side, max))));
             }
@@ -758,12 +728,6 @@ impl Sim {
     fn check_end(&self, reason: CloseReason, reset: [bool; 2]) -> Result<(), String> {
         if self.closes_counted != 1 {
             return Err(format!("the end was counted {} times", self.closes_counted));
-        }
-        if self.partial_reads > 0 {
-            return Err(format!(
-                "{} reads stopped inside the queue",
-                self.partial_reads
-            ));
         }
         for d in [0, 1] {
             let (src, dst) = (&self.socks[d], &self.socks[1 - d]);

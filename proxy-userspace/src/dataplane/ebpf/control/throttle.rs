@@ -80,18 +80,6 @@ impl FlowCore {
         way.inflight = inflight;
 
         if let Some(throttle) = &mut way.throttle {
-            if !throttle.clamped {
-                // The first check after the throttle (its counters all freshly read): the receive
-                // buffer is clamped now, remembering its size and what had arrived.
-                throttle.clamped = true;
-                throttle.rcvbuf_before = c.rcvbuf;
-                throttle.received_at_clamp = c.received;
-                let clamp = super::pump::clamped_rcvbuf(limits.held_per_flow);
-                self.out.push(Action::SetRcvbuf(side, clamp));
-            }
-            let Some(throttle) = self.ways[side].throttle.as_mut() else {
-                return;
-            };
             if !throttle.copying {
                 if inflight == 0 {
                     // The kernel's queue towards the peer is empty: the daemon may write now
@@ -154,9 +142,8 @@ impl FlowCore {
         self.at(wait, Timer::Inflight(side));
     }
 
-    /// Stops redirecting direction `side`: its skbs go to its own socket, whose window closes,
-    /// and whose receive buffer is clamped so that its whole queue fits the daemon's per-flow
-    /// bound (it is read in one go).
+    /// Stops redirecting direction `side`: its skbs go to its own socket, whose window closes
+    /// when its receive buffer is full; the daemon reads it in bounded reads.
     pub(super) fn throttle(&mut self, side: usize) {
         let way = &mut self.ways[side];
         if way.throttle.is_some() || way.stage == Stage::Closed {
@@ -195,7 +182,6 @@ impl FlowCore {
         let Some(throttle) = way.throttle.as_ref() else {
             return;
         };
-        let rcvbuf_before = throttle.clamped.then_some(throttle.rcvbuf_before);
         // Safe to hand back only when every byte this socket has received was either redirected
         // by the program or read by the daemon (and, nothing being held, written into the peer):
         // nothing may still wait anywhere in the socket (its queue, or the kernel's deferred
@@ -223,10 +209,6 @@ impl FlowCore {
             "throttled direction handed back to the kernel"
         );
         self.out.push(Action::SetEntry(side, entry));
-        if let Some(rcvbuf) = rcvbuf_before {
-            // Its size again (and so its window), though no longer autotuned.
-            self.out.push(Action::SetRcvbuf(side, rcvbuf / 2));
-        }
         self.out.push(Action::Count(Count::HandedBack));
         self.set_interest(side, Some(false), None);
         self.set_interest(1 - side, None, Some(false));

@@ -291,6 +291,19 @@ impl Shared {
         };
         match self.insert(&client, &broker) {
             Ok((cookies, signal_at, hard_limit)) => {
+                // A throttle passes to the socket whatever its peer may still send, up to the
+                // window the socket has advertised, and the daemon copies all of it. Spliced, a
+                // socket's queue is always empty, so its window would be its whole (autotuned)
+                // buffer, megabytes: the window is capped at the daemon's per-flow bound, so a
+                // throttle costs at most that much copying. Before the kick, when only the CONNECT
+                // has arrived. The cost: about that much per round trip on a long fat link.
+                for socket in [&client, &broker] {
+                    if let Err(e) =
+                        sockopt::set_window_clamp(socket.as_fd(), self.limits.held_per_flow)
+                    {
+                        tracing::debug!("cannot cap a spliced socket's window: {e}");
+                    }
+                }
                 // The kick: the verdict now runs over the CONNECT (and whatever followed it)
                 // that is still queued in the client socket, and over anything the broker sent.
                 for socket in [&client, &broker] {

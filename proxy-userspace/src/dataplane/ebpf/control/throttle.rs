@@ -195,9 +195,14 @@ impl FlowCore {
         // unless a skb was passed after the counters were read, which it then keeps passing.
         way.entry.throttled = throttle::RETURNING;
         way.entry.daemon_read = c.passed;
-        // Nothing is in flight now; the check below sets the limit and signal point proper.
-        way.entry.hard_limit = c.redirected + MIN_GRANT;
-        way.entry.signal_at = c.redirected + MIN_GRANT / 2;
+        // Nothing is in flight now (the daemon wrote only once the kernel's queue was empty, and
+        // nothing was redirected since): the direction gets its full share at once. With only
+        // `MIN_GRANT` a stream at full speed crossed it before the check that follows, and the
+        // program throttled it again by itself: the daemon ended up copying half a bulk flow.
+        let grant = grant(&self.limits, self.obs.flows);
+        let step = (self.limits.per_flow / 2).min(grant / 2);
+        way.entry.hard_limit = c.redirected + grant;
+        way.entry.signal_at = c.redirected + step.max(MIN_SIGNAL_STEP.min(step));
         let entry = way.entry;
         // Handed back at once: the daemon reads nothing more of this socket, since a read now
         // could overtake bytes the program redirects. Should a skb have slipped into the socket

@@ -34,30 +34,29 @@ pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
 /// socket from reporting readable for every fragment; setting it back to 1 after the socket joins
 /// the socket map is the hand-over kick: it runs the verdict over bytes queued before insertion.
 pub fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
-    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `fd` is live for the borrow; `value` is a c_int and the length passed matches it.
-    check(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&raw const value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })?;
-    Ok(())
+    set_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes as u64)
 }
 
 /// Sets `TCP_WINDOW_CLAMP`: the most receive window the socket advertises, whatever its buffer
 /// (which keeps autotuning).
 pub fn set_window_clamp(fd: BorrowedFd<'_>, bytes: u64) -> io::Result<()> {
-    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    set_int(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, bytes)
+}
+
+/// Sets an `int` socket option, saturating `value` at `c_int::MAX`.
+fn set_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: u64,
+) -> io::Result<()> {
+    let value = libc::c_int::try_from(value).unwrap_or(libc::c_int::MAX);
     // SAFETY: `fd` is live for the borrow; `value` is a c_int and the length passed matches it.
     check(unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_WINDOW_CLAMP,
+            level,
+            name,
             (&raw const value).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )

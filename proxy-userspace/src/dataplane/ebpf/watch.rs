@@ -212,6 +212,12 @@ impl WatchThread {
                 self.by_cookie
                     .insert(spliced.setup.cookies[side], (id, side));
             }
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                // Ties the flow's debug lines (their span carries the client socket's cookie) to
+                // its client's address in the access log.
+                let client = spliced.sockets[0].peer_addr().ok();
+                tracing::debug!(cookie = spliced.setup.cookies[0], ?client, "flow spliced");
+            }
             let (core, actions) = FlowCore::new(self.limits, spliced.setup, Instant::now());
             self.flows.insert(
                 id,
@@ -310,6 +316,9 @@ impl WatchThread {
             let Some(flow) = self.flows.get_mut(&id) else {
                 return;
             };
+            let _span =
+                tracing::debug_span!("flow", cookie = flow.spliced.setup.cookies[0]).entered();
+            tracing::trace!(?event, "event");
             let needs = flow.core.needs(&event);
             let obs = observe(&self.maps, flow, needs, flows, self.reserved_total);
             let before = (
@@ -362,9 +371,6 @@ impl WatchThread {
                     match (&sockets[side]).read(buf) {
                         Ok(0) => break ReadOutcome::Eof,
                         Ok(n) => {
-                            if n == max {
-                                tracing::debug!(side, n, "a read filled its buffer");
-                            }
                             break ReadOutcome::Data(buf[..n].to_vec());
                         }
                         Err(e) if e.kind() == ErrorKind::Interrupted => {}

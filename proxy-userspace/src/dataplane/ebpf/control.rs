@@ -388,6 +388,7 @@ impl FlowCore {
         let (r, w) = self.interest[side];
         let wanted = (readable.unwrap_or(r), writable.unwrap_or(w));
         if wanted != self.interest[side] {
+            tracing::trace!(side, readable = wanted.0, writable = wanted.1, "interest");
             self.interest[side] = wanted;
             self.out.push(Action::Interest(side, wanted.0, wanted.1));
         }
@@ -409,6 +410,7 @@ impl FlowCore {
     }
 
     fn on_socket(&mut self, side: usize, error: bool, readable: bool, writable: bool, hup: bool) {
+        tracing::trace!(side, error, readable, writable, hup, "socket event");
         if error {
             tracing::debug!(side = side_name(side), "spliced socket reset");
             return self.on_reset(side);

@@ -50,6 +50,7 @@ impl FlowCore {
             return;
         }
         if t.held_len() > 0 {
+            tracing::trace!(side, held = t.held_len(), "write");
             t.io_pending = true;
             return self.out.push(Action::Write(side));
         }
@@ -69,6 +70,7 @@ impl FlowCore {
             return;
         };
         if admitted {
+            tracing::trace!(side, size, "read");
             t.room_backoff = None;
             t.io_pending = true;
             let max = usize::try_from(size).unwrap_or(usize::MAX);
@@ -119,6 +121,7 @@ impl FlowCore {
             return;
         };
         t.io_pending = false;
+        tracing::trace!(side, outcome = ?outcome_summary(&outcome), "read done");
         match outcome {
             ReadOutcome::Data(bytes) => {
                 way.daemon_read += bytes.len() as u64;
@@ -166,6 +169,7 @@ impl FlowCore {
             return;
         };
         t.io_pending = false;
+        tracing::trace!(side, ?outcome, "write done");
         match outcome {
             WriteOutcome::Wrote(n) => {
                 t.start += n;
@@ -200,6 +204,14 @@ impl FlowCore {
         self.first_fin.get_or_insert(super::closed_reason(side));
         self.side_ended();
         self.close_if_done();
+    }
+}
+
+/// A read's outcome without its bytes, for traces.
+fn outcome_summary(outcome: &ReadOutcome) -> String {
+    match outcome {
+        ReadOutcome::Data(bytes) => format!("{} bytes", bytes.len()),
+        other => format!("{other:?}"),
     }
 }
 

@@ -120,7 +120,6 @@ struct Sim {
     finished: Option<(CloseReason, [bool; 2])>,
     step_no: u64,
     preamble: u64,
-    partial_reads: u64,
     settling: bool,
     closes_counted: u32,
     /// TCP's counters as last given to the core.
@@ -210,7 +209,6 @@ impl Sim {
             finished: None,
             step_no: 0,
             preamble,
-            partial_reads: 0,
             settling: false,
             closes_counted: 0,
             last: [SideCounters::default(); 2],
@@ -411,9 +409,6 @@ impl Sim {
             } else {
                 ReadOutcome::WouldBlock
             };
-        }
-        if queued > max as u64 {
-            self.partial_reads += 1;
         }
         let mut out = Vec::new();
         while let Some((off, len)) = s.rcvq.front_mut() {

@@ -260,19 +260,18 @@ pub fn throughput(
         let _ = reader.shutdown(std::net::Shutdown::Both);
     }
     let sent = sender.join().expect("bench writer panicked");
-    read_result?;
-    let sent = sent.context("writer")?;
-    if sent != counter.packets {
-        bail!("{sent} PUBLISHes sent but {} echoed", counter.packets);
-    }
-    Ok(figures(
-        sent * size as u64,
+    stream_figures(
         sent,
-        elapsed,
-        machine_after - machine_before,
-        (proxy_before, proxy_after),
-        user_hz,
-    ))
+        read_result,
+        counter.packets,
+        size,
+        Cost {
+            elapsed,
+            machine_ticks: machine_after - machine_before,
+            proxy_ticks: (proxy_before, proxy_after),
+            user_hz,
+        },
+    )
 }
 
 /// Opens up to `count` MQTT sessions and keeps them idle. Stops early, with the reason, at
@@ -338,23 +337,41 @@ fn read_echoes(
     Ok(())
 }
 
-/// A phase's figures from what it moved and the CPU ticks it cost.
-fn figures(
-    bytes: u64,
-    messages: u64,
+/// What a stream phase cost, measured around it.
+struct Cost {
     elapsed: f64,
     machine_ticks: u64,
     proxy_ticks: (Option<u64>, Option<u64>),
     user_hz: f64,
-) -> Throughput {
+}
+
+/// A stream's figures once its writer has been joined: every PUBLISH of `size` bytes it sent
+/// must have come back.
+fn stream_figures(
+    sent: io::Result<u64>,
+    read_result: anyhow::Result<()>,
+    echoed: u64,
+    size: usize,
+    cost: Cost,
+) -> anyhow::Result<Throughput> {
+    read_result?;
+    let sent = sent.context("writer")?;
+    if sent != echoed {
+        bail!("{sent} PUBLISHes sent but {echoed} echoed");
+    }
+    Ok(figures(sent * size as u64, sent, &cost))
+}
+
+/// A phase's figures from what it moved and the CPU ticks it cost.
+fn figures(bytes: u64, messages: u64, cost: &Cost) -> Throughput {
     let gb = bytes as f64 / 1e9;
     Throughput {
         bytes,
-        msgs_per_s: messages as f64 / elapsed,
-        mb_per_s: gb * 1e3 / elapsed,
-        machine_cpu_s_per_gb: machine_ticks as f64 / user_hz / gb,
-        proxy_cpu_s_per_gb: match proxy_ticks {
-            (Some(b), Some(a)) => Some(a.saturating_sub(b) as f64 / user_hz / gb),
+        msgs_per_s: messages as f64 / cost.elapsed,
+        mb_per_s: gb * 1e3 / cost.elapsed,
+        machine_cpu_s_per_gb: cost.machine_ticks as f64 / cost.user_hz / gb,
+        proxy_cpu_s_per_gb: match cost.proxy_ticks {
+            (Some(b), Some(a)) => Some(a.saturating_sub(b) as f64 / cost.user_hz / gb),
             _ => None,
         },
     }
@@ -418,19 +435,18 @@ pub fn duplex(
         let _ = reader.shutdown(std::net::Shutdown::Both);
     }
     let sent = sender.join().expect("bench duplex writer panicked");
-    read_result?;
-    let sent = sent.context("writer")?;
-    if sent != counter.packets {
-        bail!("{sent} PUBLISHes sent but {} echoed", counter.packets);
-    }
-    Ok(figures(
-        sent * size as u64,
+    stream_figures(
         sent,
-        elapsed,
-        machine_after - machine_before,
-        (proxy_before, proxy_after),
-        user_hz,
-    ))
+        read_result,
+        counter.packets,
+        size,
+        Cost {
+            elapsed,
+            machine_ticks: machine_after - machine_before,
+            proxy_ticks: (proxy_before, proxy_after),
+            user_hz,
+        },
+    )
 }
 
 #[cfg(test)]

@@ -214,9 +214,8 @@ pub fn throughput(
     let received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
 
-    let machine_before = machine_cpu_ticks()?;
-    let proxy_before = process_cpu_ticks(proxy);
-    let start = Instant::now();
+    let meter = CostMeter::start(proxy, user_hz)?;
+    let start = meter.start;
     let sender = {
         let received = received.clone();
         let stop = stop.clone();
@@ -250,9 +249,7 @@ pub fn throughput(
         received.store(packets, Ordering::Release);
         sender.thread().unpark();
     });
-    let elapsed = start.elapsed().as_secs_f64();
-    let machine_after = machine_cpu_ticks()?;
-    let proxy_after = process_cpu_ticks(proxy);
+    let cost = meter.stop()?;
     stop.store(true, Ordering::Relaxed);
     sender.thread().unpark();
     if read_result.is_err() {
@@ -260,18 +257,7 @@ pub fn throughput(
         let _ = reader.shutdown(std::net::Shutdown::Both);
     }
     let sent = sender.join().expect("bench writer panicked");
-    stream_figures(
-        sent,
-        read_result,
-        counter.packets,
-        size,
-        Cost {
-            elapsed,
-            machine_ticks: machine_after - machine_before,
-            proxy_ticks: (proxy_before, proxy_after),
-            user_hz,
-        },
-    )
+    stream_figures(sent, read_result, counter.packets, size, cost)
 }
 
 /// Opens up to `count` MQTT sessions and keeps them idle. Stops early, with the reason, at
@@ -335,6 +321,37 @@ fn read_echoes(
         after_read(counter.packets);
     }
     Ok(())
+}
+
+/// Time and CPU ticks from the start of a stream phase, for its [`Cost`].
+struct CostMeter<'a> {
+    start: Instant,
+    machine_before: u64,
+    proxy: &'a [u32],
+    proxy_before: Option<u64>,
+    user_hz: f64,
+}
+
+impl<'a> CostMeter<'a> {
+    fn start(proxy: &'a [u32], user_hz: f64) -> anyhow::Result<Self> {
+        Ok(Self {
+            machine_before: machine_cpu_ticks()?,
+            proxy_before: process_cpu_ticks(proxy),
+            start: Instant::now(),
+            proxy,
+            user_hz,
+        })
+    }
+
+    fn stop(&self) -> anyhow::Result<Cost> {
+        let elapsed = self.start.elapsed().as_secs_f64();
+        Ok(Cost {
+            elapsed,
+            machine_ticks: machine_cpu_ticks()? - self.machine_before,
+            proxy_ticks: (self.proxy_before, process_cpu_ticks(self.proxy)),
+            user_hz: self.user_hz,
+        })
+    }
 }
 
 /// What a stream phase cost, measured around it.
@@ -406,9 +423,8 @@ pub fn duplex(
     writer.set_write_timeout(Some(STALL_LIMIT))?;
     let stop = Arc::new(AtomicBool::new(false));
 
-    let machine_before = machine_cpu_ticks()?;
-    let proxy_before = process_cpu_ticks(proxy);
-    let start = Instant::now();
+    let meter = CostMeter::start(proxy, user_hz)?;
+    let start = meter.start;
     let sender = {
         let stop = stop.clone();
         std::thread::Builder::new()
@@ -427,26 +443,13 @@ pub fn duplex(
     let mut counter = EchoCounter::new(expect_remaining);
     let deadline = start + duration + PHASE_LIMIT;
     let read_result = read_echoes(&mut reader, &mut counter, &mut buf, deadline, |_| {});
-    let elapsed = start.elapsed().as_secs_f64();
-    let machine_after = machine_cpu_ticks()?;
-    let proxy_after = process_cpu_ticks(proxy);
+    let cost = meter.stop()?;
     stop.store(true, Ordering::Relaxed);
     if read_result.is_err() {
         let _ = reader.shutdown(std::net::Shutdown::Both);
     }
     let sent = sender.join().expect("bench duplex writer panicked");
-    stream_figures(
-        sent,
-        read_result,
-        counter.packets,
-        size,
-        Cost {
-            elapsed,
-            machine_ticks: machine_after - machine_before,
-            proxy_ticks: (proxy_before, proxy_after),
-            user_hz,
-        },
-    )
+    stream_figures(sent, read_result, counter.packets, size, cost)
 }
 
 #[cfg(test)]

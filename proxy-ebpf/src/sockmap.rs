@@ -31,7 +31,7 @@ use proxy_common::{
 };
 
 /// Offsets in the running kernel's structs, from its BTF, written by the daemon at load time
-/// (`EbpfLoader::set_global`); 0 when unknown, and then skbs are not checked against the stream.
+/// (`EbpfLoader::override_global`); 0 when unknown, and then skbs are not checked against the stream.
 /// `sk_buff.cb`: TCP keeps a segment's sequence number at its start (`TCP_SKB_CB(skb)->seq`), still
 /// there when the verdict runs.
 #[unsafe(no_mangle)]

@@ -279,7 +279,7 @@ impl FlowCore {
         std::mem::take(&mut self.out)
     }
 
-    /// Which sockets' TCP counters (`TCP_INFO`, `SIOCOUTQ`, `SO_RCVBUF`) `event` needs read; the
+    /// Which sockets' TCP counters (`TCP_INFO`, `SIOCOUTQ`) `event` needs read; the
     /// others may be given as last read. `TCP_INFO` takes the socket's lock, which the kernel's
     /// receive path (and so the verdict) also takes: an open direction's routine check reads only
     /// its peer's, as the watcher always did.

@@ -302,24 +302,6 @@ pub fn reset_on_close(fd: BorrowedFd<'_>) {
     };
 }
 
-/// The socket's receive buffer size as the kernel keeps it (`SO_RCVBUF`: twice what was set).
-pub fn rcvbuf(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `fd` is live for the borrow; `value` and `len` are valid for writes and `len`
-    // holds the buffer's size, as getsockopt requires.
-    check(unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&raw mut value).cast(),
-            &raw mut len,
-        )
-    })?;
-    Ok(value.max(0) as u64)
-}
-
 /// Hands memory the allocator keeps free back to the system (glibc keeps freed chunks of every
 /// thread's arena for reuse): after a burst of throttled flows, the daemon's footprint returns to
 /// what it was.

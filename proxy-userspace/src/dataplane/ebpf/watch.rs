@@ -11,8 +11,7 @@ use super::control::{
     WriteOutcome, pick_to_throttle,
 };
 use super::sockopt::{
-    Epoll, Wakeup, rcvbuf, release_free_memory, reset_on_close, set_rcvlowat, tcp_bytes,
-    unacked_out,
+    Epoll, Wakeup, release_free_memory, reset_on_close, set_rcvlowat, tcp_bytes, unacked_out,
 };
 use super::{ProgramLogger, SharedMaps, SpliceCounters};
 use crate::dataplane::{CloseReason, DataPath, FlowEnd};
@@ -503,14 +502,13 @@ fn observe(
             };
         }
         let fd = spliced.sockets[side].as_fd();
-        match (tcp_bytes(fd), unacked_out(fd), rcvbuf(fd)) {
-            (Ok(tcp), Ok(outq), Ok(rcvbuf)) => SideCounters {
+        match (tcp_bytes(fd), unacked_out(fd)) {
+            (Ok(tcp), Ok(outq)) => SideCounters {
                 redirected: program[side].bytes,
                 passed: program[side].passed_bytes,
                 received: tcp.received,
                 acked: tcp.acked,
                 outq,
-                rcvbuf,
                 failed: false,
                 broken: program[side].broken != 0,
             },

@@ -20,8 +20,6 @@ pub struct SideCounters {
     pub acked: u64,
     /// `SIOCOUTQ`: written into this socket, not yet acknowledged.
     pub outq: u64,
-    /// The receive buffer as the kernel keeps it (`SO_RCVBUF`: twice what was set).
-    pub rcvbuf: u64,
     /// The counters could not be read (the socket is unusable).
     pub failed: bool,
     /// The program dropped an skb it could not trim to its unseen bytes: the stream lost bytes.

@@ -255,7 +255,6 @@ impl Sim {
                 received: sock.received,
                 acked: sock.acked,
                 outq: sock.sendq,
-                rcvbuf: sock.rcvbuf,
                 failed: false,
                 broken: false,
             }

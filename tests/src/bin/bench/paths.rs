@@ -343,7 +343,13 @@ pub fn start_peer(kind: PathKind, tools: &Tools, conns: usize) -> anyhow::Result
             let stats: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
             let dataplane = if kind == PathKind::MqspliceSockmap {
                 let dir = format!("{}{}", pin_prefix(), STARTS.fetch_add(1, Ordering::Relaxed));
-                let keys = format!("mode = \"sockmap\"\nbpffs_pin = \"{dir}\"");
+                let mut keys = format!("mode = \"sockmap\"\nbpffs_pin = \"{dir}\"");
+                // Extra `[dataplane]` keys for a measured departure from the defaults (a
+                // lifted-limits row); the report must say so beside the defaults' figure.
+                if let Ok(extra) = std::env::var("BENCH_SOCKMAP_KEYS") {
+                    keys.push('\n');
+                    keys.push_str(&extra);
+                }
                 peer.pin_dir = Some(dir);
                 keys
             } else {

@@ -59,6 +59,9 @@ pub struct SpliceCounters {
     pub inflight_bytes: AtomicU64,
     /// Bytes of throttled directions the daemon read and their peer has not taken yet.
     pub daemon_held_bytes: AtomicU64,
+    /// Throttled copies that waited for a readiness event that never came, moved on by a
+    /// progress check (non-zero means the kernel dropped a wake-up: worth a report).
+    pub copies_resumed: AtomicU64,
 }
 
 /// The eBPF data plane: the loaded programs, the watcher thread, and the counters.
@@ -228,6 +231,7 @@ impl DataPlane for EbpfSplice {
             "max_inflight_per_flow_source": self.shared.inflight_source,
             "max_inflight_total": self.shared.limits.total,
             "daemon_held_bytes": c.daemon_held_bytes.load(Relaxed),
+            "copies_resumed": c.copies_resumed.load(Relaxed),
             "max_daemon_held_per_flow": self.shared.limits.held_per_flow,
             "max_daemon_held_total": self.shared.limits.held_total,
             "closes": {

@@ -94,6 +94,10 @@ struct Throttle {
     room_backoff: Option<Duration>,
     /// A `Pump` timer is set.
     timer_pending: bool,
+    /// Bytes read plus bytes written at the last progress check ([`FlowCore::check_progress`]).
+    progress_mark: u64,
+    /// The read or write in progress was asked for by a progress check, not by readiness.
+    kicked: bool,
 }
 
 impl Throttle {
@@ -270,6 +274,7 @@ impl FlowCore {
                     }
                     self.pump(side);
                 }
+                Timer::Progress(side) => self.check_progress(side),
                 Timer::Idle => self.check_idle(),
                 Timer::Ended => self.check_ended(),
             },

@@ -422,6 +422,9 @@ impl WatchThread {
                     Count::Idle => {
                         c.idle.fetch_add(1, Relaxed);
                     }
+                    Count::Resumed => {
+                        c.copies_resumed.fetch_add(1, Relaxed);
+                    }
                 }
             }
             Action::Finish { reason, reset } => {

@@ -48,6 +48,8 @@ pub enum Timer {
     Pump(usize),
     /// Re-measure this direction's bytes in flight.
     Inflight(usize),
+    /// Check that this copying direction moved something since the last check.
+    Progress(usize),
     /// Re-check the drain after a reset.
     ResetDrain,
     Idle,
@@ -108,6 +110,8 @@ pub enum Count {
     DrainTimeout,
     FinDrained,
     Idle,
+    /// A progress check found bytes to move that no readiness event had reported.
+    Resumed,
 }
 
 /// What the driver must do, in order.

@@ -2,7 +2,8 @@
 //! into the peer, and the end of the stream.
 
 use super::{
-    Action, BACKOFF_MAX, BACKOFF_START, FlowCore, Limits, ReadOutcome, Stage, Timer, WriteOutcome,
+    Action, BACKOFF_MAX, BACKOFF_START, Count, FlowCore, Limits, ReadOutcome, Stage, Timer,
+    WriteOutcome,
 };
 
 /// How much one read of a throttled socket takes at most: the per-flow bound.
@@ -122,6 +123,20 @@ impl FlowCore {
         };
         t.io_pending = false;
         tracing::trace!(side, outcome = ?outcome_summary(&outcome), "read done");
+        let kicked = std::mem::take(&mut t.kicked);
+        if kicked && let ReadOutcome::Data(bytes) = &outcome {
+            tracing::warn!(
+                side = super::side_name(side),
+                bytes = bytes.len(),
+                "a throttled socket held bytes that no readiness event reported; read them on a \
+                 progress check"
+            );
+            self.out.push(Action::Count(Count::Resumed));
+        }
+        let way = &mut self.ways[side];
+        let Some(t) = way.throttle.as_mut() else {
+            return;
+        };
         match outcome {
             ReadOutcome::Data(bytes) => {
                 way.daemon_read += bytes.len() as u64;
@@ -170,6 +185,17 @@ impl FlowCore {
         };
         t.io_pending = false;
         tracing::trace!(side, ?outcome, "write done");
+        if std::mem::take(&mut t.kicked)
+            && t.peer_blocked
+            && matches!(outcome, WriteOutcome::Wrote(_))
+        {
+            tracing::warn!(
+                side = super::side_name(side),
+                "a peer took bytes after no readiness event said it could; written on a progress \
+                 check"
+            );
+            self.out.push(Action::Count(Count::Resumed));
+        }
         match outcome {
             WriteOutcome::Wrote(n) => {
                 t.start += n;

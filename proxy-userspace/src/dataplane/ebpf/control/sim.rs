@@ -130,6 +130,10 @@ struct Sim {
     echo: bool,
     /// In a [`World`]: what the other flows reserved, set before each step (else a random figure).
     others_reserved: Option<u64>,
+    /// Percent of readiness events (readable, writable) the kernel never delivers.
+    lost_edges: u64,
+    /// Reads and writes a progress check moved after a lost event.
+    resumed: u64,
 }
 
 /// How many bytes an echoing broker reads ahead of what it wrote back.
@@ -215,6 +219,8 @@ impl Sim {
             trace: VecDeque::new(),
             echo: world.is_some(),
             others_reserved: world.map(|_| 0),
+            lost_edges: 0,
+            resumed: 0,
         };
         sim.apply_all(actions);
         sim
@@ -367,6 +373,7 @@ impl Sim {
                     .push(std::cmp::Reverse((at, self.timer_seq, timer)));
             }
             Action::Count(Count::Throttled | Count::HandedBack) => {}
+            Action::Count(Count::Resumed) => self.resumed += 1,
             // How the flow ended: counted once.
             Action::Count(_) => self.closes_counted += 1,
             Action::Finish { reason, reset } => self.finished = Some((reason, reset)),
@@ -660,7 +667,17 @@ impl Sim {
             8 if self.rng.chance(3) => self.drive(Event::Throttle(d))?,
             9 | 10 => {
                 if let Some(e) = self.pending.pop_front() {
-                    self.drive(e)?;
+                    let readiness = matches!(
+                        e,
+                        Event::Socket {
+                            error: false,
+                            hangup: false,
+                            ..
+                        }
+                    );
+                    if !(readiness && self.rng.chance(self.lost_edges)) {
+                        self.drive(e)?;
+                    }
                 }
             }
             _ => {
@@ -759,6 +776,15 @@ impl Sock {
     fn written_into(&self, peer: &Sock) -> u64 {
         peer.written
     }
+}
+
+/// A schedule in which a kernel loses `lost_edges` percent of readiness events.
+fn run_seed_losing_edges(seed: u64, lost_edges: u64) -> Result<u64, String> {
+    let mut sim = Sim::new(seed);
+    sim.lost_edges = lost_edges;
+    sim.run()
+        .map_err(|e| describe(&sim, &format!("seed {seed}: {e}")))?;
+    Ok(sim.resumed)
 }
 
 fn run_seed(seed: u64) -> Result<(), String> {
@@ -952,4 +978,26 @@ fn flows_sharing_the_held_bound_with_echoing_brokers_all_finish() {
             panic!("{e}");
         }
     }
+}
+
+#[test]
+fn a_copy_whose_wake_ups_are_lost_moves_on_at_its_progress_checks() {
+    let cases: u64 = std::env::var("MQS_SIM_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(500, |c: u64| c.div_ceil(4));
+    let mut resumed = 0;
+    for seed in 1..=cases {
+        match run_seed_losing_edges(seed, 100) {
+            Ok(n) => resumed += n,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // Only timers, signals and hang-ups drive the copies: without the checks, flows end by drain
+    // timeout (or not at all); with them, every byte still arrives once, in order, and some
+    // check did find bytes to move.
+    assert!(
+        resumed > 0,
+        "no progress check moved anything in {cases} schedules"
+    );
 }

@@ -16,6 +16,8 @@ pub const MIN_GRANT: u64 = 16 * 1024;
 /// over it may go meanwhile.
 const OVER_LIMIT_GRACE: Duration = Duration::from_millis(20);
 const OVER_LIMIT_FACTOR: u64 = 8;
+/// How often a copying direction is checked for progress ([`FlowCore::check_progress`]).
+pub const PROGRESS_CHECK: Duration = Duration::from_secs(1);
 
 /// How far ahead of what its peer has taken a direction's hard limit is set when `flows` pairs
 /// are spliced: an equal share of `max_inflight_total`, never more than the per-flow limit's
@@ -87,6 +89,7 @@ impl FlowCore {
                     tracing::trace!(side, redirected = c.redirected, "throttled: copying");
                     throttle.copying = true;
                     self.set_interest(side, Some(true), None);
+                    self.at(PROGRESS_CHECK, Timer::Progress(side));
                     self.pump(side);
                 } else {
                     self.schedule_poll(side);
@@ -169,6 +172,49 @@ impl FlowCore {
         ]);
     }
 
+    /// A copying direction that moved nothing since the last check is pumped again, whatever
+    /// readiness said. The copy waits on edge-triggered readiness, and a wait that no edge ends
+    /// would hold the flow until both its ends gave up: should a read or write then move bytes,
+    /// an edge was lost, and it is counted and logged; an idle direction costs one read a check.
+    pub(super) fn check_progress(&mut self, side: usize) {
+        if self.reset.is_some() {
+            return;
+        }
+        let c = self.obs.sides[side];
+        let interest = self.interest;
+        let way = &mut self.ways[side];
+        let mark = way.daemon_read + way.daemon_written;
+        let daemon_read = way.daemon_read;
+        let Some(t) = way.throttle.as_mut().filter(|t| t.copying) else {
+            return;
+        };
+        let idle = mark == t.progress_mark && !t.io_pending && !t.timer_pending;
+        t.progress_mark = mark;
+        if idle {
+            tracing::trace!(
+                side,
+                received = c.received,
+                redirected = c.redirected,
+                passed = c.passed,
+                daemon_read,
+                held = t.held_len(),
+                peer_blocked = t.peer_blocked,
+                ?interest,
+                "copying direction moved nothing since the last check: pumping again"
+            );
+            t.kicked = true;
+            self.pump(side);
+            if let Some(t) = &mut self.ways[side].throttle
+                && !t.io_pending
+            {
+                t.kicked = false;
+            }
+        }
+        if self.ways[side].throttle.is_some() && !self.finished {
+            self.at(PROGRESS_CHECK, Timer::Progress(side));
+        }
+    }
+
     /// Everything the source held has been written into the peer, which took it without
     /// blocking: offer the direction back to the kernel. If the peer is still slow, a later check
     /// throttles it again; that costs a few syscalls, where keeping a fast flow in userspace
@@ -182,13 +228,14 @@ impl FlowCore {
         let Some(throttle) = way.throttle.as_ref() else {
             return;
         };
-        // Safe to hand back only when every byte this socket has received was either redirected
-        // by the program or read by the daemon (and, nothing being held, written into the peer):
-        // nothing may still wait anywhere in the socket (its queue, or the kernel's deferred
-        // queue of passed skbs), or a redirected skb could overtake it. The driver reads the
-        // program's counters before TCP's: anything arriving in between makes the sums differ,
-        // and waits.
-        if c.received != c.redirected + way.daemon_read || throttle.held_len() != 0 {
+        // Safe to hand back once the daemon has read every byte the program passed (and, nothing
+        // being held, written it into the peer): a passed skb is counted at its verdict, so one
+        // the kernel deferred is still counted as unread. Bytes TCP holds that no verdict has
+        // seen yet need no wait: they meet the entry written below, and are redirected behind
+        // what the daemon wrote, or passed (and then, being unread, keep the program passing).
+        // Waiting for them as well, as the core did before, kept a saturated stream in the
+        // daemon: its sender never leaves TCP's queue empty.
+        if c.passed != way.daemon_read || throttle.held_len() != 0 {
             return;
         }
         // RETURNING with every passed byte counted as read: the program redirects from now on,

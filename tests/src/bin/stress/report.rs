@@ -7,7 +7,8 @@ use mqsplice_tests::flows::stats;
 use mqsplice_tests::held_bytes;
 use std::sync::atomic::Ordering::Relaxed;
 
-/// One line: flows done, corrupted, hung, short; throttles and held bytes from the stats; the
+/// One line: flows done, corrupted, hung, short; throttles, held bytes, trims and copies resumed
+/// by a progress check (lost wake-ups) from the stats; the
 /// daemon's RSS and open descriptors.
 pub fn line(path: &str, minute: u64, daemon: &Daemon, tally: &Tally) -> String {
     let flows = tally.flows.lock().unwrap().clone();
@@ -19,7 +20,7 @@ pub fn line(path: &str, minute: u64, daemon: &Daemon, tally: &Tally) -> String {
         .map_or("-".to_string(), |n| format!("{} KiB", n >> 10));
     format!(
         "[{minute:>3} min] {path:<9} flows {:>6}  corrupt {}  hung {}  short {}  | paho {} (lost {})  \
-         cycles {} (slow to settle {}, unsettled {})  | throttles {}  held {held}  overlaps trimmed {} (untrimmable {})  | rss {} MiB  fds {}",
+         cycles {} (slow to settle {}, unsettled {})  | throttles {}  held {held}  overlaps trimmed {} (untrimmable {})  resumed {}  | rss {} MiB  fds {}",
         flows.flows,
         flows.corrupt,
         flows.hung,
@@ -32,6 +33,7 @@ pub fn line(path: &str, minute: u64, daemon: &Daemon, tally: &Tally) -> String {
         or_dash(dataplane["throttles_total"].as_u64()),
         or_dash(dataplane["overlapping_skbs_trimmed"].as_u64()),
         or_dash(dataplane["untrimmable_skbs"].as_u64()),
+        or_dash(dataplane["copies_resumed"].as_u64()),
         daemon.rss_kib() / 1024,
         daemon.open_fds(),
     )

@@ -191,7 +191,7 @@ impl FlowCore {
         let idle = mark == t.progress_mark && !t.io_pending && !t.timer_pending;
         t.progress_mark = mark;
         if idle {
-            tracing::trace!(
+            tracing::debug!(
                 side,
                 received = c.received,
                 redirected = c.redirected,

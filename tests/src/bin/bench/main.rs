@@ -219,7 +219,7 @@ fn measure(
         if held.is_empty() {
             bail!("no connection could be held");
         }
-        if peer.kind == PathKind::MqspliceSockmap {
+        if peer.kind.is_sockmap() {
             let deadline = Instant::now() + SPLICE_WAIT;
             loop {
                 let splice = peer.splice_stats()?.unwrap_or_default();
@@ -350,7 +350,7 @@ fn main() -> anyhow::Result<()> {
             _ => true,
         })
         .collect();
-    if order.contains(&PathKind::MqspliceSockmap) {
+    if order.iter().any(|k| k.is_sockmap()) {
         // The eBPF daemon needs root (CAP_BPF, CAP_NET_ADMIN) and a kernel with sockmap:
         // try it once, and leave the path out with the daemon's own words if it cannot start.
         match start_peer(PathKind::MqspliceSockmap, &tools, 16).and_then(Peer::stop) {
@@ -360,7 +360,7 @@ fn main() -> anyhow::Result<()> {
                     "mqsplice-sockmap",
                     format!("the eBPF daemon did not start: {e:#}"),
                 );
-                order.retain(|k| *k != PathKind::MqspliceSockmap);
+                order.retain(|k| !k.is_sockmap());
             }
         }
     }

@@ -25,6 +25,9 @@ const STOP_LIMIT: Duration = Duration::from_secs(10);
 pub enum PathKind {
     Direct,
     MqspliceSockmap,
+    /// The splice with `max_inflight_*` lifted far out of a bulk stream's reach: the kernel's
+    /// redirect path alone, the daemon copying nothing (a row beside the defaults, never instead).
+    MqspliceSockmapLifted,
     MqspliceUserspace,
     Nginx,
     Haproxy,
@@ -32,9 +35,10 @@ pub enum PathKind {
 
 impl PathKind {
     /// Every path, in table order.
-    pub const ALL: [PathKind; 5] = [
+    pub const ALL: [PathKind; 6] = [
         PathKind::Direct,
         PathKind::MqspliceSockmap,
+        PathKind::MqspliceSockmapLifted,
         PathKind::MqspliceUserspace,
         PathKind::Nginx,
         PathKind::Haproxy,
@@ -45,10 +49,19 @@ impl PathKind {
         match self {
             PathKind::Direct => "direct",
             PathKind::MqspliceSockmap => "mqsplice-sockmap",
+            PathKind::MqspliceSockmapLifted => "mqsplice-sockmap-lifted",
             PathKind::MqspliceUserspace => "mqsplice-userspace",
             PathKind::Nginx => "nginx",
             PathKind::Haproxy => "haproxy",
         }
+    }
+
+    /// Whether this path runs the eBPF splice.
+    pub fn is_sockmap(self) -> bool {
+        matches!(
+            self,
+            PathKind::MqspliceSockmap | PathKind::MqspliceSockmapLifted
+        )
     }
 }
 
@@ -283,7 +296,7 @@ impl Peer {
 
     /// `dataplane` of the stats, checked to be the splice when this is the eBPF path.
     pub fn splice_stats(&self) -> anyhow::Result<Option<Value>> {
-        if self.kind != PathKind::MqspliceSockmap {
+        if !self.kind.is_sockmap() {
             return Ok(None);
         }
         let dataplane = self.stats()?["dataplane"].take();
@@ -339,16 +352,17 @@ pub fn start_peer(kind: PathKind, tools: &Tools, conns: usize) -> anyhow::Result
     };
     match kind {
         PathKind::Direct => peer.listen = echo,
-        PathKind::MqspliceSockmap | PathKind::MqspliceUserspace => {
+        PathKind::MqspliceSockmap
+        | PathKind::MqspliceSockmapLifted
+        | PathKind::MqspliceUserspace => {
             let stats: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-            let dataplane = if kind == PathKind::MqspliceSockmap {
+            let dataplane = if kind.is_sockmap() {
                 let dir = format!("{}{}", pin_prefix(), STARTS.fetch_add(1, Ordering::Relaxed));
                 let mut keys = format!("mode = \"sockmap\"\nbpffs_pin = \"{dir}\"");
-                // Extra `[dataplane]` keys for a measured departure from the defaults (a
-                // lifted-limits row); the report must say so beside the defaults' figure.
-                if let Ok(extra) = std::env::var("BENCH_SOCKMAP_KEYS") {
-                    keys.push('\n');
-                    keys.push_str(&extra);
+                if kind == PathKind::MqspliceSockmapLifted {
+                    keys.push_str(
+                        "\nmax_inflight_per_flow = \"1GiB\"\nmax_inflight_total = \"4GiB\"",
+                    );
                 }
                 peer.pin_dir = Some(dir);
                 keys

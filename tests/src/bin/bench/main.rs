@@ -174,19 +174,24 @@ fn measure(
     };
     let small = stream(SMALL_PAYLOAD).context("64 B stream")?;
     let bulk = stream(BULK_PAYLOAD).context("1 KiB stream")?;
-    let passed = || -> anyhow::Result<Option<u64>> {
-        Ok(peer
-            .splice_stats()?
-            .and_then(|s| s["passed_bytes"].as_u64()))
+    // The splice's counters around the stream: bytes passed to the daemon, and copies that moved
+    // again only on a progress check (a lost wake-up costs the stream up to a second).
+    let splice = |key: &str| -> anyhow::Result<Option<u64>> {
+        Ok(peer.splice_stats()?.and_then(|s| s[key].as_u64()))
     };
-    let passed_before = passed()?;
+    let passed_before = splice("passed_bytes")?;
+    let resumed_before = splice("copies_resumed")?;
     let duplex =
         load::duplex(peer.listen, args.stream, &pids, user_hz).context("full-duplex stream")?;
     // Both directions crossed the splice: bytes sent one way and echoed back the other.
-    let duplex_daemon_share = match (passed_before, passed()?) {
+    let duplex_daemon_share = match (passed_before, splice("passed_bytes")?) {
         (Some(before), Some(after)) if duplex.bytes > 0 => {
             Some(after.saturating_sub(before) as f64 / (2 * duplex.bytes) as f64)
         }
+        _ => None,
+    };
+    let duplex_copies_resumed = match (resumed_before, splice("copies_resumed")?) {
+        (Some(before), Some(after)) => Some(after.saturating_sub(before)),
         _ => None,
     };
     let mut sample = Sample {
@@ -197,6 +202,7 @@ fn measure(
         bulk,
         duplex,
         duplex_daemon_share,
+        duplex_copies_resumed,
         conns_held: None,
         rss_before_kib: None,
         rss_bytes_per_conn: None,
@@ -407,7 +413,7 @@ fn main() -> anyhow::Result<()> {
                 Ok(s) => {
                     eprintln!(
                         "[{:>5.1}s] round {round}/{} {:<18} p50 {:.1} µs p99 {:.1} µs | 64 B {:.0} msg/s | \
-                         1 KiB {:.0} MB/s machine {:.2} s/GB proxy {} s/GB | duplex {:.0} MB/s machine {:.2} s/GB daemon-copied {} | {} B/conn ({} held)",
+                         1 KiB {:.0} MB/s machine {:.2} s/GB proxy {} s/GB | duplex {:.0} MB/s machine {:.2} s/GB daemon-copied {} resumed {} | {} B/conn ({} held)",
                         started.elapsed().as_secs_f64(),
                         args.rounds,
                         kind.name(),
@@ -420,6 +426,8 @@ fn main() -> anyhow::Result<()> {
                         s.duplex.mb_per_s,
                         s.duplex.machine_cpu_s_per_gb,
                         fmt_value(s.duplex_daemon_share),
+                        s.duplex_copies_resumed
+                            .map_or("–".into(), |n| n.to_string()),
                         fmt_value(s.rss_bytes_per_conn),
                         s.conns_held.map_or("–".into(), |n| n.to_string()),
                     );

@@ -19,6 +19,9 @@ pub struct Sample {
     /// Of the bytes the splice carried in the full-duplex stream (both ways), the share its
     /// daemon copied because a direction was throttled; `None` off the splice.
     pub duplex_daemon_share: Option<f64>,
+    /// Throttled copies moved on by the daemon's progress check during the full-duplex stream
+    /// (wake-ups the kernel did not deliver); `None` off the splice.
+    pub duplex_copies_resumed: Option<u64>,
     /// Connections actually held in the memory phase.
     pub conns_held: Option<usize>,
     pub rss_before_kib: Option<u64>,

@@ -3,7 +3,7 @@
 //! The daemon puts both sockets of a client↔broker pair into `MQS_SOCKS` and records each one's
 //! peer in `MQS_PEERS`; from then on every skb that arrives on one socket is queued directly on the
 //! other socket's send path. Verdict only, no stream parser: MQTT framing does not matter to a
-//! byte splice, and the parser's skb clones cost CPU (measured in shared/notes §5).
+//! byte splice, and the parser clones every skb, which costs CPU.
 //!
 //! `sk_msg` is not used: it acts on data a local process *sends*, and here nothing is sent by the
 //! daemon once a flow is spliced; every byte comes in from the network on one socket.

@@ -758,7 +758,7 @@ fn sockmap_server_and_listener_bytes_move_while_a_spliced_flow_is_open() {
 /// before the socket enters the map (as a proxy that reads exactly the CONNECT would): the
 /// kernel hands the whole segment to the verdict, and the program must send on only the bytes
 /// after what was read. Before the program trimmed skbs to the socket's next unseen byte, the
-/// read bytes reached the broker a second time (shared notes §1). No daemon: the project's own
+/// read bytes reached the broker a second time (docs/sockmap-replay.md). No daemon: the project's own
 /// program and maps, set up in the hand-over order.
 #[test]
 fn sockmap_a_partly_read_segment_goes_on_from_the_first_unread_byte() {

@@ -1,7 +1,7 @@
 //! The in-kernel splice: once the CONNECT is peeked and a broker connected, both sockets join a
 //! sockmap and the verdict program forwards every byte; the daemon only watches for the close.
 //!
-//! Hand-over order (shared/notes §1–2): per-flow counters and both peer entries first, then the
+//! Hand-over order (docs/architecture.md, *The in-kernel splice*): per-flow counters and both peer entries first, then the
 //! broker socket, then the client socket, then the `SO_RCVLOWAT` kick on both, which makes the
 //! kernel forward the CONNECT still queued in the client socket and anything pipelined behind it.
 

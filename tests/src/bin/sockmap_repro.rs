@@ -7,8 +7,8 @@
 //! ```
 //!
 //! with the project's own verdict program and maps (`EbpfPrograms::load`), peer entries for both
-//! sockets, then B, then A into the socket map, then the `SO_RCVLOWAT` kick on both (shared/notes
-//! §1–2). The client writes numbered bytes (4-byte little-endian word counters) in 64 KiB writes
+//! sockets, then B, then A into the socket map, then the `SO_RCVLOWAT` kick on both (the hand-over
+//! order of docs/architecture.md). The client writes numbered bytes (4-byte little-endian word counters) in 64 KiB writes
 //! from one thread and reads the echo back in 64 KiB reads on another, checking every byte as it
 //! arrives. One suspect at a time is added by the scenario:
 //!

@@ -7,7 +7,7 @@
 //! Nothing here makes a syscall, so the rules are tested against a simulated kernel
 //! (`control/sim.rs`) over generated schedules.
 //!
-//! The rules (shared/notes §3–4):
+//! The rules (docs/architecture.md, *The in-kernel splice*):
 //! - FIN: the peer's write side is shut only once every byte received before the FIN has been
 //!   written into the peer (the counter rule, [`close`]);
 //! - reset: what the reset side sent still goes into the other side, which is then closed once

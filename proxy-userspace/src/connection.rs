@@ -13,6 +13,7 @@ use crate::mqtt;
 use crate::proxy_protocol;
 use crate::reject::RejectReason;
 use crate::stats::Direction;
+use crate::upstream::{Connected, Server};
 use crate::ws;
 use read_connect::{ReadConnectError, peek_connect, read_connect};
 use std::net::SocketAddr;
@@ -22,7 +23,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// Serves one accepted client: read CONNECT → choose broker → connect → hand to the data plane.
+/// Serves one accepted client: accept its layers → read CONNECT → choose a broker → connect →
+/// hand the pair to the data plane → one access-log record of how it ended.
 ///
 /// `_active` is taken by the accept loop, so `max_connections` counts this connection at once.
 pub async fn serve(
@@ -32,39 +34,133 @@ pub async fn serve(
     peer: SocketAddr,
 ) {
     let started = Instant::now();
+    let record = handle(&ctx, tcp, peer, started).await;
+    record.write(&ctx, started);
+}
+
+/// The connection's life, top to bottom; every way it can end is the [`Record`] returned.
+async fn handle(
+    ctx: &ListenerContext,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    started: Instant,
+) -> Record {
+    // 0. The layers between TCP and MQTT (TLS, WebSocket), counted by outcome.
+    let mut client = match accept_layers(ctx, tcp, peer).await {
+        Ok(client) => client,
+        Err(reason) => {
+            ctx.count(|c| c.reject(reason));
+            return Record::refused(peer, None, reason);
+        }
+    };
+    // 1. One complete CONNECT within connect_packet_timeout, with the certificate's identity.
+    let connect = match read_client_connect(ctx, &mut client, started).await {
+        Ok(connect) => connect,
+        Err(refusal) => return refusal.send(ctx, client, None).await,
+    };
+    // 2. A broker, trying the next choice on failure.
+    let broker = match connect_broker(ctx, client.addr, &connect.connect).await {
+        Ok(broker) => broker,
+        Err(refusal) => return refusal.send(ctx, client, Some(&connect.connect)).await,
+    };
+    // 3–4. The preamble and the CONNECT into the broker, then the data plane until both sides
+    //      are done.
+    hand_over(ctx, client, connect, broker).await
+}
+
+/// How one connection ended: what its access-log line says.
+struct Record {
+    /// The client's address (X-Forwarded-For's when the listener trusts it).
+    client: SocketAddr,
+    client_id: Option<String>,
+    broker: Option<SocketAddr>,
+    /// The flow's totals, when it reached a data plane.
+    end: Option<FlowEnd>,
+    close: &'static str,
+}
+
+impl Record {
+    fn refused(client: SocketAddr, client_id: Option<String>, reason: RejectReason) -> Record {
+        Record {
+            client,
+            client_id,
+            broker: None,
+            end: None,
+            close: reason.as_str(),
+        }
+    }
+
+    fn write(&self, ctx: &ListenerContext, started: Instant) {
+        ctx.access_log.write(&Entry {
+            client: self.client,
+            client_id: self.client_id.as_deref(),
+            listener: &ctx.config.name,
+            broker: self.broker,
+            path: self.end.map_or(ctx.dataplane.path(), |e| e.path).as_str(),
+            bytes_to_broker: self.end.map_or(0, |e| e.bytes_to_broker),
+            bytes_to_client: self.end.map_or(0, |e| e.bytes_to_client),
+            duration: started.elapsed(),
+            close: self.close,
+        });
+    }
+}
+
+/// A client refused before it reached a broker: why, and the CONNACK it is owed.
+struct Refusal {
+    reason: RejectReason,
+    connack: Option<mqtt::Connack>,
+}
+
+impl Refusal {
+    /// Counts the refusal and sends the CONNACK (see [`refuse::refuse`]).
+    async fn send(
+        self,
+        ctx: &ListenerContext,
+        client: Client,
+        connect: Option<&mqtt::Connect>,
+    ) -> Record {
+        refuse::refuse(ctx, client.stream, self.reason, self.connack).await;
+        Record::refused(
+            client.addr,
+            connect.map(|c| c.client_id.clone()),
+            self.reason,
+        )
+    }
+}
+
+/// A client past its listener's layers.
+struct Client {
+    stream: ClientStream,
+    /// The client's address: the socket's, or X-Forwarded-For's when the listener trusts it.
+    addr: SocketAddr,
+    /// The address the client's socket came from.
+    socket_peer: SocketAddr,
+    /// The listener's address the client reached (for the PROXY header).
+    local: SocketAddr,
+    /// The client certificate, kept only when a rewrite will read it.
+    certificate: Option<Vec<u8>>,
+    /// The WebSocket upgrade, on ws and wss listeners.
+    upgrade: Option<ws::Upgrade>,
+}
+
+/// Step 0: a TLS handshake (tls, wss) within connect_packet_timeout, then the WebSocket upgrade
+/// (ws, wss) within its handshake_timeout; nothing on `tcp`.
+async fn accept_layers(
+    ctx: &ListenerContext,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Result<Client, RejectReason> {
     let _ = tcp.set_nodelay(ctx.config.tcp_nodelay);
     let local = tcp.local_addr().unwrap_or(peer);
-    // The address the socket saw; `peer` becomes the client's (X-Forwarded-For) below.
-    let socket_peer = peer;
-
-    let refused_in_handshake = |reason: RejectReason| {
-        ctx.count(|c| c.reject(reason));
-        ctx.access_log.write(&Entry {
-            client: peer,
-            client_id: None,
-            listener: &ctx.config.name,
-            broker: None,
-            path: ctx.dataplane.path().as_str(),
-            bytes_to_broker: 0,
-            bytes_to_client: 0,
-            duration: started.elapsed(),
-            close: reason.as_str(),
-        });
-    };
-
-    // 0. The layers the listener's kind puts between TCP and MQTT (none on `tcp`): a TLS
-    //    handshake (tls), within connect_packet_timeout, counted by outcome; then the WebSocket
-    //    upgrade (ws), within its handshake_timeout.
-    let mut identity = None;
+    let mut certificate = None;
     // The handshakes run boxed: inline, their futures (buffers included) would make every
     // connection's task bigger for its whole life, spliced TCP flows too.
     let transport = match &ctx.tls {
         None => ClientStream::Tcp(tcp),
         Some(tls) => match Box::pin(tls.accept(tcp, ctx.config.connect_packet_timeout)).await {
             Ok(stream) => {
-                // Copied only when a rewrite will read it.
                 if ctx.config.rewrite_client_id.is_some() || ctx.config.rewrite_username.is_some() {
-                    identity = stream
+                    certificate = stream
                         .get_ref()
                         .1
                         .peer_certificates()
@@ -75,11 +171,11 @@ pub async fn serve(
             }
             Err(failure) => {
                 tracing::debug!(client = %peer, "TLS handshake failed: {}", failure.as_str());
-                return refused_in_handshake(RejectReason::TlsHandshake);
+                return Err(RejectReason::TlsHandshake);
             }
         },
     };
-    let (mut client, peer, upgrade) = match &ctx.ws {
+    let (stream, addr, upgrade) = match &ctx.ws {
         None => (transport, peer, None),
         Some(ws) => match Box::pin(ws::accept(transport, peer, ws, ctx.config.buffer_size)).await {
             Ok(accepted) => (
@@ -89,35 +185,45 @@ pub async fn serve(
             ),
             Err(reason) => {
                 tracing::debug!(client = %peer, "WebSocket upgrade refused: {}", reason.as_str());
-                return refused_in_handshake(RejectReason::WsHandshake);
+                return Err(RejectReason::WsHandshake);
             }
         },
     };
-    let log =
-        |client_id: Option<&str>, broker: Option<SocketAddr>, end: Option<FlowEnd>, close: &str| {
-            ctx.access_log.write(&Entry {
-                client: peer,
-                client_id,
-                listener: &ctx.config.name,
-                broker,
-                path: end.map_or(ctx.dataplane.path(), |e| e.path).as_str(),
-                bytes_to_broker: end.map_or(0, |e| e.bytes_to_broker),
-                bytes_to_client: end.map_or(0, |e| e.bytes_to_client),
-                duration: started.elapsed(),
-                close,
-            })
-        };
+    Ok(Client {
+        stream,
+        addr,
+        socket_peer: peer,
+        local,
+        certificate,
+        upgrade,
+    })
+}
 
-    // 1. Read one complete CONNECT, within connect_packet_timeout: consumed for the userspace
-    //    path (`packet` holds its bytes), or only peeked for the splice (`packet` is None).
+/// A client's CONNECT, as the broker will get it.
+struct ClientConnect {
+    /// Its bytes when they were consumed (userspace path); `None` when only peeked (the splice
+    /// forwards them from the socket).
+    packet: Option<Vec<u8>>,
+    connect: mqtt::Connect,
+}
+
+/// Step 1: one complete CONNECT within connect_packet_timeout (peeked for the splice, consumed
+/// otherwise), then the certificate's identity in place of the client's when the listener says
+/// so.
+async fn read_client_connect(
+    ctx: &ListenerContext,
+    client: &mut Client,
+    started: Instant,
+) -> Result<ClientConnect, Refusal> {
     let deadline = started + ctx.config.connect_packet_timeout;
     let max_size = ctx.config.max_connect_size;
+    let stream = &mut client.stream;
     let read = tokio::time::timeout_at(deadline, async {
-        match (ctx.dataplane.connect_handling(), client.as_tcp_mut()) {
+        match (ctx.dataplane.connect_handling(), stream.as_tcp_mut()) {
             (ConnectHandling::Peek, Some(tcp)) => {
                 peek_connect(tcp, max_size).await.map(|(_, c)| (None, c))
             }
-            _ => read_connect(&mut client, max_size)
+            _ => read_connect(stream, max_size)
                 .await
                 .map(|(p, c)| (Some(p), c)),
         }
@@ -126,135 +232,125 @@ pub async fn serve(
     let (packet, connect) = match read {
         Ok(Ok(read)) => read,
         Ok(Err(ReadConnectError::Closed)) => {
-            ctx.count(|c| c.reject(RejectReason::Closed));
-            return log(None, None, None, RejectReason::Closed.as_str());
+            return Err(Refusal {
+                reason: RejectReason::Closed,
+                connack: None,
+            });
         }
         Ok(Err(ReadConnectError::Invalid(error))) => {
-            let reason = error.reject_reason();
-            tracing::debug!(client = %peer, "refused: {error}");
-            refuse::refuse(&ctx, client, reason, error.connack()).await;
-            return log(None, None, None, reason.as_str());
+            tracing::debug!(client = %client.addr, "refused: {error}");
+            return Err(Refusal {
+                reason: error.reject_reason(),
+                connack: error.connack(),
+            });
         }
         Err(_elapsed) => {
-            refuse::refuse(
-                &ctx,
-                client,
-                RejectReason::ConnectTimeout,
-                None::<mqtt::Connack>,
-            )
-            .await;
-            return log(None, None, None, RejectReason::ConnectTimeout.as_str());
+            return Err(Refusal {
+                reason: RejectReason::ConnectTimeout,
+                connack: None,
+            });
         }
     };
-    // 1b. The certificate's identity in place of the client's, when the listener says so.
     let version = connect.version;
-    let (packet, connect) = match identity::apply(&ctx.config, identity.as_deref(), packet, connect)
-    {
-        Ok(rewritten) => rewritten,
+    match identity::apply(&ctx.config, client.certificate.as_deref(), packet, connect) {
+        Ok((packet, connect)) => Ok(ClientConnect { packet, connect }),
         Err(error) => {
-            tracing::info!(client = %peer, "refused: {error}");
-            let connack = mqtt::not_authorized(version);
-            refuse::refuse(&ctx, client, RejectReason::CertIdentity, Some(connack)).await;
-            return log(None, None, None, RejectReason::CertIdentity.as_str());
+            tracing::info!(client = %client.addr, "refused: {error}");
+            Err(Refusal {
+                reason: RejectReason::CertIdentity,
+                connack: Some(mqtt::not_authorized(version)),
+            })
         }
-    };
-    let client_id = Some(connect.client_id.as_str());
+    }
+}
 
-    // 2. Choose a broker and connect, trying the next choice on failure.
+/// Step 2: a connected broker, chosen by the upstream's balancing; from then on the connection
+/// counts as handled by it, whatever happens next.
+async fn connect_broker(
+    ctx: &ListenerContext,
+    client: SocketAddr,
+    connect: &mqtt::Connect,
+) -> Result<Connected, Refusal> {
     let key = SelectKey {
-        source_ip: peer.ip(),
+        source_ip: client.ip(),
         client_id: &connect.client_id,
     };
-    let mut broker = match ctx.upstream.connect(&key, ctx.config.tcp_nodelay).await {
-        Ok(connected) => connected,
-        Err(error) => {
-            tracing::warn!(client = %peer, upstream = %ctx.upstream.config.name, "no broker: {error}");
-            let connack = mqtt::server_unavailable(connect.version);
-            refuse::refuse(&ctx, client, RejectReason::NoUpstream, Some(connack)).await;
-            return log(client_id, None, None, RejectReason::NoUpstream.as_str());
+    match ctx.upstream.connect(&key, ctx.config.tcp_nodelay).await {
+        Ok(connected) => {
+            ctx.count(|c| {
+                c.handled.fetch_add(1, Relaxed);
+            });
+            connected.server.server().total.fetch_add(1, Relaxed);
+            Ok(connected)
         }
-    };
+        Err(error) => {
+            tracing::warn!(client = %client, upstream = %ctx.upstream.config.name, "no broker: {error}");
+            Err(Refusal {
+                reason: RejectReason::NoUpstream,
+                connack: Some(mqtt::server_unavailable(connect.version)),
+            })
+        }
+    }
+}
+
+/// Steps 3 and 4: the broker leg opened ([`open_broker`]), then the data plane until both sides
+/// are done; or the WebSocket broker leg.
+async fn hand_over(
+    ctx: &ListenerContext,
+    client: Client,
+    connect: ClientConnect,
+    broker: Connected,
+) -> Record {
     let server = broker.server.server().clone();
     let broker_addr = broker.stream.peer_addr().ok();
-    // From here on the connection counts as handled by this broker, whatever happens next.
-    ctx.count(|c| {
-        c.handled.fetch_add(1, Relaxed);
-    });
-    server.total.fetch_add(1, Relaxed);
-
-    // 3'. A WebSocket broker leg: upgrade, write the CONNECT into it, copy both ways.
+    let record = |end: Option<FlowEnd>, close: &'static str| Record {
+        client: client.addr,
+        client_id: Some(connect.connect.client_id.clone()),
+        broker: broker_addr,
+        end,
+        close,
+    };
     if ctx.upstream.config.upstream_protocol == UpstreamProtocol::Ws
-        && let Some(upgrade) = &upgrade
+        && let Some(upgrade) = &client.upgrade
     {
         let meters = [Arc::clone(&ctx.bytes), Arc::clone(&server.bytes)];
-        let client = WsClient {
-            stream: client,
+        let ws_client = WsClient {
+            stream: client.stream,
             upgrade,
-            socket_peer,
-            addr: peer,
-            connect: packet,
+            socket_peer: client.socket_peer,
+            addr: client.addr,
+            connect: connect.packet,
         };
-        let end = Box::pin(serve_ws_broker(&ctx, &meters, client, broker.stream)).await;
-        let close = end.map_or(CloseReason::BrokerError.as_str(), |e| e.reason.as_str());
-        return log(client_id, broker_addr, end, close);
+        let end = Box::pin(serve_ws_broker(ctx, &meters, ws_client, broker.stream)).await;
+        return Record {
+            client: client.addr,
+            client_id: Some(connect.connect.client_id),
+            broker: broker_addr,
+            end,
+            close: end.map_or(CloseReason::BrokerError.as_str(), |e| e.reason.as_str()),
+        };
     }
 
-    // 3. The PROXY header (if on), then TLS to the broker (if `upstream_tls`), then the CONNECT
-    //    when it was consumed. Without TLS both go in one write.
-    let mut preamble = proxy_protocol::header(ctx.upstream.config.proxy_protocol, peer, local);
+    let preamble = proxy_protocol::header(
+        ctx.upstream.config.proxy_protocol,
+        client.addr,
+        client.local,
+    );
     let broker_preamble_len = preamble.len() as u64;
-    let consumed = packet.as_ref().map_or(0, |p| p.len() as u64);
-    let broker_error = |what: &str, error: std::io::Error| {
-        tracing::warn!(client = %peer, broker = ?broker_addr, "{what} failed: {error}");
-        log(
-            client_id,
-            broker_addr,
-            None,
-            CloseReason::BrokerError.as_str(),
-        )
-    };
-    let broker_stream = match &ctx.upstream.tls {
-        None => {
-            if let Some(packet) = &packet {
-                preamble.extend_from_slice(packet);
-            }
-            if !preamble.is_empty()
-                && let Err(error) = broker.stream.write_all(&preamble).await
-            {
-                return broker_error("writing the CONNECT", error);
-            }
-            ClientStream::Tcp(broker.stream)
-        }
-        Some(tls) => {
-            if !preamble.is_empty()
-                && let Err(error) = broker.stream.write_all(&preamble).await
-            {
-                return broker_error("writing the PROXY header", error);
-            }
-            let handshake = tokio::time::timeout(
-                ctx.upstream.config.connect_timeout,
-                tls.connect(broker.stream, &server.config.addr),
-            )
-            .await
-            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
-            let mut stream = match handshake {
-                Ok(stream) => ClientStream::Layered(Box::new(stream)),
-                Err(error) => return broker_error("the TLS handshake with the broker", error),
-            };
-            if let Some(packet) = &packet
-                && let Err(error) = stream.write_all(packet).await
-            {
-                return broker_error("writing the CONNECT", error);
-            }
-            stream
+    let packet = connect.packet.as_deref();
+    let consumed = packet.map_or(0, |p| p.len() as u64);
+    let broker_stream = match open_broker(ctx, &server, broker.stream, preamble, packet).await {
+        Ok(stream) => stream,
+        Err((what, error)) => {
+            tracing::warn!(client = %client.addr, broker = ?broker_addr, "{what} failed: {error}");
+            return record(None, CloseReason::BrokerError.as_str());
         }
     };
     server.bytes.add(Direction::ToBroker, consumed);
     ctx.bytes.add(Direction::ToBroker, consumed);
 
-    // 4. Hand the pair to the data plane until both sides are done.
     let flow = Flow {
-        client,
+        client: client.stream,
         broker: broker_stream,
         idle_timeout: ctx.config.idle_timeout,
         buffer_size: ctx.config.buffer_size,
@@ -263,7 +359,53 @@ pub async fn serve(
     };
     let mut end = ctx.dataplane.run(flow).await;
     end.bytes_to_broker += consumed;
-    log(client_id, broker_addr, Some(end), end.reason.as_str());
+    record(Some(end), end.reason.as_str())
+}
+
+/// Step 3: the PROXY header (if on), TLS to the broker (if `upstream_tls`), then the CONNECT
+/// when it was consumed; without TLS the header and the CONNECT go in one write. An error says
+/// which of these failed.
+async fn open_broker(
+    ctx: &ListenerContext,
+    server: &Server,
+    mut broker: TcpStream,
+    mut preamble: Vec<u8>,
+    packet: Option<&[u8]>,
+) -> Result<ClientStream, (&'static str, std::io::Error)> {
+    let Some(tls) = &ctx.upstream.tls else {
+        if let Some(packet) = packet {
+            preamble.extend_from_slice(packet);
+        }
+        if !preamble.is_empty() {
+            broker
+                .write_all(&preamble)
+                .await
+                .map_err(|e| ("writing the CONNECT", e))?;
+        }
+        return Ok(ClientStream::Tcp(broker));
+    };
+    if !preamble.is_empty() {
+        broker
+            .write_all(&preamble)
+            .await
+            .map_err(|e| ("writing the PROXY header", e))?;
+    }
+    let handshake = tokio::time::timeout(
+        ctx.upstream.config.connect_timeout,
+        tls.connect(broker, &server.config.addr),
+    )
+    .await
+    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+    let mut stream = ClientStream::Layered(Box::new(
+        handshake.map_err(|e| ("the TLS handshake with the broker", e))?,
+    ));
+    if let Some(packet) = packet {
+        stream
+            .write_all(packet)
+            .await
+            .map_err(|e| ("writing the CONNECT", e))?;
+    }
+    Ok(stream)
 }
 
 /// A WebSocket client on its way to a WebSocket broker.

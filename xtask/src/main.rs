@@ -183,7 +183,7 @@ fn bench(args: Vec<String>) -> Result<()> {
         "build",
         "--release",
         "-p",
-        "mqsplice-tests",
+        "mqsplice-bench",
         "--bin",
         "bench",
     ])?;

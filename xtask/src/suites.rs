@@ -30,6 +30,11 @@ fn suites() -> Result<Vec<Suite>> {
             name: "harness".into(),
             args: strings(&["test", "-p", "mqsplice-tests", "--lib"]),
         },
+        // The bench's own parsers (its echo broker's framing, the load generator's packets).
+        Suite {
+            name: "bench".into(),
+            args: strings(&["test", "-p", "mqsplice-bench", "--bins"]),
+        },
         Suite {
             name: "ebpf_load".into(),
             args: strings(&["test", "-p", "proxy-userspace", "--test", "ebpf_load"]),

@@ -205,9 +205,9 @@ pub trait DataPlane: Send + Sync + 'static {
     fn connect_handling(&self) -> ConnectHandling;
     /// Runs one flow to its end.
     fn run(&self, flow: Flow) -> FlowFuture;
-    /// Data-plane specific counters for `GET /stats` (merged into `dataplane`).
-    fn stats(&self) -> serde_json::Value {
-        serde_json::json!({})
+    /// The splice's counters for `GET /stats` (`None` on the userspace path).
+    fn splice_stats(&self) -> Option<crate::stats::SpliceStats> {
+        None
     }
     /// Brings the byte meters of running flows up to date before stats are read. The userspace
     /// path adds bytes as it copies them; a spliced flow's bytes never pass the daemon, so its

@@ -4,12 +4,12 @@ use crate::access_log::AccessLog;
 use crate::config::{Config, DataplaneConfig, DataplaneMode, ListenerKind};
 use crate::dataplane::{DataPlane, EbpfSplice, UserspaceCopy};
 use crate::listener::{ListenerContext, accept_loop};
-use crate::stats::{ConnectionCounters, serve_stats};
+use crate::stats::{ConnectionCounters, DataplaneStats, ListenerStats, Stats, serve_stats};
 use crate::tls::{DEFAULT_ALPN_MQTT, ServerTls, UpstreamTls};
 use crate::upstream::{Resolve, SystemResolver, Upstream};
 use crate::ws::WsListener;
 use anyhow::{Context, bail};
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -48,7 +48,7 @@ struct DataplaneChoice {
 pub struct Running {
     listeners: Vec<(String, SocketAddr)>,
     stats_addr: Option<SocketAddr>,
-    snapshot: Arc<dyn Fn() -> Value + Send + Sync>,
+    snapshot: Arc<dyn Fn() -> Stats + Send + Sync>,
     tasks: Vec<JoinHandle<()>>,
     tls: Vec<(String, Arc<ServerTls>)>,
 }
@@ -69,6 +69,11 @@ impl Running {
 
     /// The same JSON `GET /stats` returns.
     pub fn stats(&self) -> Value {
+        serde_json::to_value((self.snapshot)()).unwrap_or_default()
+    }
+
+    /// What `GET /stats` returns, typed.
+    pub fn typed_stats(&self) -> Stats {
         (self.snapshot)()
     }
 
@@ -195,9 +200,9 @@ pub async fn start_with(config: Config, options: Options) -> anyhow::Result<Runn
         tasks.push(tokio::spawn(accept_loop(socket, ctx)));
     }
 
-    let snapshot: Arc<dyn Fn() -> Value + Send + Sync> = {
+    let snapshot: Arc<dyn Fn() -> Stats + Send + Sync> = {
         let (global, contexts, upstreams) = (global.clone(), contexts.clone(), upstreams.clone());
-        Arc::new(move || stats_json(started, &dataplane, &global, &contexts, &upstreams))
+        Arc::new(move || stats(started, &dataplane, &global, &contexts, &upstreams))
     };
 
     let stats_addr = match config.stats.listen {
@@ -281,57 +286,49 @@ fn choose_dataplane(config: &DataplaneConfig) -> anyhow::Result<DataplaneChoice>
 }
 
 /// `dataplane`: the mode in use and why, merged with the data plane's own counters.
-fn dataplane_json(dataplane: &DataplaneChoice) -> Value {
-    let mut out = dataplane.plane.stats();
-    if !out.is_object() {
-        out = json!({});
-    }
-    out["mode"] = json!(dataplane.plane.path().as_str());
-    out["requested"] = json!(dataplane.requested.as_str());
-    out["reason"] = json!(dataplane.reason);
-    out
-}
-
-fn stats_json(
+fn stats(
     started: Instant,
     dataplane: &DataplaneChoice,
     global: &ConnectionCounters,
     contexts: &[Arc<ListenerContext>],
     upstreams: &[Arc<Upstream>],
-) -> Value {
+) -> Stats {
     dataplane.plane.refresh_meters();
-    let listeners: Map<String, Value> = contexts
+    let listeners = contexts
         .iter()
         .map(|ctx| {
-            let mut entry = ctx.counters.to_json();
-            entry["kind"] = json!(ctx.config.kind.as_str());
-            if let Some(ws) = &ctx.ws {
-                entry["ws"] = ws.stats.to_json();
-            }
-            entry["listen"] = json!(ctx.config.listen.to_string());
-            entry["upstream"] = json!(ctx.config.upstream);
-            entry["data_path"] = json!(ctx.dataplane.path().as_str());
-            if let Some(tls) = &ctx.tls {
-                entry["data_path_reason"] = json!(
+            let listener = ListenerStats {
+                connections: ctx.counters.snapshot(),
+                kind: ctx.config.kind.as_str().to_string(),
+                listen: ctx.config.listen.to_string(),
+                upstream: ctx.config.upstream.clone(),
+                data_path: ctx.dataplane.path().as_str().to_string(),
+                data_path_reason: ctx.tls.as_ref().map(|_| {
                     "TLS is terminated in the daemon (no kTLS), so bytes are copied in userspace"
-                );
-                entry["tls"] = tls.stats.to_json();
-            }
-            entry["bytes_from_clients"] = json!(ctx.bytes.to_broker.load(Relaxed));
-            entry["bytes_to_clients"] = json!(ctx.bytes.to_client.load(Relaxed));
-            (ctx.config.name.clone(), entry)
+                        .to_string()
+                }),
+                bytes_from_clients: ctx.bytes.to_broker.load(Relaxed),
+                bytes_to_clients: ctx.bytes.to_client.load(Relaxed),
+                tls: ctx.tls.as_ref().map(|tls| tls.stats.snapshot()),
+                ws: ctx.ws.as_ref().map(|ws| ws.stats.snapshot()),
+            };
+            (ctx.config.name.clone(), listener)
         })
         .collect();
-    let upstreams: Map<String, Value> = upstreams
-        .iter()
-        .map(|u| (u.config.name.clone(), u.to_json()))
-        .collect();
-    json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_secs": started.elapsed().as_secs(),
-        "dataplane": dataplane_json(dataplane),
-        "connections": global.to_json(),
-        "listeners": listeners,
-        "upstreams": upstreams,
-    })
+    Stats {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        uptime_secs: started.elapsed().as_secs(),
+        dataplane: DataplaneStats {
+            mode: dataplane.plane.path().as_str().to_string(),
+            requested: dataplane.requested.as_str().to_string(),
+            reason: dataplane.reason.clone(),
+            splice: dataplane.plane.splice_stats(),
+        },
+        connections: global.snapshot(),
+        listeners,
+        upstreams: upstreams
+            .iter()
+            .map(|u| (u.config.name.clone(), u.snapshot()))
+            .collect(),
+    }
 }

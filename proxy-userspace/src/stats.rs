@@ -4,11 +4,12 @@
 //! chunk); the JSON is built only when `GET /stats` asks for it.
 
 mod http;
+mod schema;
 
 pub use http::serve_stats;
+pub use schema::*;
 
 use crate::reject::RejectReason;
-use serde_json::{Map, Value, json};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Connection counters kept for the whole process and again for each listener.
@@ -34,18 +35,17 @@ impl ConnectionCounters {
         self.rejected[reason as usize].load(Relaxed)
     }
 
-    /// The JSON object `{active, accepted, handled, rejected: {reason: n}}`.
-    pub fn to_json(&self) -> Value {
-        let rejected: Map<String, Value> = RejectReason::ALL
-            .iter()
-            .map(|r| (r.as_str().to_string(), json!(self.rejected(*r))))
-            .collect();
-        json!({
-            "active": self.active.load(Relaxed),
-            "accepted": self.accepted.load(Relaxed),
-            "handled": self.handled.load(Relaxed),
-            "rejected": rejected,
-        })
+    /// The counters now, every refusal reason listed.
+    pub fn snapshot(&self) -> ConnectionStats {
+        ConnectionStats {
+            active: self.active.load(Relaxed),
+            accepted: self.accepted.load(Relaxed),
+            handled: self.handled.load(Relaxed),
+            rejected: RejectReason::ALL
+                .iter()
+                .map(|r| (r.as_str().to_string(), self.rejected(*r)))
+                .collect(),
+        }
     }
 }
 

@@ -13,8 +13,8 @@ pub use resolve::{Resolve, ResolveFuture, SystemResolver};
 use crate::balance::{Balancer, SelectKey, ServerSpec};
 use crate::config::{ServerConfig, UpstreamConfig};
 use crate::stats::ByteMeter;
+use crate::stats::{ServerStats, UpstreamStats};
 use arc_swap::ArcSwap;
-use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -82,19 +82,19 @@ impl Server {
         }
     }
 
-    fn to_json(&self, now: Instant) -> Value {
-        json!({
-            "addr": self.config.addr,
-            "resolved": self.addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-            "state": self.state(now),
-            "weight": self.config.weight,
-            "backup": self.config.backup,
-            "active": self.active.load(Relaxed),
-            "total": self.total.load(Relaxed),
-            "failures": self.failures.load(Relaxed),
-            "bytes_to_server": self.bytes.to_broker.load(Relaxed),
-            "bytes_from_server": self.bytes.to_client.load(Relaxed),
-        })
+    fn snapshot(&self, now: Instant) -> ServerStats {
+        ServerStats {
+            addr: self.config.addr.clone(),
+            resolved: self.addrs().iter().map(|a| a.to_string()).collect(),
+            state: self.state(now).to_string(),
+            weight: self.config.weight,
+            backup: self.config.backup,
+            active: self.active.load(Relaxed),
+            total: self.total.load(Relaxed),
+            failures: self.failures.load(Relaxed),
+            bytes_to_server: self.bytes.to_broker.load(Relaxed),
+            bytes_from_server: self.bytes.to_client.load(Relaxed),
+        }
     }
 }
 
@@ -272,12 +272,12 @@ impl Upstream {
     }
 
     /// `{balance, servers: [...]}` for the stats endpoint.
-    pub fn to_json(&self) -> Value {
+    pub fn snapshot(&self) -> UpstreamStats {
         let now = Instant::now();
-        json!({
-            "balance": self.config.balance.as_str(),
-            "servers": self.servers.iter().map(|s| s.to_json(now)).collect::<Vec<_>>(),
-        })
+        UpstreamStats {
+            balance: self.config.balance.as_str().to_string(),
+            servers: self.servers.iter().map(|s| s.snapshot(now)).collect(),
+        }
     }
 }
 

@@ -19,9 +19,9 @@ use super::{
 };
 use crate::config::{DataplaneConfig, InflightLimit, auto_inflight_per_flow};
 use crate::stats::{ByteMeter, Direction};
+use crate::stats::{SpliceCloses, SpliceStats};
 use control::FlowSetup;
 use proxy_common::{FlowCounters, PeerEntry, direction, throttle};
-use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -181,7 +181,7 @@ impl DataPlane for EbpfSplice {
         self.shared.refresh_meters();
     }
 
-    fn stats(&self) -> Value {
+    fn splice_stats(&self) -> Option<SpliceStats> {
         let c = &self.shared.counters;
         let totals = {
             let maps = self.shared.maps.lock().unwrap_or_else(|p| p.into_inner());
@@ -206,39 +206,39 @@ impl DataPlane for EbpfSplice {
             })
         }
         .unwrap_or_default();
-        json!({
-            "bpffs_pin": self.shared.pin_dir,
-            "spliced_active": c.spliced_active.load(Relaxed),
-            "spliced_total": c.spliced_total.load(Relaxed),
-            "splice_refused": c.splice_refused.load(Relaxed),
-            "bytes_to_upstream": totals.bytes_to_upstream,
-            "bytes_to_client": totals.bytes_to_client,
-            "packets": totals.packets,
-            "empty_skbs_dropped": totals.empty_dropped,
-            "redirect_failed": totals.redirect_failed,
-            "passed_bytes": totals.passed_bytes,
-            "signals_lost": totals.signals_lost,
-            "stream_check": self.shared.stream_check,
-            "replayed_skbs_dropped": totals.replayed_skbs,
-            "replayed_bytes_dropped": totals.replayed_bytes,
-            "overlapping_skbs_trimmed": totals.overlap_skbs,
-            "overlap_bytes_trimmed": totals.overlap_bytes_trimmed,
-            "untrimmable_skbs": totals.trim_failed,
-            "throttled_active": c.throttled_active.load(Relaxed),
-            "throttles_total": c.throttles_total.load(Relaxed),
-            "inflight_bytes": c.inflight_bytes.load(Relaxed),
-            "max_inflight_per_flow": self.shared.limits.per_flow,
-            "max_inflight_per_flow_source": self.shared.inflight_source,
-            "max_inflight_total": self.shared.limits.total,
-            "daemon_held_bytes": c.daemon_held_bytes.load(Relaxed),
-            "copies_resumed": c.copies_resumed.load(Relaxed),
-            "max_daemon_held_per_flow": self.shared.limits.held_per_flow,
-            "max_daemon_held_total": self.shared.limits.held_total,
-            "closes": {
-                "fin_drained": c.fin_drained.load(Relaxed),
-                "rst": c.rst.load(Relaxed),
-                "idle_timeout": c.idle.load(Relaxed),
-                "drain_timeout": c.drain_timeout.load(Relaxed),
+        Some(SpliceStats {
+            bpffs_pin: self.shared.pin_dir.clone(),
+            spliced_active: c.spliced_active.load(Relaxed),
+            spliced_total: c.spliced_total.load(Relaxed),
+            splice_refused: c.splice_refused.load(Relaxed),
+            bytes_to_upstream: totals.bytes_to_upstream,
+            bytes_to_client: totals.bytes_to_client,
+            packets: totals.packets,
+            empty_skbs_dropped: totals.empty_dropped,
+            redirect_failed: totals.redirect_failed,
+            passed_bytes: totals.passed_bytes,
+            signals_lost: totals.signals_lost,
+            stream_check: self.shared.stream_check,
+            replayed_skbs_dropped: totals.replayed_skbs,
+            replayed_bytes_dropped: totals.replayed_bytes,
+            overlapping_skbs_trimmed: totals.overlap_skbs,
+            overlap_bytes_trimmed: totals.overlap_bytes_trimmed,
+            untrimmable_skbs: totals.trim_failed,
+            throttled_active: c.throttled_active.load(Relaxed),
+            throttles_total: c.throttles_total.load(Relaxed),
+            inflight_bytes: c.inflight_bytes.load(Relaxed),
+            max_inflight_per_flow: self.shared.limits.per_flow,
+            max_inflight_per_flow_source: self.shared.inflight_source.to_string(),
+            max_inflight_total: self.shared.limits.total,
+            daemon_held_bytes: c.daemon_held_bytes.load(Relaxed),
+            copies_resumed: c.copies_resumed.load(Relaxed),
+            max_daemon_held_per_flow: self.shared.limits.held_per_flow,
+            max_daemon_held_total: self.shared.limits.held_total,
+            closes: SpliceCloses {
+                fin_drained: c.fin_drained.load(Relaxed),
+                rst: c.rst.load(Relaxed),
+                idle_timeout: c.idle.load(Relaxed),
+                drain_timeout: c.drain_timeout.load(Relaxed),
             },
         })
     }

@@ -3,7 +3,6 @@
 //! One request per connection, bounded in size and time, so a stray client on the stats port can
 //! neither hold memory nor a task for long.
 
-use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -13,7 +12,10 @@ const MAX_REQUEST: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves `GET /stats` (JSON from `snapshot`) on `listener` until the task is dropped.
-pub async fn serve_stats(listener: TcpListener, snapshot: Arc<dyn Fn() -> Value + Send + Sync>) {
+pub async fn serve_stats(
+    listener: TcpListener,
+    snapshot: Arc<dyn Fn() -> super::Stats + Send + Sync>,
+) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -32,7 +34,7 @@ pub async fn serve_stats(listener: TcpListener, snapshot: Arc<dyn Fn() -> Value 
 
 async fn answer(
     mut stream: TcpStream,
-    snapshot: &(dyn Fn() -> Value + Send + Sync),
+    snapshot: &(dyn Fn() -> super::Stats + Send + Sync),
 ) -> std::io::Result<()> {
     let mut request = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];

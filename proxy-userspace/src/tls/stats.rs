@@ -1,6 +1,5 @@
 //! Handshake counters of one TLS listener.
 
-use serde_json::{Map, Value, json};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -115,22 +114,21 @@ impl TlsStats {
     }
 
     /// `{handshakes_ok, resumed, handshakes_failed: {reason: n}, handshake_time_avg_us, ...}`.
-    pub fn to_json(&self) -> Value {
-        let failed: Map<String, Value> = HandshakeFailure::ALL
-            .iter()
-            .map(|r| (r.as_str().to_string(), json!(self.failures(*r))))
-            .collect();
+    pub fn snapshot(&self) -> crate::stats::TlsStats {
         let ok = self.ok.load(Relaxed);
         let total_us = self.time_us.load(Relaxed);
-        json!({
-            "handshakes_ok": ok,
-            "resumed": self.resumed.load(Relaxed),
-            "handshakes_failed": failed,
-            "handshake_time_avg_us": total_us.checked_div(ok).unwrap_or(0),
-            "handshake_time_max_us": self.max_us.load(Relaxed),
-            "handshake_time_total_us": total_us,
-            "reloads": self.reloads.load(Relaxed),
-            "reload_failures": self.reload_failures.load(Relaxed),
-        })
+        crate::stats::TlsStats {
+            handshakes_ok: ok,
+            resumed: self.resumed.load(Relaxed),
+            handshakes_failed: HandshakeFailure::ALL
+                .iter()
+                .map(|r| (r.as_str().to_string(), self.failures(*r)))
+                .collect(),
+            handshake_time_avg_us: total_us.checked_div(ok).unwrap_or(0),
+            handshake_time_max_us: self.max_us.load(Relaxed),
+            handshake_time_total_us: total_us,
+            reloads: self.reloads.load(Relaxed),
+            reload_failures: self.reload_failures.load(Relaxed),
+        }
     }
 }

@@ -1,7 +1,6 @@
 //! Per-listener WebSocket counters: why upgrades failed, why upgraded clients were closed,
 //! frames and payload bytes each way, and how long handshakes took.
 
-use serde_json::{Map, Value, json};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -138,25 +137,7 @@ impl WsStats {
     }
 
     /// The `ws` object of a listener's stats.
-    pub fn to_json(&self) -> Value {
-        let failed: Map<String, Value> = UpgradeFailure::ALL
-            .iter()
-            .map(|r| {
-                (
-                    r.as_str().to_string(),
-                    json!(self.failed[*r as usize].load(Relaxed)),
-                )
-            })
-            .collect();
-        let closed: Map<String, Value> = FrameViolation::ALL
-            .iter()
-            .map(|r| {
-                (
-                    r.as_str().to_string(),
-                    json!(self.closed[*r as usize].load(Relaxed)),
-                )
-            })
-            .collect();
+    pub fn snapshot(&self) -> crate::stats::WsStats {
         let ok = self.upgrades_ok.load(Relaxed);
         let total_us = self.handshake_us_total.load(Relaxed);
         let avg_ms = if ok == 0 {
@@ -164,16 +145,32 @@ impl WsStats {
         } else {
             total_us as f64 / ok as f64 / 1000.0
         };
-        json!({
-            "upgrades_ok": ok,
-            "upgrades_failed": failed,
-            "closed_for": closed,
-            "frames_in": self.frames_in.load(Relaxed),
-            "frames_out": self.frames_out.load(Relaxed),
-            "bytes_in": self.bytes_in.load(Relaxed),
-            "bytes_out": self.bytes_out.load(Relaxed),
-            "handshake_ms_avg": (avg_ms * 1000.0).round() / 1000.0,
-            "handshake_ms_max": self.handshake_us_max.load(Relaxed) as f64 / 1000.0,
-        })
+        crate::stats::WsStats {
+            upgrades_ok: ok,
+            upgrades_failed: UpgradeFailure::ALL
+                .iter()
+                .map(|r| {
+                    (
+                        r.as_str().to_string(),
+                        self.failed[*r as usize].load(Relaxed),
+                    )
+                })
+                .collect(),
+            closed_for: FrameViolation::ALL
+                .iter()
+                .map(|r| {
+                    (
+                        r.as_str().to_string(),
+                        self.closed[*r as usize].load(Relaxed),
+                    )
+                })
+                .collect(),
+            frames_in: self.frames_in.load(Relaxed),
+            frames_out: self.frames_out.load(Relaxed),
+            bytes_in: self.bytes_in.load(Relaxed),
+            bytes_out: self.bytes_out.load(Relaxed),
+            handshake_ms_avg: (avg_ms * 1000.0).round() / 1000.0,
+            handshake_ms_max: self.handshake_us_max.load(Relaxed) as f64 / 1000.0,
+        }
     }
 }

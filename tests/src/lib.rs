@@ -78,14 +78,26 @@ pub fn unique_pin_dir() -> String {
     format!("/sys/fs/bpf/mqsplice-test-{}-{n}", std::process::id())
 }
 
-/// A free loopback TCP port (bound, then released: good enough for tests that must pass a port
-/// to a broker that cannot bind port 0 and report it).
+/// A free loopback TCP port, for a broker that cannot bind port 0 and report it.
+///
+/// Chosen below the kernel's ephemeral range (`ip_local_port_range`, 32768–60999 by default),
+/// from a sequence that starts at a point of this process's own: a port taken with `bind(0)`
+/// (every proxy listener and client socket in the tests) is never one of these, so the port
+/// cannot be handed to another test between this check and the broker's bind. Under load the old
+/// way (bind port 0, release) let a listener of a parallel test take the port first, and a
+/// test then talked to the wrong server.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 20_000;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = (LOW + (start + n.wrapping_mul(37)) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Polls `condition` every 10 ms until it holds or `timeout` passes; true when it held.

@@ -147,24 +147,12 @@ impl WsStats {
         };
         crate::stats::WsStats {
             upgrades_ok: ok,
-            upgrades_failed: UpgradeFailure::ALL
-                .iter()
-                .map(|r| {
-                    (
-                        r.as_str().to_string(),
-                        self.failed[*r as usize].load(Relaxed),
-                    )
-                })
-                .collect(),
-            closed_for: FrameViolation::ALL
-                .iter()
-                .map(|r| {
-                    (
-                        r.as_str().to_string(),
-                        self.closed[*r as usize].load(Relaxed),
-                    )
-                })
-                .collect(),
+            upgrades_failed: by_name(
+                UpgradeFailure::ALL.map(|r| (r.as_str(), &self.failed[r as usize])),
+            ),
+            closed_for: by_name(
+                FrameViolation::ALL.map(|r| (r.as_str(), &self.closed[r as usize])),
+            ),
             frames_in: self.frames_in.load(Relaxed),
             frames_out: self.frames_out.load(Relaxed),
             bytes_in: self.bytes_in.load(Relaxed),
@@ -173,4 +161,14 @@ impl WsStats {
             handshake_ms_max: self.handshake_us_max.load(Relaxed) as f64 / 1000.0,
         }
     }
+}
+
+/// Counters by name, read now.
+fn by_name<'a>(
+    counters: impl IntoIterator<Item = (&'a str, &'a AtomicU64)>,
+) -> std::collections::BTreeMap<String, u64> {
+    counters
+        .into_iter()
+        .map(|(name, n)| (name.to_string(), n.load(Relaxed)))
+        .collect()
 }

@@ -946,17 +946,18 @@ impl World {
     }
 }
 
+/// The seeds a test runs: `MQS_SIM_CASES` (scaled by `share`, default `default`) from
+/// `MQS_SIM_SEED` (default 1).
+fn seeds(default: u64, share: u64) -> std::ops::Range<u64> {
+    let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    let cases = env("MQS_SIM_CASES").map_or(default, |c| c.div_ceil(share));
+    let first = env("MQS_SIM_SEED").unwrap_or(1);
+    first..first + cases
+}
+
 #[test]
 fn generated_schedules_deliver_every_byte_once_in_order() {
-    let cases: u64 = std::env::var("MQS_SIM_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000);
-    let first: u64 = std::env::var("MQS_SIM_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    for seed in first..first + cases {
+    for seed in seeds(2000, 1) {
         if let Err(e) = run_seed(seed) {
             panic!("{e}");
         }
@@ -965,15 +966,7 @@ fn generated_schedules_deliver_every_byte_once_in_order() {
 
 #[test]
 fn flows_sharing_the_held_bound_with_echoing_brokers_all_finish() {
-    let cases: u64 = std::env::var("MQS_SIM_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map_or(300, |c: u64| c.div_ceil(4));
-    let first: u64 = std::env::var("MQS_SIM_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    for seed in first..first + cases {
+    for seed in seeds(300, 4) {
         if let Err(e) = World::new(seed).run() {
             panic!("{e}");
         }
@@ -982,12 +975,10 @@ fn flows_sharing_the_held_bound_with_echoing_brokers_all_finish() {
 
 #[test]
 fn a_copy_whose_wake_ups_are_lost_moves_on_at_its_progress_checks() {
-    let cases: u64 = std::env::var("MQS_SIM_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map_or(500, |c: u64| c.div_ceil(4));
+    let seeds = seeds(500, 4);
+    let cases = seeds.end - seeds.start;
     let mut resumed = 0;
-    for seed in 1..=cases {
+    for seed in seeds {
         match run_seed_losing_edges(seed, 100) {
             Ok(n) => resumed += n,
             Err(e) => panic!("{e}"),

@@ -29,6 +29,8 @@ pub struct Entry<'a> {
     /// The broker address, `None` when the connection never reached one.
     pub broker: Option<SocketAddr>,
     pub path: &'a str,
+    /// Why that path ([`crate::dataplane::PathReason`]).
+    pub path_reason: &'a str,
     pub bytes_to_broker: u64,
     pub bytes_to_client: u64,
     pub duration: Duration,
@@ -62,7 +64,7 @@ impl AccessLog {
     }
 }
 
-/// `time client=… client_id="…" listener=… broker=… path=… bytes_to_broker=… bytes_to_client=… duration=… close=…`
+/// `time client=… client_id="…" listener=… broker=… path=… path_reason=… bytes_to_broker=… bytes_to_client=… duration=… close=…`
 fn format_line(now: SystemTime, e: &Entry<'_>) -> String {
     let broker = e.broker.map_or_else(|| "-".to_string(), |b| b.to_string());
     // Debug formatting quotes and escapes the client id, so a hostile id cannot forge log lines.
@@ -70,13 +72,14 @@ fn format_line(now: SystemTime, e: &Entry<'_>) -> String {
         .client_id
         .map_or_else(|| "-".to_string(), |id| format!("{id:?}"));
     format!(
-        "{} client={} client_id={} listener={} broker={} path={} bytes_to_broker={} bytes_to_client={} duration={:.3}s close={}\n",
+        "{} client={} client_id={} listener={} broker={} path={} path_reason={} bytes_to_broker={} bytes_to_client={} duration={:.3}s close={}\n",
         humantime::format_rfc3339_millis(now),
         e.client,
         client_id,
         e.listener,
         broker,
         e.path,
+        e.path_reason,
         e.bytes_to_broker,
         e.bytes_to_client,
         e.duration.as_secs_f64(),
@@ -96,6 +99,7 @@ mod tests {
             listener: "mqtt",
             broker: Some("127.0.0.1:1883".parse().unwrap()),
             path: "userspace",
+            path_reason: "client_tls",
             bytes_to_broker: 12,
             bytes_to_client: 34,
             duration: Duration::from_millis(1500),
@@ -105,7 +109,7 @@ mod tests {
         assert_eq!(
             line,
             "1970-01-01T00:00:00.000Z client=192.0.2.1:5000 client_id=\"dev\\n1 close=forged\" listener=mqtt \
-             broker=127.0.0.1:1883 path=userspace bytes_to_broker=12 bytes_to_client=34 duration=1.500s close=client_closed\n"
+             broker=127.0.0.1:1883 path=userspace path_reason=client_tls bytes_to_broker=12 bytes_to_client=34 duration=1.500s close=client_closed\n"
         );
     }
 }

@@ -7,7 +7,9 @@ mod refuse;
 use crate::access_log::Entry;
 use crate::balance::SelectKey;
 use crate::config::UpstreamProtocol;
-use crate::dataplane::{ClientStream, CloseReason, ConnectHandling, Flow, FlowEnd, copy_layered};
+use crate::dataplane::{
+    ClientStream, CloseReason, ConnectHandling, Flow, FlowEnd, PathReason, copy_layered,
+};
 use crate::listener::ListenerContext;
 use crate::mqtt;
 use crate::proxy_protocol;
@@ -97,11 +99,21 @@ impl Record {
             listener: &ctx.config.name,
             broker: self.broker,
             path: self.end.map_or(ctx.dataplane.path(), |e| e.path).as_str(),
+            path_reason: path_reason(ctx, self.end).as_str(),
             bytes_to_broker: self.end.map_or(0, |e| e.bytes_to_broker),
             bytes_to_client: self.end.map_or(0, |e| e.bytes_to_client),
             duration: started.elapsed(),
             close: self.close,
         });
+    }
+}
+
+/// Why a connection took its data path: its listener's reason, unless the kernel refused to
+/// splice the flow and it was copied instead.
+fn path_reason(ctx: &ListenerContext, end: Option<FlowEnd>) -> PathReason {
+    match end {
+        Some(end) if end.path != ctx.dataplane.path() => PathReason::SpliceRefused,
+        _ => ctx.path_reason,
     }
 }
 

@@ -172,6 +172,52 @@ impl CloseReason {
     }
 }
 
+/// Why a flow took its data path: the one answer the access log (`path_reason=`) and the
+/// listener's stats (`data_path_reason`) give.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathReason {
+    /// The process's data path (`dataplane.mode`; `dataplane.reason` in the stats says why it is
+    /// that one).
+    Mode,
+    /// TLS is terminated in the daemon on the client side (there is no kTLS here).
+    ClientTls,
+    /// The brokers are spoken to over TLS (`upstream_tls`).
+    BrokerTls,
+    /// WebSocket frames are unwrapped (and re-framed) by the daemon.
+    WebSocket,
+    /// The kernel refused to splice the pair (a socket was no longer established); copied in
+    /// userspace.
+    SpliceRefused,
+}
+
+impl PathReason {
+    /// The name used in stats and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathReason::Mode => "mode",
+            PathReason::ClientTls => "client_tls",
+            PathReason::BrokerTls => "broker_tls",
+            PathReason::WebSocket => "websocket",
+            PathReason::SpliceRefused => "splice_refused",
+        }
+    }
+
+    /// The data path of a listener's flows, and why: only a plain-TCP listener with a plain-TCP
+    /// upstream can take the process's data path; anything the daemon must decrypt or unframe is
+    /// copied in userspace.
+    pub fn for_listener(client_tls: bool, websocket: bool, broker_tls: bool) -> PathReason {
+        if client_tls {
+            PathReason::ClientTls
+        } else if websocket {
+            PathReason::WebSocket
+        } else if broker_tls {
+            PathReason::BrokerTls
+        } else {
+            PathReason::Mode
+        }
+    }
+}
+
 /// The totals of a finished flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlowEnd {
@@ -214,4 +260,29 @@ pub trait DataPlane: Send + Sync + 'static {
     /// meters are fed from the kernel's counters here (else a long session would show 0 until
     /// it closes).
     fn refresh_meters(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PathReason;
+
+    #[test]
+    fn only_plain_tcp_on_both_sides_takes_the_process_data_path() {
+        // (client TLS, WebSocket, broker TLS) → reason; the client side's reason wins.
+        let table = [
+            ((false, false, false), PathReason::Mode),
+            ((true, false, false), PathReason::ClientTls),
+            ((false, true, false), PathReason::WebSocket),
+            ((false, false, true), PathReason::BrokerTls),
+            ((true, true, true), PathReason::ClientTls),
+            ((false, true, true), PathReason::WebSocket),
+        ];
+        for ((tls, ws, broker_tls), want) in table {
+            assert_eq!(
+                PathReason::for_listener(tls, ws, broker_tls),
+                want,
+                "{tls} {ws} {broker_tls}"
+            );
+        }
+    }
 }

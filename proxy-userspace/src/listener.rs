@@ -17,6 +17,8 @@ pub struct ListenerContext {
     pub config: ListenerConfig,
     pub upstream: Arc<Upstream>,
     pub dataplane: Arc<dyn DataPlane>,
+    /// Why this listener's flows take `dataplane`.
+    pub path_reason: crate::dataplane::PathReason,
     /// This listener's counters.
     pub counters: ConnectionCounters,
     /// Bytes through this listener.

@@ -2,7 +2,7 @@
 
 use crate::access_log::AccessLog;
 use crate::config::{Config, DataplaneConfig, DataplaneMode, ListenerKind};
-use crate::dataplane::{DataPlane, EbpfSplice, UserspaceCopy};
+use crate::dataplane::{DataPlane, EbpfSplice, PathReason, UserspaceCopy};
 use crate::listener::{ListenerContext, accept_loop};
 use crate::stats::{ConnectionCounters, DataplaneStats, ListenerStats, Stats, serve_stats};
 use crate::tls::{DEFAULT_ALPN_MQTT, ServerTls, UpstreamTls};
@@ -179,15 +179,17 @@ pub async fn start_with(config: Config, options: Options) -> anyhow::Result<Runn
         });
         // Nothing below TLS can be spliced, on either side (the kernel here has no kTLS), and
         // WebSocket frames must be unwrapped by the daemon, whatever dataplane.mode says.
-        let plane: Arc<dyn DataPlane> = if tls.is_some() || upstream.tls.is_some() || ws.is_some() {
-            Arc::new(UserspaceCopy)
-        } else {
-            dataplane.plane.clone()
+        let path_reason =
+            PathReason::for_listener(tls.is_some(), ws.is_some(), upstream.tls.is_some());
+        let plane: Arc<dyn DataPlane> = match path_reason {
+            PathReason::Mode => dataplane.plane.clone(),
+            _ => Arc::new(UserspaceCopy),
         };
         let ctx = Arc::new(ListenerContext {
             config: listener_config.clone(),
             upstream: upstream.clone(),
             dataplane: plane,
+            path_reason,
             counters: ConnectionCounters::default(),
             bytes: Arc::default(),
             global: global.clone(),
@@ -303,10 +305,7 @@ fn stats(
                 listen: ctx.config.listen.to_string(),
                 upstream: ctx.config.upstream.clone(),
                 data_path: ctx.dataplane.path().as_str().to_string(),
-                data_path_reason: ctx.tls.as_ref().map(|_| {
-                    "TLS is terminated in the daemon (no kTLS), so bytes are copied in userspace"
-                        .to_string()
-                }),
+                data_path_reason: ctx.path_reason.as_str().to_string(),
                 bytes_from_clients: ctx.bytes.to_broker.load(Relaxed),
                 bytes_to_clients: ctx.bytes.to_client.load(Relaxed),
                 tls: ctx.tls.as_ref().map(|tls| tls.stats.snapshot()),

@@ -89,6 +89,7 @@ async fn stats_endpoint_serves_json_over_http() {
     assert_eq!(stats["connections"]["accepted"], 1);
     assert_eq!(stats["listeners"]["mqtt"]["handled"], 1);
     assert_eq!(stats["listeners"]["mqtt"]["data_path"], "userspace");
+    assert_eq!(stats["listeners"]["mqtt"]["data_path_reason"], "mode");
     let server = &stats["upstreams"]["brokers"]["servers"][0];
     assert_eq!(server["addr"], broker.addr.to_string());
     assert_eq!(server["state"], "up");

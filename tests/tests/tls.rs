@@ -108,6 +108,7 @@ async fn server_auth_carries_the_connect_unchanged_on_the_userspace_path() {
     let listener = &stats["listeners"]["mqtts"];
     assert_eq!(listener["kind"], "tls");
     assert_eq!(listener["data_path"], "userspace");
+    assert_eq!(listener["data_path_reason"], "client_tls");
     assert_eq!(listener["handled"], 1);
     assert_eq!(listener["tls"]["handshakes_ok"], 1);
     assert!(listener["tls"]["handshake_time_total_us"].as_u64().unwrap() > 0);
@@ -597,10 +598,9 @@ upstream = "brokers"
         .unwrap()
         .unwrap();
     assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
-    assert_eq!(
-        running.stats()["listeners"]["mqtt"]["data_path"],
-        "userspace"
-    );
+    let stats = running.stats();
+    assert_eq!(stats["listeners"]["mqtt"]["data_path"], "userspace");
+    assert_eq!(stats["listeners"]["mqtt"]["data_path_reason"], "broker_tls");
 }
 
 #[tokio::test]

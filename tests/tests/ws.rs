@@ -110,6 +110,7 @@ async fn mqtt_over_ws_subscribes_and_publishes_through_a_broker() {
     let listener = &stats["listeners"]["ws"];
     assert_eq!(listener["kind"], "ws");
     assert_eq!(listener["data_path"], "userspace");
+    assert_eq!(listener["data_path_reason"], "websocket");
     assert_eq!(ws_stats(&stats)["upgrades_ok"], 1);
     assert!(ws_stats(&stats)["frames_in"].as_u64().unwrap() >= 4);
     assert!(ws_stats(&stats)["frames_out"].as_u64().unwrap() >= 4);

@@ -97,9 +97,8 @@ pub struct ListenerStats {
     pub upstream: String,
     /// The data path of this listener's flows.
     pub data_path: String,
-    /// Why it is `userspace` when the process runs the splice (TLS on either side).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub data_path_reason: Option<String>,
+    /// Why: `mode` (the process's data path), `client_tls`, `broker_tls` or `websocket`.
+    pub data_path_reason: String,
     pub bytes_from_clients: u64,
     pub bytes_to_clients: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -179,7 +178,6 @@ mod tests {
         };
         let listener = ListenerStats {
             connections: connections.clone(),
-            data_path_reason: Some(String::new()),
             tls: Some(TlsStats {
                 handshakes_failed: reasons.clone(),
                 ..TlsStats::default()

@@ -7,9 +7,7 @@ mod refuse;
 use crate::access_log::Entry;
 use crate::balance::SelectKey;
 use crate::config::UpstreamProtocol;
-use crate::dataplane::{
-    ClientStream, CloseReason, ConnectHandling, Flow, FlowEnd, PathReason, copy_layered,
-};
+use crate::dataplane::{ClientStream, CloseReason, ConnectHandling, Flow, FlowEnd, PathReason};
 use crate::listener::ListenerContext;
 use crate::mqtt;
 use crate::proxy_protocol;
@@ -305,8 +303,8 @@ async fn connect_broker(
     }
 }
 
-/// Steps 3 and 4: the broker leg opened ([`open_broker`]), then the data plane until both sides
-/// are done; or the WebSocket broker leg.
+/// Steps 3 and 4: the broker leg opened ([`open_broker`], or [`open_ws_broker`] for a WebSocket
+/// upstream), then the data plane until both sides are done.
 async fn hand_over(
     ctx: &ListenerContext,
     client: Client,
@@ -322,27 +320,6 @@ async fn hand_over(
         end,
         close,
     };
-    if ctx.upstream.config.upstream_protocol == UpstreamProtocol::Ws
-        && let Some(upgrade) = &client.upgrade
-    {
-        let meters = [Arc::clone(&ctx.bytes), Arc::clone(&server.bytes)];
-        let ws_client = WsClient {
-            stream: client.stream,
-            upgrade,
-            socket_peer: client.socket_peer,
-            addr: client.addr,
-            connect: connect.packet,
-        };
-        let end = Box::pin(serve_ws_broker(ctx, &meters, ws_client, broker.stream)).await;
-        return Record {
-            client: client.addr,
-            client_id: Some(connect.connect.client_id),
-            broker: broker_addr,
-            end,
-            close: end.map_or(CloseReason::BrokerError.as_str(), |e| e.reason.as_str()),
-        };
-    }
-
     let preamble = proxy_protocol::header(
         ctx.upstream.config.proxy_protocol,
         client.addr,
@@ -351,7 +328,14 @@ async fn hand_over(
     let broker_preamble_len = preamble.len() as u64;
     let packet = connect.packet.as_deref();
     let consumed = packet.map_or(0, |p| p.len() as u64);
-    let broker_stream = match open_broker(ctx, &server, broker.stream, preamble, packet).await {
+    let opened = match &client.upgrade {
+        Some(upgrade) if ctx.upstream.config.upstream_protocol == UpstreamProtocol::Ws => {
+            let peers = (client.socket_peer, client.addr);
+            Box::pin(open_ws_broker(ctx, broker.stream, upgrade, peers, packet)).await
+        }
+        _ => open_broker(ctx, &server, broker.stream, preamble, packet).await,
+    };
+    let broker_stream = match opened {
         Ok(stream) => stream,
         Err((what, error)) => {
             tracing::warn!(client = %client.addr, broker = ?broker_addr, "{what} failed: {error}");
@@ -420,28 +404,18 @@ async fn open_broker(
     Ok(stream)
 }
 
-/// A WebSocket client on its way to a WebSocket broker.
-struct WsClient<'a> {
-    stream: ClientStream,
-    upgrade: &'a ws::Upgrade,
-    /// The address the client's socket came from.
-    socket_peer: SocketAddr,
-    /// The client's address (X-Forwarded-For when trusted).
-    addr: SocketAddr,
-    /// The CONNECT's bytes, read from the client.
-    connect: Option<Vec<u8>>,
-}
-
-/// Steps 3 and 4 for an `upstream_protocol = "ws"` upstream: the broker gets its own upgrade
-/// (within the upstream's connect_timeout) and the CONNECT as the first frame; `None` when
-/// that failed.
-async fn serve_ws_broker(
+/// Step 3 for an `upstream_protocol = "ws"` upstream: the broker gets its own upgrade (within
+/// the upstream's connect_timeout, carrying the client's addresses as `peers`: its socket's and
+/// X-Forwarded-For's), then the CONNECT as the first frame.
+async fn open_ws_broker(
     ctx: &ListenerContext,
-    meters: &[Arc<crate::stats::ByteMeter>],
-    client: WsClient<'_>,
     broker: TcpStream,
-) -> Option<FlowEnd> {
-    let broker_addr = broker.peer_addr().ok()?;
+    upgrade: &ws::Upgrade,
+    peers: (SocketAddr, SocketAddr),
+    packet: Option<&[u8]>,
+) -> Result<ClientStream, (&'static str, std::io::Error)> {
+    const UPGRADE: &str = "the WebSocket upgrade to the broker";
+    let broker_addr = broker.peer_addr().map_err(|e| (UPGRADE, e))?;
     let max_frame = ctx
         .config
         .ws
@@ -453,42 +427,23 @@ async fn serve_ws_broker(
         ws::connect_broker(
             broker,
             broker_addr,
-            client.upgrade,
+            upgrade,
             ctx.upstream.config.upstream_host.as_deref(),
-            client.socket_peer.ip(),
-            client.addr.ip(),
+            peers.0.ip(),
+            peers.1.ip(),
             config,
         ),
     )
-    .await;
-    let mut broker_ws = match upgraded {
-        Ok(Ok(ws)) => ws,
-        Ok(Err(error)) => {
-            tracing::warn!(client = %client.addr, broker = %broker_addr, "WebSocket upgrade to the broker failed: {error}");
-            return None;
-        }
-        Err(_) => {
-            tracing::warn!(client = %client.addr, broker = %broker_addr, "WebSocket upgrade to the broker timed out");
-            return None;
-        }
+    .await
+    .map_err(|_| (UPGRADE, std::io::ErrorKind::TimedOut.into()))?;
+    let mut broker_ws = upgraded.map_err(|e| (UPGRADE, std::io::Error::other(e.to_string())))?;
+    let packet = packet.unwrap_or_default();
+    let written = match broker_ws.write_all(packet).await {
+        Ok(()) => broker_ws.flush().await,
+        Err(e) => Err(e),
     };
-    let packet = client.connect.unwrap_or_default();
-    if broker_ws.write_all(&packet).await.is_err() || broker_ws.flush().await.is_err() {
-        return None;
-    }
-    let mut end = copy_layered(
-        client.stream,
-        Box::new(broker_ws),
-        ctx.config.idle_timeout,
-        ctx.config.buffer_size,
-        meters,
-    )
-    .await;
-    for meter in meters {
-        meter.add(Direction::ToBroker, packet.len() as u64);
-    }
-    end.bytes_to_broker += packet.len() as u64;
-    Some(end)
+    written.map_err(|e| ("writing the CONNECT", e))?;
+    Ok(ClientStream::Layered(Box::new(broker_ws)))
 }
 
 /// Counts a connection as active on its listener and globally for as long as it lives.

@@ -10,7 +10,7 @@ pub mod ebpf;
 mod userspace;
 
 pub use ebpf::EbpfSplice;
-pub use userspace::{UserspaceCopy, copy_layered};
+pub use userspace::UserspaceCopy;
 
 use crate::stats::ByteMeter;
 use std::future::Future;

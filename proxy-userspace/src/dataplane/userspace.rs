@@ -59,19 +59,6 @@ async fn copy_flow(flow: Flow) -> FlowEnd {
     }
 }
 
-/// Copies between a layered client and a layered broker leg (a WebSocket broker): the same
-/// loop as the userspace data plane, for a pair no data plane's [`Flow`] can hold.
-pub async fn copy_layered(
-    client: ClientStream,
-    broker: Box<dyn super::ClientIo>,
-    idle_timeout: Duration,
-    buffer_size: usize,
-    meters: &[Arc<ByteMeter>],
-) -> FlowEnd {
-    let halves = (tokio::io::split(client), tokio::io::split(broker));
-    copy_pair(halves, idle_timeout, buffer_size, meters).await
-}
-
 /// The read and write halves of the client and of the broker.
 type Halves<CR, CW, BR, BW> = ((CR, CW), (BR, BW));
 

@@ -54,12 +54,14 @@ async fn handle(
         }
     };
     // 1. One complete CONNECT within connect_packet_timeout, with the certificate's identity.
-    let connect = match read_client_connect(ctx, &mut client, started).await {
+    // The steps that end before the flow does run boxed: inline, their futures would size every
+    // connection's task for its whole life, spliced flows too.
+    let connect = match Box::pin(read_client_connect(ctx, &mut client, started)).await {
         Ok(connect) => connect,
         Err(refusal) => return refusal.send(ctx, client, None).await,
     };
     // 2. A broker, trying the next choice on failure.
-    let broker = match connect_broker(ctx, client.addr, &connect.connect).await {
+    let broker = match Box::pin(connect_broker(ctx, client.addr, &connect.connect)).await {
         Ok(broker) => broker,
         Err(refusal) => return refusal.send(ctx, client, Some(&connect.connect)).await,
     };
@@ -333,7 +335,7 @@ async fn hand_over(
             let peers = (client.socket_peer, client.addr);
             Box::pin(open_ws_broker(ctx, broker.stream, upgrade, peers, packet)).await
         }
-        _ => open_broker(ctx, &server, broker.stream, preamble, packet).await,
+        _ => Box::pin(open_broker(ctx, &server, broker.stream, preamble, packet)).await,
     };
     let broker_stream = match opened {
         Ok(stream) => stream,

@@ -121,6 +121,8 @@ struct Way {
     /// Next re-check of `inflight` while it is non-zero.
     poll_backoff: Duration,
     poll_pending: bool,
+    /// A `Progress` timer is set (one per direction, whatever throttles come and go).
+    progress_pending: bool,
     /// Since when `inflight` has been over the per-flow limit.
     over_since: Option<Instant>,
 }
@@ -189,6 +191,7 @@ impl FlowCore {
             inflight: 0,
             poll_backoff: BACKOFF_START,
             poll_pending: false,
+            progress_pending: false,
             over_since: None,
         };
         let core = FlowCore {
@@ -274,7 +277,10 @@ impl FlowCore {
                     }
                     self.pump(side);
                 }
-                Timer::Progress(side) => self.check_progress(side),
+                Timer::Progress(side) => {
+                    self.ways[side].progress_pending = false;
+                    self.check_progress(side);
+                }
                 Timer::Idle => self.check_idle(),
                 Timer::Ended => self.check_ended(),
             },

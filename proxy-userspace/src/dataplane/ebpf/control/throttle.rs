@@ -89,7 +89,7 @@ impl FlowCore {
                     tracing::trace!(side, redirected = c.redirected, "throttled: copying");
                     throttle.copying = true;
                     self.set_interest(side, Some(true), None);
-                    self.at(PROGRESS_CHECK, Timer::Progress(side));
+                    self.schedule_progress(side);
                     self.pump(side);
                 } else {
                     self.schedule_poll(side);
@@ -211,6 +211,14 @@ impl FlowCore {
             }
         }
         if self.ways[side].throttle.is_some() && !self.finished {
+            self.schedule_progress(side);
+        }
+    }
+
+    /// Sets direction `side`'s progress check unless one is set: a direction handed back and
+    /// throttled again within the second keeps one timer, not one per throttle.
+    fn schedule_progress(&mut self, side: usize) {
+        if !std::mem::replace(&mut self.ways[side].progress_pending, true) {
             self.at(PROGRESS_CHECK, Timer::Progress(side));
         }
     }

@@ -1,33 +1,55 @@
 //! Configuration: TOML parsed by pure functions into plain, validated structs.
 //!
-//! Every key but `upstream.name`, `servers[].addr` and `listener.name`/`kind`/`listen`/`upstream`
-//! has a default (NGINX's where NGINX has one), so a minimal file stays minimal.
+//! One module per section (`stats`, `dataplane`, `log`, `upstream`, `listener`, and the `tls` and
+//! `ws` keys those two share), each with its form as written, its defaults and its rules; this
+//! file holds the document and the checks across sections. Every key but `upstream.name`,
+//! `servers[].addr` and `listener.name`/`kind`/`listen`/`upstream` has a default (NGINX's where
+//! NGINX has one), so a minimal file stays minimal.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
+use std::collections::HashMap;
 
+use serde::Deserialize;
+
+mod dataplane;
+mod error;
+mod listener;
 mod locate;
-mod raw;
-pub mod tls;
+mod log;
+mod stats;
+mod tls;
 pub mod units;
-mod validate;
+mod upstream;
+mod value;
 mod ws;
 
-pub use tls::{CertField, TlsConfig, TlsVersion, UpstreamTlsConfig, VerifyClient};
-
-pub use validate::{
-    DEFAULT_BPFFS_PIN, DEFAULT_BUFFER_SIZE, DEFAULT_CLOSE_DRAIN_TIMEOUT,
-    DEFAULT_CONNECT_PACKET_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FAIL_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECT_SIZE, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_DAEMON_HELD_PER_FLOW, DEFAULT_MAX_DAEMON_HELD_TOTAL, DEFAULT_MAX_INFLIGHT_TOTAL,
-    DEFAULT_RESOLVE_INTERVAL, DEFAULT_STATS_LISTEN, MAX_BUFFER_SIZE, MAX_CONNECT_SIZE,
-    MAX_DURATION, MIN_BUFFER_SIZE, MIN_CONNECT_SIZE, auto_inflight_per_flow,
+pub use dataplane::{
+    DEFAULT_BPFFS_PIN, DEFAULT_CLOSE_DRAIN_TIMEOUT, DEFAULT_MAX_DAEMON_HELD_PER_FLOW,
+    DEFAULT_MAX_DAEMON_HELD_TOTAL, DEFAULT_MAX_INFLIGHT_TOTAL, DataplaneConfig, DataplaneMode,
+    InflightLimit, auto_inflight_per_flow,
 };
+pub use error::ConfigError;
+pub use listener::{
+    DEFAULT_BUFFER_SIZE, DEFAULT_CONNECT_PACKET_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECT_SIZE, DEFAULT_MAX_CONNECTIONS, DEFAULT_TCP_NODELAY, ListenerConfig,
+    ListenerKind, MAX_BUFFER_SIZE, MAX_CONNECT_SIZE, MIN_BUFFER_SIZE, MIN_CONNECT_SIZE,
+};
+pub use log::{AccessLog, LogConfig};
+pub use stats::{DEFAULT_STATS_LISTEN, StatsConfig};
+pub use tls::{
+    CertField, DEFAULT_SESSION_CACHE, DEFAULT_SESSION_TIMEOUT, DEFAULT_VERIFY_DEPTH, TlsConfig,
+    TlsVersion, UpstreamTlsConfig, VerifyClient,
+};
+pub use upstream::{
+    BalanceMethod, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FAIL_TIMEOUT, DEFAULT_MAX_FAILS,
+    DEFAULT_RESOLVE_INTERVAL, DEFAULT_WEIGHT, ProxyProtocol, ServerConfig, UpstreamConfig,
+};
+pub use value::MAX_DURATION;
 pub use ws::{
     DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_FRAME_SIZE, DEFAULT_WS_PATH, UpstreamProtocol,
     WsListenerConfig,
 };
+
+use value::Invalid;
 
 /// The whole, validated configuration of one mqsplice process.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,311 +61,28 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
 }
 
-/// Where the JSON stats endpoint listens; `None` turns it off.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StatsConfig {
-    /// Default `127.0.0.1:8888`.
-    pub listen: Option<SocketAddr>,
-}
-
-/// Which data path moves the bytes of established flows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DataplaneMode {
-    /// eBPF when the programs load, userspace otherwise (the reason is logged and in stats).
-    Auto,
-    /// The in-kernel splice, or fail at start.
-    Sockmap,
-    /// Always the userspace copy path.
-    Userspace,
-}
-
-/// `dataplane.max_inflight_per_flow`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InflightLimit {
-    /// What the kernel buffers for one flow through a userspace proxy that holds nothing itself:
-    /// a full receive queue plus a full send queue (the maxima of `net.ipv4.tcp_rmem` and
-    /// `tcp_wmem`). A bulk flow its peer keeps up with stays spliced, and a peer that falls
-    /// behind is throttled no later than a userspace proxy's reads would stop.
-    Auto,
-    /// A fixed number of bytes.
-    Bytes(usize),
-}
-
-/// `[dataplane]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DataplaneConfig {
-    /// Default `auto`.
-    pub mode: DataplaneMode,
-    /// Directory on bpffs where the eBPF maps are pinned and the instance lock is held.
-    /// Default `/sys/fs/bpf/mqsplice`.
-    pub bpffs_pin: PathBuf,
-    /// How long the bytes before a close may take to drain into the peer. Default 30s.
-    pub close_drain_timeout: Duration,
-    /// A spliced direction with more bytes in the kernel than this is throttled. Default `auto`.
-    pub max_inflight_per_flow: InflightLimit,
-    /// All spliced directions together; the biggest are throttled first. Default 256 MiB.
-    pub max_inflight_total: usize,
-    /// Bytes the daemon may hold for one throttled direction (read, not yet taken by the peer).
-    /// Default 256 KiB.
-    pub max_daemon_held_per_flow: usize,
-    /// The same over all throttled directions. Default 64 MiB.
-    pub max_daemon_held_total: usize,
-}
-
-/// Where the access log goes.
-#[derive(Debug, Clone, PartialEq)]
-pub enum AccessLog {
-    Off,
-    Stderr,
-    File(PathBuf),
-}
-
-/// `[log]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LogConfig {
-    /// Default `stderr`.
-    pub access: AccessLog,
-}
-
-/// How an upstream picks a server for a new connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BalanceMethod {
-    /// Smooth weighted round robin (NGINX's default).
-    RoundRobin,
-    /// Fewest active connections divided by weight.
-    LeastConn,
-    /// Consistent hash of the client's source address.
-    IpHash,
-    /// Consistent hash of the MQTT client identifier (source address when it is empty).
-    ClientId,
-}
-
-impl BalanceMethod {
-    /// The configuration spelling, also used in stats.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BalanceMethod::RoundRobin => "round_robin",
-            BalanceMethod::LeastConn => "least_conn",
-            BalanceMethod::IpHash => "ip_hash",
-            BalanceMethod::ClientId => "client_id",
-        }
-    }
-}
-
-impl DataplaneMode {
-    /// The configuration spelling, also used in stats.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DataplaneMode::Auto => "auto",
-            DataplaneMode::Sockmap => "sockmap",
-            DataplaneMode::Userspace => "userspace",
-        }
-    }
-}
-
-/// PROXY protocol header written to the broker before the CONNECT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProxyProtocol {
-    Off,
-    V1,
-    V2,
-}
-
-/// One `servers[]` entry.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ServerConfig {
-    /// `host:port` exactly as written; a host name is re-resolved every `resolve_interval`.
-    pub addr: String,
-    /// Default 1, must be ≥ 1.
-    pub weight: u32,
-    /// Failed connects within `fail_timeout` that make the server unavailable; 0 disables. Default 1.
-    pub max_fails: u32,
-    /// Window for `max_fails` and how long the server then stays unavailable. Default 10s.
-    pub fail_timeout: Duration,
-    /// Marked down: never chosen. Default false.
-    pub down: bool,
-    /// Chosen only when every primary server is unavailable. Default false.
-    pub backup: bool,
-}
-
-/// One `[[upstream]]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct UpstreamConfig {
-    pub name: String,
-    /// Default `round_robin`.
-    pub balance: BalanceMethod,
-    /// Default `off`.
-    pub proxy_protocol: ProxyProtocol,
-    /// Budget for connecting, including retries on the next server. Default 60s (NGINX).
-    pub connect_timeout: Duration,
-    /// Default 30s.
-    pub resolve_interval: Duration,
-    /// At least one.
-    pub servers: Vec<ServerConfig>,
-    /// `upstream_tls`: TLS from mqsplice to the brokers; `None` is plain TCP.
-    pub tls: Option<UpstreamTlsConfig>,
-    /// What the brokers are spoken to in. Default `tcp`.
-    pub upstream_protocol: UpstreamProtocol,
-    /// `Host` sent to WebSocket brokers instead of the client's. Default none.
-    pub upstream_host: Option<String>,
-}
-
-/// What a listener speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ListenerKind {
-    Tcp,
-    /// TLS terminated by mqsplice (rustls); the `tls` table says how.
-    Tls,
-    /// MQTT over WebSocket (RFC 6455) on plain TCP.
-    Ws,
-    /// MQTT over WebSocket over TLS: the `tls` table and the ws keys together.
-    Wss,
-}
-
-impl ListenerKind {
-    /// The configuration spelling, also used in stats.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ListenerKind::Tcp => "tcp",
-            ListenerKind::Tls => "tls",
-            ListenerKind::Ws => "ws",
-            ListenerKind::Wss => "wss",
-        }
-    }
-}
-
-/// One `[[listener]]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ListenerConfig {
-    pub name: String,
-    pub kind: ListenerKind,
-    pub listen: SocketAddr,
-    /// Name of an `[[upstream]]`; validated to exist.
-    pub upstream: String,
-    /// Default 5s.
-    pub connect_packet_timeout: Duration,
-    /// Default 64 KiB.
-    pub max_connect_size: usize,
-    /// Default 600s (NGINX's `proxy_timeout` default is 10m).
-    pub idle_timeout: Duration,
-    /// Default true.
-    pub tcp_nodelay: bool,
-    /// Per direction, userspace copy path. Default 16 KiB.
-    pub buffer_size: usize,
-    /// Default 100000.
-    pub max_connections: usize,
-    /// The `tls` table; present exactly when the kind terminates TLS.
-    pub tls: Option<TlsConfig>,
-    /// Replace the CONNECT's client identifier with this field of the client certificate.
-    pub rewrite_client_id: Option<CertField>,
-    /// Replace (or add) the CONNECT's user name with this field of the client certificate.
-    pub rewrite_username: Option<CertField>,
-    /// The WebSocket settings; `Some` exactly for `ws` listeners.
-    pub ws: Option<WsListenerConfig>,
-}
-
-/// A configuration that could not be read or is not valid; the message names the key path and line.
-///
-/// The parts are kept apart too, so callers (and tests) need not parse the message to point at
-/// the mistake.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct ConfigError {
-    /// The whole, operator-facing text: `key.path (line N): reason`.
-    pub message: String,
-    key_path: Option<String>,
-    line: Option<usize>,
-    column: Option<usize>,
-    reason: String,
-}
-
-impl ConfigError {
-    fn new(
-        key_path: Option<String>,
-        line: Option<usize>,
-        column: Option<usize>,
-        reason: String,
-    ) -> Self {
-        let place = match (line, column) {
-            (Some(l), Some(c)) => Some(format!("line {l}, column {c}")),
-            (Some(l), None) => Some(format!("line {l}")),
-            _ => None,
-        };
-        let message = match (&key_path, place) {
-            (Some(path), Some(place)) => format!("{path} ({place}): {reason}"),
-            (Some(path), None) => format!("{path}: {reason}"),
-            (None, Some(place)) => format!("{place}: {reason}"),
-            (None, None) => reason.clone(),
-        };
-        ConfigError {
-            message,
-            key_path,
-            line,
-            column,
-            reason,
-        }
-    }
-
-    /// A syntax or type error from the toml crate: its span gives line and column, and the
-    /// spanned document tree (when the syntax is fine) gives the key path.
-    fn from_toml(text: &str, error: &toml::de::Error) -> Self {
-        let reason = error
-            .message()
-            .trim_end()
-            .replace("expected i64", "expected an integer");
-        let Some(span) = error.span() else {
-            return ConfigError::new(None, None, None, reason);
-        };
-        let (line, column) = locate::line_column(text, span.start);
-        let mut key_path = locate::key_path_at(text, span.start);
-        // serde reports a missing key at the table that lacks it; name the key itself.
-        if let Some(missing) = reason
-            .strip_prefix("missing field `")
-            .and_then(|r| r.split('`').next())
-        {
-            key_path = Some(match key_path {
-                Some(table) => format!("{table}.{missing}"),
-                None => missing.to_owned(),
-            });
-        }
-        ConfigError::new(key_path, Some(line), Some(column), reason)
-    }
-
-    fn from_invalid(text: &str, invalid: validate::Invalid) -> Self {
-        let line = invalid
-            .span
-            .map(|span| locate::line_column(text, span.start).0);
-        ConfigError::new(Some(invalid.path), line, None, invalid.reason)
-    }
-
-    /// 1-based line of the offending key or value, so an editor can jump there; `None` when the
-    /// mistake is something missing from the whole file (or the file could not be read).
-    pub fn line(&self) -> Option<usize> {
-        self.line
-    }
-
-    /// 1-based column, known for syntax and type errors reported by the TOML parser.
-    pub fn column(&self) -> Option<usize> {
-        self.column
-    }
-
-    /// Dotted key path such as `upstream[0].servers[1].weight`, stable across edits that move lines.
-    pub fn key_path(&self) -> Option<&str> {
-        self.key_path.as_deref()
-    }
-
-    /// The reason alone, without the location prefix.
-    pub fn reason(&self) -> &str {
-        &self.reason
-    }
+/// The document as written: every optional key is an `Option`, every value keeps its span so
+/// that validation errors can point at a line. Unknown keys are refused here, by serde.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    stats: stats::RawStats,
+    #[serde(default)]
+    dataplane: dataplane::RawDataplane,
+    #[serde(default)]
+    log: log::RawLog,
+    #[serde(default)]
+    upstream: Vec<upstream::RawUpstream>,
+    #[serde(default)]
+    listener: Vec<listener::RawListener>,
 }
 
 impl Config {
     /// Parses and validates a TOML document; the first mistake found is returned.
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
-        let raw: raw::RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError::from_toml(text, &e))?;
-        validate::validate(&raw).map_err(|e| ConfigError::from_invalid(text, e))
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::from_toml(text, &e))?;
+        Config::from_raw(&raw).map_err(|e| ConfigError::from_invalid(text, e))
     }
 
     /// Reads, parses and validates a TOML file; errors name the file.
@@ -355,855 +94,128 @@ impl Config {
             e
         })
     }
+
+    /// Validates each section in file order, then what ties them together (names, addresses,
+    /// the upstream each listener names); the first error wins.
+    fn from_raw(raw: &RawConfig) -> Result<Config, Invalid> {
+        let stats = StatsConfig::from_raw(&raw.stats)?;
+        let dataplane = DataplaneConfig::from_raw(&raw.dataplane)?;
+        let log = LogConfig::from_raw(&raw.log)?;
+        let upstreams = upstreams(&raw.upstream)?;
+        let listeners = listeners(&raw.listener, &upstreams, &stats)?;
+        Ok(Config {
+            stats,
+            dataplane,
+            log,
+            upstreams,
+            listeners,
+        })
+    }
+}
+
+/// Every `[[upstream]]`: at least one, names unique.
+fn upstreams(raw: &[upstream::RawUpstream]) -> Result<Vec<UpstreamConfig>, Invalid> {
+    if raw.is_empty() {
+        return Err(Invalid::at(
+            "upstream",
+            None,
+            "at least one [[upstream]] is required",
+        ));
+    }
+    let mut upstreams: Vec<UpstreamConfig> = Vec::with_capacity(raw.len());
+    for (i, raw_upstream) in raw.iter().enumerate() {
+        let path = format!("upstream[{i}]");
+        let up = UpstreamConfig::from_raw(raw_upstream, &path)?;
+        if let Some(first) = upstreams.iter().position(|o| o.name == up.name) {
+            return Err(Invalid::at(
+                format!("{path}.name"),
+                Some(raw_upstream.name.span()),
+                format!(
+                    "duplicate upstream name {:?} (already used by upstream[{first}])",
+                    up.name
+                ),
+            ));
+        }
+        upstreams.push(up);
+    }
+    Ok(upstreams)
+}
+
+/// Every `[[listener]]`: at least one, names unique, addresses that can all be bound next to
+/// each other and the stats endpoint, and an upstream that exists and that the listener can speak to.
+fn listeners(
+    raw: &[listener::RawListener],
+    upstreams: &[UpstreamConfig],
+    stats: &StatsConfig,
+) -> Result<Vec<ListenerConfig>, Invalid> {
+    if raw.is_empty() {
+        return Err(Invalid::at(
+            "listener",
+            None,
+            "at least one [[listener]] is required",
+        ));
+    }
+    let by_name: HashMap<&str, &UpstreamConfig> =
+        upstreams.iter().map(|u| (u.name.as_str(), u)).collect();
+    let mut listeners: Vec<ListenerConfig> = Vec::with_capacity(raw.len());
+    for (i, raw_listener) in raw.iter().enumerate() {
+        let path = format!("listener[{i}]");
+        let l = ListenerConfig::from_raw(raw_listener, &path)?;
+        if let Some(first) = listeners.iter().position(|o| o.name == l.name) {
+            return Err(Invalid::at(
+                format!("{path}.name"),
+                Some(raw_listener.name.span()),
+                format!(
+                    "duplicate listener name {:?} (already used by listener[{first}])",
+                    l.name
+                ),
+            ));
+        }
+        let clash = listeners
+            .iter()
+            .position(|o| listener::listen_conflict(o.listen, l.listen))
+            .map(|first| format!("listener[{first}].listen ({})", listeners[first].listen))
+            .or_else(|| {
+                stats
+                    .listen
+                    .filter(|s| listener::listen_conflict(*s, l.listen))
+                    .map(|s| format!("stats.listen ({s})"))
+            });
+        if let Some(other) = clash {
+            return Err(Invalid::at(
+                format!("{path}.listen"),
+                Some(raw_listener.listen.span()),
+                format!("listen address {} clashes with {other}", l.listen),
+            ));
+        }
+        let upstream_at = Some(raw_listener.upstream.span());
+        let Some(upstream) = by_name.get(l.upstream.as_str()) else {
+            let mut known: Vec<&str> = by_name.keys().copied().collect();
+            known.sort_unstable();
+            return Err(Invalid::at(
+                format!("{path}.upstream"),
+                upstream_at,
+                format!(
+                    "no upstream named {:?} (defined: {})",
+                    l.upstream,
+                    known.join(", ")
+                ),
+            ));
+        };
+        if upstream.upstream_protocol == UpstreamProtocol::Ws && l.ws.is_none() {
+            return Err(Invalid::at(
+                format!("{path}.upstream"),
+                upstream_at,
+                format!(
+                    "upstream {:?} speaks WebSocket (upstream_protocol = \"ws\"); only ws and wss listeners can use it",
+                    l.upstream
+                ),
+            ));
+        }
+        listeners.push(l);
+    }
+    Ok(listeners)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const FULL: &str = r#"[stats]
-listen = "127.0.0.1:8888"           # GET /stats -> JSON
-[dataplane]
-mode = "auto"                       # auto | ebpf | userspace
-[log]
-access = "stderr"                   # off | stderr | FILE (any other string is a file path)
-[[upstream]]
-name = "emqx"
-balance = "client_id"               # round_robin | least_conn | ip_hash | client_id
-proxy_protocol = "off"              # off | v1 | v2
-connect_timeout = "10s"
-resolve_interval = "30s"
-servers = [
-  { addr = "emqx1.example:1883", weight = 3, max_fails = 2, fail_timeout = "10s" },
-  { addr = "127.0.0.1:18832", down = true },
-  { addr = "127.0.0.1:18833", backup = true },
-]
-[[listener]]
-name = "mqtt"
-kind = "tcp"                        # tcp | tls | ws | wss
-listen = "0.0.0.0:1883"
-upstream = "emqx"
-connect_packet_timeout = "5s"
-max_connect_size = "64KiB"
-idle_timeout = "1800s"
-tcp_nodelay = true
-buffer_size = "16KiB"
-max_connections = 100000
-"#;
-
-    /// One upstream with one server (line 3), one listener (lines 4-8).
-    const MINIMAL: &str = r#"[[upstream]]
-name = "emqx"
-servers = [{ addr = "127.0.0.1:1883" }]
-[[listener]]
-name = "mqtt"
-kind = "tcp"
-listen = "0.0.0.0:1883"
-upstream = "emqx"
-"#;
-
-    fn secs(n: u64) -> Duration {
-        Duration::from_secs(n)
-    }
-
-    fn server(addr: &str) -> ServerConfig {
-        ServerConfig {
-            addr: addr.into(),
-            weight: 1,
-            max_fails: 1,
-            fail_timeout: secs(10),
-            down: false,
-            backup: false,
-        }
-    }
-
-    fn err(text: &str) -> ConfigError {
-        match Config::from_toml_str(text) {
-            Ok(c) => panic!("expected an error, got {c:?}"),
-            Err(e) => e,
-        }
-    }
-
-    /// Asserts the key path, line and a piece of the reason, and that the message shows all three.
-    #[track_caller]
-    fn assert_err(text: &str, path: &str, line: usize, reason: &str) {
-        let e = err(text);
-        assert_eq!(e.key_path(), Some(path), "{e}");
-        assert_eq!(e.line(), Some(line), "{e}");
-        assert!(e.reason().contains(reason), "{e}");
-        let shown = e.to_string();
-        assert!(
-            shown.starts_with(&format!("{path} (line {line}")),
-            "{shown}"
-        );
-        assert!(shown.contains(reason), "{shown}");
-    }
-
-    /// MINIMAL with `extra` appended after line 8 (so `extra`'s first line is line 9).
-    fn minimal_plus(extra: &str) -> String {
-        format!("{MINIMAL}{extra}")
-    }
-
-    /// MINIMAL with `key = value` lines inserted into the upstream table (from line 3 on).
-    fn upstream_with(lines: &str) -> String {
-        MINIMAL.replacen("servers = ", &format!("{lines}\nservers = "), 1)
-    }
-
-    /// MINIMAL with `lines` appended to the listener table (from line 9 on).
-    fn listener_with(lines: &str) -> String {
-        minimal_plus(&format!("{lines}\n"))
-    }
-
-    #[test]
-    fn full_example_parses_exactly() {
-        let config = Config::from_toml_str(FULL).unwrap();
-        let expected = Config {
-            stats: StatsConfig {
-                listen: Some("127.0.0.1:8888".parse().unwrap()),
-            },
-            dataplane: DataplaneConfig {
-                mode: DataplaneMode::Auto,
-                bpffs_pin: DEFAULT_BPFFS_PIN.into(),
-                close_drain_timeout: DEFAULT_CLOSE_DRAIN_TIMEOUT,
-                max_inflight_per_flow: InflightLimit::Auto,
-                max_inflight_total: DEFAULT_MAX_INFLIGHT_TOTAL,
-                max_daemon_held_per_flow: DEFAULT_MAX_DAEMON_HELD_PER_FLOW,
-                max_daemon_held_total: DEFAULT_MAX_DAEMON_HELD_TOTAL,
-            },
-            log: LogConfig {
-                access: AccessLog::Stderr,
-            },
-            upstreams: vec![UpstreamConfig {
-                name: "emqx".into(),
-                balance: BalanceMethod::ClientId,
-                proxy_protocol: ProxyProtocol::Off,
-                connect_timeout: secs(10),
-                resolve_interval: secs(30),
-                servers: vec![
-                    ServerConfig {
-                        weight: 3,
-                        max_fails: 2,
-                        ..server("emqx1.example:1883")
-                    },
-                    ServerConfig {
-                        down: true,
-                        ..server("127.0.0.1:18832")
-                    },
-                    ServerConfig {
-                        backup: true,
-                        ..server("127.0.0.1:18833")
-                    },
-                ],
-                tls: None,
-                upstream_protocol: UpstreamProtocol::Tcp,
-                upstream_host: None,
-            }],
-            listeners: vec![ListenerConfig {
-                name: "mqtt".into(),
-                kind: ListenerKind::Tcp,
-                listen: "0.0.0.0:1883".parse().unwrap(),
-                upstream: "emqx".into(),
-                connect_packet_timeout: secs(5),
-                max_connect_size: 64 * 1024,
-                idle_timeout: secs(1800),
-                tcp_nodelay: true,
-                buffer_size: 16 * 1024,
-                max_connections: 100_000,
-                tls: None,
-                rewrite_client_id: None,
-                rewrite_username: None,
-                ws: None,
-            }],
-        };
-        assert_eq!(config, expected);
-    }
-
-    #[test]
-    fn minimal_gets_every_default() {
-        let config = Config::from_toml_str(MINIMAL).unwrap();
-        let expected = Config {
-            stats: StatsConfig {
-                listen: Some("127.0.0.1:8888".parse().unwrap()),
-            },
-            dataplane: DataplaneConfig {
-                mode: DataplaneMode::Auto,
-                bpffs_pin: DEFAULT_BPFFS_PIN.into(),
-                close_drain_timeout: DEFAULT_CLOSE_DRAIN_TIMEOUT,
-                max_inflight_per_flow: InflightLimit::Auto,
-                max_inflight_total: DEFAULT_MAX_INFLIGHT_TOTAL,
-                max_daemon_held_per_flow: DEFAULT_MAX_DAEMON_HELD_PER_FLOW,
-                max_daemon_held_total: DEFAULT_MAX_DAEMON_HELD_TOTAL,
-            },
-            log: LogConfig {
-                access: AccessLog::Stderr,
-            },
-            upstreams: vec![UpstreamConfig {
-                name: "emqx".into(),
-                balance: BalanceMethod::RoundRobin,
-                proxy_protocol: ProxyProtocol::Off,
-                connect_timeout: secs(60),
-                resolve_interval: secs(30),
-                servers: vec![server("127.0.0.1:1883")],
-                tls: None,
-                upstream_protocol: UpstreamProtocol::Tcp,
-                upstream_host: None,
-            }],
-            listeners: vec![ListenerConfig {
-                name: "mqtt".into(),
-                kind: ListenerKind::Tcp,
-                listen: "0.0.0.0:1883".parse().unwrap(),
-                upstream: "emqx".into(),
-                connect_packet_timeout: secs(5),
-                max_connect_size: 64 * 1024,
-                idle_timeout: secs(600),
-                tcp_nodelay: true,
-                buffer_size: 16 * 1024,
-                max_connections: 100_000,
-                tls: None,
-                rewrite_client_id: None,
-                rewrite_username: None,
-                ws: None,
-            }],
-        };
-        assert_eq!(config, expected);
-        // The published constants are the ones applied.
-        let l = &config.listeners[0];
-        assert_eq!(l.idle_timeout, DEFAULT_IDLE_TIMEOUT);
-        assert_eq!(l.buffer_size, DEFAULT_BUFFER_SIZE);
-        assert_eq!(l.max_connect_size, DEFAULT_MAX_CONNECT_SIZE);
-        assert_eq!(l.max_connections, DEFAULT_MAX_CONNECTIONS);
-        assert_eq!(l.connect_packet_timeout, DEFAULT_CONNECT_PACKET_TIMEOUT);
-        assert_eq!(config.upstreams[0].connect_timeout, DEFAULT_CONNECT_TIMEOUT);
-        assert_eq!(
-            config.upstreams[0].resolve_interval,
-            DEFAULT_RESOLVE_INTERVAL
-        );
-        assert_eq!(
-            config.upstreams[0].servers[0].fail_timeout,
-            DEFAULT_FAIL_TIMEOUT
-        );
-        assert_eq!(
-            config.stats.listen,
-            Some(DEFAULT_STATS_LISTEN.parse().unwrap())
-        );
-    }
-
-    #[test]
-    fn other_spellings() {
-        let text = format!(
-            "[stats]\nlisten = \"off\"\n[dataplane]\nmode = \"userspace\"\n[log]\naccess = \"/var/log/mqsplice/access.log\"\n{}",
-            upstream_with(
-                "balance = \"least_conn\"\nproxy_protocol = \"v2\"\nconnect_timeout = 3\nresolve_interval = \"1m30s\""
-            )
-        ) + "connect_packet_timeout = \"500ms\"\nmax_connect_size = 1024\nidle_timeout = \"1h\"\ntcp_nodelay = false\nbuffer_size = \"1m\"\nmax_connections = 1\n";
-        let c = Config::from_toml_str(&text).unwrap();
-        assert_eq!(c.stats.listen, None);
-        assert_eq!(c.dataplane.mode, DataplaneMode::Userspace);
-        assert_eq!(
-            c.log.access,
-            AccessLog::File("/var/log/mqsplice/access.log".into())
-        );
-        let u = &c.upstreams[0];
-        assert_eq!(u.balance, BalanceMethod::LeastConn);
-        assert_eq!(u.proxy_protocol, ProxyProtocol::V2);
-        assert_eq!(u.connect_timeout, secs(3));
-        assert_eq!(u.resolve_interval, secs(90));
-        let l = &c.listeners[0];
-        assert_eq!(l.connect_packet_timeout, Duration::from_millis(500));
-        assert_eq!(l.max_connect_size, 1024);
-        assert_eq!(l.idle_timeout, secs(3600));
-        assert!(!l.tcp_nodelay);
-        assert_eq!(l.buffer_size, 1 << 20);
-        assert_eq!(l.max_connections, 1);
-    }
-
-    #[test]
-    fn backup_with_hash_balancing_is_allowed() {
-        for balance in ["ip_hash", "client_id"] {
-            let text = MINIMAL.replacen(
-                "servers = [{ addr = \"127.0.0.1:1883\" }]",
-                &format!(
-                    "balance = \"{balance}\"\nservers = [{{ addr = \"a:1\" }}, {{ addr = \"b:1\", backup = true }}]"
-                ),
-                1,
-            );
-            let c = Config::from_toml_str(&text).unwrap();
-            assert!(c.upstreams[0].servers[1].backup);
-        }
-    }
-
-    #[test]
-    fn several_upstreams_and_listeners() {
-        let text = minimal_plus(
-            "[[upstream]]\nname = \"other\"\nservers = [{ addr = \"[::1]:1883\" }]\n[[listener]]\nname = \"second\"\nkind = \"tcp\"\nlisten = \"[::]:1884\"\nupstream = \"other\"\n",
-        );
-        let c = Config::from_toml_str(&text).unwrap();
-        assert_eq!(c.upstreams.len(), 2);
-        assert_eq!(c.listeners[1].upstream, "other");
-        // Port 0 (an ephemeral port each) never clashes, not even with the stats port.
-        let text = MINIMAL.replace("0.0.0.0:1883", "127.0.0.1:0")
-            + "[[listener]]\nname = \"b\"\nkind = \"tcp\"\nlisten = \"127.0.0.1:0\"\nupstream = \"emqx\"\n";
-        assert!(Config::from_toml_str(&text).is_ok());
-    }
-
-    #[test]
-    fn missing_sections() {
-        let e = err(
-            "[[listener]]\nname = \"m\"\nkind = \"tcp\"\nlisten = \"0.0.0.0:1\"\nupstream = \"x\"\n",
-        );
-        assert_eq!(e.key_path(), Some("upstream"));
-        assert_eq!(e.line(), None);
-        assert!(e.to_string().contains("at least one [[upstream]]"), "{e}");
-        let e = err("[[upstream]]\nname = \"x\"\nservers = [{ addr = \"a:1\" }]\n");
-        assert_eq!(e.key_path(), Some("listener"));
-        assert!(e.to_string().contains("at least one [[listener]]"), "{e}");
-        let e = err("");
-        assert_eq!(e.key_path(), Some("upstream"));
-        // An explicitly empty array has a line to point at... but serde gives us no span for an
-        // empty Vec, so it is reported like an absent one.
-        assert_eq!(err("upstream = []\n").key_path(), Some("upstream"));
-    }
-
-    #[test]
-    fn required_keys() {
-        assert_err(
-            "[[upstream]]\nservers = [{ addr = \"a:1\" }]\n",
-            "upstream[0].name",
-            1,
-            "missing field `name`",
-        );
-        assert_err(
-            &MINIMAL.replace("{ addr = \"127.0.0.1:1883\" }", "{ weight = 2 }"),
-            "upstream[0].servers[0].addr",
-            3,
-            "missing field `addr`",
-        );
-        for key in ["name", "kind", "listen", "upstream"] {
-            let text: String = MINIMAL
-                .lines()
-                .enumerate()
-                .filter(|(i, l)| *i < 4 || !l.starts_with(&format!("{key} =")))
-                .map(|(_, l)| format!("{l}\n"))
-                .collect();
-            assert_err(
-                &text,
-                &format!("listener[0].{key}"),
-                4,
-                &format!("missing field `{key}`"),
-            );
-        }
-    }
-
-    #[test]
-    fn duplicate_names() {
-        assert_err(
-            &minimal_plus("[[upstream]]\nname = \"emqx\"\nservers = [{ addr = \"b:1\" }]\n"),
-            "upstream[1].name",
-            10,
-            "duplicate upstream name \"emqx\"",
-        );
-        assert_err(
-            &minimal_plus(
-                "[[listener]]\nname = \"mqtt\"\nkind = \"tcp\"\nlisten = \"0.0.0.0:1884\"\nupstream = \"emqx\"\n",
-            ),
-            "listener[1].name",
-            10,
-            "duplicate listener name \"mqtt\"",
-        );
-    }
-
-    #[test]
-    fn listener_upstream_must_exist() {
-        assert_err(
-            &MINIMAL.replace("upstream = \"emqx\"", "upstream = \"emq\""),
-            "listener[0].upstream",
-            8,
-            "no upstream named \"emq\" (defined: emqx)",
-        );
-    }
-
-    #[test]
-    fn servers_rules() {
-        assert_err(
-            &MINIMAL.replace("[{ addr = \"127.0.0.1:1883\" }]", "[]"),
-            "upstream[0].servers",
-            3,
-            "needs at least one server",
-        );
-        assert_err(
-            &MINIMAL.replace("servers = [{ addr = \"127.0.0.1:1883\" }]\n", ""),
-            "upstream[0].servers",
-            2,
-            "needs at least one server",
-        );
-        let servers = |list: &str| MINIMAL.replace("[{ addr = \"127.0.0.1:1883\" }]", list);
-        assert_err(
-            &servers("[\n  { addr = \"a:1\" },\n  { addr = \"emqx1\" },\n]"),
-            "upstream[0].servers[1].addr",
-            5,
-            "has no port",
-        );
-        assert_err(
-            &servers("[{ addr = \"a:99999\" }]"),
-            "upstream[0].servers[0].addr",
-            3,
-            "invalid port",
-        );
-        assert_err(
-            &servers("[{ addr = \"::1:1883\" }]"),
-            "upstream[0].servers[0].addr",
-            3,
-            "need brackets",
-        );
-        assert_err(
-            &servers("[\n  { addr = \"a:1\" },\n  { addr = \"b:1\", weight = 0 },\n]"),
-            "upstream[0].servers[1].weight",
-            5,
-            "weight must be at least 1",
-        );
-        assert_err(
-            &servers("[{ addr = \"a:1\", max_fails = -1 }]"),
-            "upstream[0].servers[0].max_fails",
-            3,
-            "max_fails must be between 0",
-        );
-        assert_err(
-            &servers("[{ addr = \"a:1\" },\n{ addr = \"b:1\", backup = true, down = true }]"),
-            "upstream[0].servers[1].backup",
-            4,
-            "both backup and down",
-        );
-        assert_err(
-            &servers("[\n{ addr = \"a:1\", backup = true },\n{ addr = \"b:1\", backup = true }]"),
-            "upstream[0].servers",
-            3,
-            "every server of upstream \"emqx\" is a backup",
-        );
-        // A down primary next to a backup is fine: the backup is what it is for.
-        assert!(
-            Config::from_toml_str(&servers(
-                "[{ addr = \"a:1\", down = true }, { addr = \"b:1\", backup = true }]"
-            ))
-            .is_ok()
-        );
-    }
-
-    #[test]
-    fn durations_must_be_positive() {
-        for key in ["connect_timeout", "resolve_interval"] {
-            assert_err(
-                &upstream_with(&format!("{key} = \"0s\"")),
-                &format!("upstream[0].{key}"),
-                3,
-                "must be greater than 0",
-            );
-        }
-        assert_err(
-            &MINIMAL.replace("\" }]", "\", fail_timeout = 0 }]"),
-            "upstream[0].servers[0].fail_timeout",
-            3,
-            "must be greater than 0",
-        );
-        for key in ["connect_packet_timeout", "idle_timeout"] {
-            assert_err(
-                &listener_with(&format!("{key} = \"0\"")),
-                &format!("listener[0].{key}"),
-                9,
-                "must be greater than 0",
-            );
-        }
-        assert_err(
-            &upstream_with("connect_timeout = \"10 seconds\""),
-            "upstream[0].connect_timeout",
-            3,
-            "missing unit",
-        );
-        assert_err(
-            &upstream_with("connect_timeout = -5"),
-            "upstream[0].connect_timeout",
-            3,
-            "negative duration",
-        );
-        assert_err(
-            &listener_with("idle_timeout = \"99999999w\""),
-            "listener[0].idle_timeout",
-            9,
-            "must be at most 365d",
-        );
-        assert_err(
-            &listener_with("idle_timeout = \"10y\""),
-            "listener[0].idle_timeout",
-            9,
-            "unknown unit \"y\"",
-        );
-    }
-
-    #[test]
-    fn size_and_count_limits() {
-        assert_err(
-            &listener_with("buffer_size = \"1023\""),
-            "listener[0].buffer_size",
-            9,
-            "between 1KiB and 16MiB",
-        );
-        assert_err(
-            &listener_with("buffer_size = \"17MiB\""),
-            "listener[0].buffer_size",
-            9,
-            "between 1KiB and 16MiB",
-        );
-        assert_err(
-            &listener_with("max_connect_size = 63"),
-            "listener[0].max_connect_size",
-            9,
-            "between 64 bytes and 256MiB",
-        );
-        assert_err(
-            &listener_with("max_connect_size = \"257MiB\""),
-            "listener[0].max_connect_size",
-            9,
-            "between 64 bytes and 256MiB",
-        );
-        assert_err(
-            &listener_with("max_connect_size = \"64KB\""),
-            "listener[0].max_connect_size",
-            9,
-            "unknown unit \"KB\"",
-        );
-        assert_err(
-            &listener_with("max_connections = 0"),
-            "listener[0].max_connections",
-            9,
-            "max_connections must be at least 1",
-        );
-    }
-
-    #[test]
-    fn ws_listener_keys() {
-        let ws = MINIMAL.replace("kind = \"tcp\"", "kind = \"ws\"");
-        let config = Config::from_toml_str(&format!(
-            "{ws}path = [\"/mqtt\", \"/ws\"]\nmax_frame_size = \"64KiB\"\ntrust_forwarded_for = [\"10.0.0.0/8\"]\n"
-        ))
-        .unwrap();
-        let listener = &config.listeners[0];
-        assert_eq!(listener.kind, ListenerKind::Ws);
-        let ws_config = listener.ws.as_ref().unwrap();
-        assert_eq!(ws_config.paths, ["/mqtt", "/ws"]);
-        assert_eq!(ws_config.max_frame_size, 64 * 1024);
-        assert!(!ws_config.require_subprotocol);
-        assert_eq!(
-            Config::from_toml_str(&ws).unwrap().listeners[0]
-                .ws
-                .as_ref()
-                .unwrap()
-                .paths,
-            [DEFAULT_WS_PATH]
-        );
-        assert_err(
-            &listener_with("path = \"/mqtt\""),
-            "listener[0].path",
-            9,
-            "path applies only to ws and wss listeners",
-        );
-        assert_err(
-            &format!("{ws}max_frame_size = 10\n"),
-            "listener[0].max_frame_size",
-            9,
-            "between 128 bytes and 256MiB",
-        );
-        assert_err(
-            &MINIMAL.replace("servers =", "upstream_protocol = \"ws\"\nservers ="),
-            "listener[0].upstream",
-            9,
-            "only ws and wss listeners can use it",
-        );
-        assert_err(
-            &ws.replace(
-                "servers =",
-                "upstream_protocol = \"ws\"\nproxy_protocol = \"v2\"\nservers =",
-            ),
-            "upstream[0].proxy_protocol",
-            4,
-            "cannot be used with upstream_protocol",
-        );
-    }
-
-    #[test]
-    fn listener_kind_and_listen() {
-        assert_err(
-            &MINIMAL.replace("kind = \"tcp\"", "kind = \"quic\""),
-            "listener[0].kind",
-            6,
-            "expected one of: tcp",
-        );
-        assert_err(
-            &MINIMAL.replace("0.0.0.0:1883", "localhost:1883"),
-            "listener[0].listen",
-            7,
-            "not a socket address",
-        );
-        assert_err(
-            &minimal_plus(
-                "[[listener]]\nname = \"b\"\nkind = \"tcp\"\nlisten = \"127.0.0.1:1883\"\nupstream = \"emqx\"\n",
-            ),
-            "listener[1].listen",
-            12,
-            "clashes with listener[0].listen (0.0.0.0:1883)",
-        );
-        assert_err(
-            &MINIMAL.replace("0.0.0.0:1883", "127.0.0.1:8888"),
-            "listener[0].listen",
-            7,
-            "clashes with stats.listen (127.0.0.1:8888)",
-        );
-        assert_err(
-            &format!("[stats]\nlisten = \"localhost:8888\"\n{MINIMAL}"),
-            "stats.listen",
-            2,
-            "not a socket address",
-        );
-    }
-
-    #[test]
-    fn tls_listener_table() {
-        let tls = |table: &str| {
-            MINIMAL.replace(
-                "kind = \"tcp\"",
-                &format!("kind = \"tls\"\ntls = {{ cert = \"c.pem\", key = \"k.pem\"{table} }}"),
-            )
-        };
-        let config = Config::from_toml_str(&tls("")).unwrap();
-        let t = config.listeners[0].tls.as_ref().unwrap();
-        assert_eq!(config.listeners[0].kind, ListenerKind::Tls);
-        assert_eq!(t.verify_client, VerifyClient::Off);
-        assert_eq!(t.protocols, vec![TlsVersion::Tls12, TlsVersion::Tls13]);
-        assert_eq!(t.session_timeout, Duration::from_secs(300));
-        assert_eq!((t.alpn.clone(), t.ciphers.clone()), (None, None));
-        let config = Config::from_toml_str(&tls(
-            ", client_ca = \"ca.pem\", verify_client = \"required\", verify_depth = 2, \
-             protocols = [\"TLSv1.3\"], ciphers = [\"TLS13_AES_128_GCM_SHA256\"], \
-             session_cache = 100, session_timeout = \"10m\", alpn = []",
-        ))
-        .unwrap();
-        let t = config.listeners[0].tls.as_ref().unwrap();
-        assert_eq!(t.client_ca, Some(PathBuf::from("ca.pem")));
-        assert_eq!(
-            (t.verify_client, t.verify_depth),
-            (VerifyClient::Required, 2)
-        );
-        assert_eq!(t.protocols, vec![TlsVersion::Tls13]);
-        assert_eq!(
-            (t.session_cache, t.session_timeout),
-            (100, Duration::from_secs(600))
-        );
-        assert_eq!(t.alpn, Some(vec![]));
-
-        assert_err(
-            &MINIMAL.replace("kind = \"tcp\"", "kind = \"tls\""),
-            "listener[0].tls",
-            6,
-            "needs a tls = { cert",
-        );
-        assert_err(
-            &tls(", protocols = [\"TLSv1\", \"TLSv1.2\"]"),
-            "listener[0].tls.protocols",
-            7,
-            "TLSv1 is not supported (rustls speaks TLS 1.2 and 1.3 only); accepted: \"TLSv1.2\", \"TLSv1.3\"",
-        );
-        assert_err(
-            &tls(", ciphers = \"HIGH:!aNULL:!MD5\""),
-            "listener[0].tls.ciphers",
-            7,
-            "OpenSSL cipher string, which rustls does not read; ciphers takes a list of IANA/rustls suite names",
-        );
-        assert_err(
-            &tls(", verify_client = \"required\""),
-            "listener[0].tls.client_ca",
-            7,
-            "verify_client needs client_ca",
-        );
-        assert_err(
-            &listener_with("rewrite_client_id = \"cert_serial\""),
-            "listener[0].rewrite_client_id",
-            9,
-            "needs a client certificate",
-        );
-        assert_err(
-            &tls(", verfy_client = \"on\""),
-            "listener[0].tls.verfy_client",
-            7,
-            "unknown field `verfy_client`",
-        );
-    }
-
-    #[test]
-    fn upstream_tls_table() {
-        let config = Config::from_toml_str(&upstream_with(
-            "upstream_tls = { ca = \"brokers-ca.pem\", server_name = \"emqx.internal\" }",
-        ))
-        .unwrap();
-        assert_eq!(
-            config.upstreams[0].tls,
-            Some(UpstreamTlsConfig {
-                ca: "brokers-ca.pem".into(),
-                server_name: Some("emqx.internal".into()),
-            })
-        );
-        assert_err(
-            &upstream_with("upstream_tls = { server_name = \"emqx.internal\" }"),
-            "upstream[0].upstream_tls.ca",
-            3,
-            "missing field `ca`",
-        );
-        assert_err(
-            &upstream_with("upstream_tls = { ca = \"ca.pem\", server_name = \"not a name\" }"),
-            "upstream[0].upstream_tls.server_name",
-            3,
-            "not a valid DNS name or IP address",
-        );
-    }
-
-    #[test]
-    fn daemon_held_bounds_parse_and_are_checked() {
-        let config = Config::from_toml_str(&format!(
-            "[dataplane]\nmax_daemon_held_per_flow = \"512KiB\"\nmax_daemon_held_total = 1073741824\n{MINIMAL}"
-        ))
-        .unwrap();
-        assert_eq!(config.dataplane.max_daemon_held_per_flow, 512 << 10);
-        assert_eq!(config.dataplane.max_daemon_held_total, 1 << 30);
-        let config = Config::from_toml_str(MINIMAL).unwrap();
-        assert_eq!(config.dataplane.max_daemon_held_per_flow, 256 << 10);
-        assert_eq!(config.dataplane.max_daemon_held_total, 64 << 20);
-        assert_err(
-            &format!("[dataplane]\nmax_daemon_held_per_flow = \"64KiB\"\n{MINIMAL}"),
-            "dataplane.max_daemon_held_per_flow",
-            2,
-            "must be between 128KiB",
-        );
-        assert_err(
-            &format!(
-                "[dataplane]\nmax_daemon_held_per_flow = \"1MiB\"\nmax_daemon_held_total = \"512KiB\"\n{MINIMAL}"
-            ),
-            "dataplane.max_daemon_held_per_flow",
-            2,
-            "must not be more than dataplane.max_daemon_held_total",
-        );
-    }
-
-    #[test]
-    fn bad_enum_values_name_the_allowed_ones() {
-        assert_err(
-            &format!("[dataplane]\nmode = \"xdp\"\n{MINIMAL}"),
-            "dataplane.mode",
-            2,
-            "unknown dataplane mode \"xdp\", expected one of: auto, sockmap, userspace",
-        );
-        assert_err(
-            &upstream_with("balance = \"random\""),
-            "upstream[0].balance",
-            3,
-            "expected one of: round_robin, least_conn, ip_hash, client_id",
-        );
-        assert_err(
-            &upstream_with("proxy_protocol = \"on\""),
-            "upstream[0].proxy_protocol",
-            3,
-            "expected one of: off, v1, v2",
-        );
-        assert_err(
-            &format!("[log]\naccess = \"\"\n{MINIMAL}"),
-            "log.access",
-            2,
-            "empty access log",
-        );
-    }
-
-    #[test]
-    fn unknown_keys_are_named() {
-        assert_err(
-            &listener_with("tcp_no_delay = true"),
-            "listener[0].tcp_no_delay",
-            9,
-            "unknown field `tcp_no_delay`",
-        );
-        assert_err(
-            &MINIMAL.replace("\" }]", "\", wieght = 2 }]"),
-            "upstream[0].servers[0].wieght",
-            3,
-            "unknown field `wieght`, expected one of `addr`, `weight`",
-        );
-        assert_err(
-            &format!("[stats]\nlisten = \"off\"\nport = 1\n{MINIMAL}"),
-            "stats.port",
-            3,
-            "unknown field `port`",
-        );
-        assert_err(
-            &format!("[metrics]\nlisten = \"off\"\n{MINIMAL}"),
-            "metrics",
-            1,
-            "unknown field `metrics`",
-        );
-    }
-
-    #[test]
-    fn type_and_syntax_errors_have_line_and_column() {
-        let e = err(&listener_with("max_connections = \"lots\""));
-        assert_eq!(e.key_path(), Some("listener[0].max_connections"));
-        assert_eq!((e.line(), e.column()), (Some(9), Some(19)));
-        assert!(e.reason().contains("expected an integer"), "{e}");
-        assert!(
-            e.to_string()
-                .starts_with("listener[0].max_connections (line 9, column 19): invalid type"),
-            "{e}"
-        );
-        let e = err(&listener_with("tcp_nodelay = \"yes\""));
-        assert_eq!(e.key_path(), Some("listener[0].tcp_nodelay"));
-        assert!(e.reason().contains("expected a boolean"), "{e}");
-        let e = err(&listener_with("buffer_size = true"));
-        assert!(e.reason().contains("\"16KiB\""), "{e}");
-        // At the end of the file there is no key left to name, only the place.
-        let e = err(&minimal_plus("oops = [1,\n"));
-        assert_eq!((e.line(), e.column()), (Some(9), Some(11)));
-        assert!(
-            e.to_string()
-                .starts_with("line 9, column 11: unclosed array"),
-            "{e}"
-        );
-        // Mid-file, the recovering parse still names the key.
-        let e = err(&listener_with("idle_timeout = 10s"));
-        assert_eq!(e.line(), Some(9));
-        assert_eq!(e.key_path(), Some("listener[0].idle_timeout"), "{e}");
-        let e = err("[[upstream]\n");
-        assert_eq!(e.line(), Some(1));
-    }
-
-    #[test]
-    fn load_names_the_file() {
-        let dir = std::env::temp_dir().join(format!("mqsplice-config-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let good = dir.join("good.toml");
-        std::fs::write(&good, MINIMAL).unwrap();
-        assert_eq!(
-            Config::load(&good).unwrap(),
-            Config::from_toml_str(MINIMAL).unwrap()
-        );
-        let bad = dir.join("bad.toml");
-        std::fs::write(&bad, listener_with("max_connections = 0")).unwrap();
-        let e = Config::load(&bad).unwrap_err();
-        assert_eq!(e.line(), Some(9));
-        assert_eq!(e.key_path(), Some("listener[0].max_connections"));
-        assert!(
-            e.to_string().starts_with(&format!(
-                "{}: listener[0].max_connections (line 9)",
-                bad.display()
-            )),
-            "{e}"
-        );
-        let missing = dir.join("missing.toml");
-        let e = Config::load(&missing).unwrap_err();
-        assert!(e.to_string().contains("missing.toml"), "{e}");
-        assert_eq!(e.line(), None);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-}
+mod tests;

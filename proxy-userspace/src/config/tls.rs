@@ -6,8 +6,11 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::raw::{NumOrStr, RawTls, RawUpstreamTls};
-use super::validate::{Invalid, field, positive_duration, required};
+use serde::Deserialize;
+
+use super::value::{
+    Invalid, NumOrStr, non_empty_path, optional_key, positive_duration, required_key,
+};
 
 /// Default of `tls.verify_depth` (NGINX's `ssl_verify_depth`).
 pub const DEFAULT_VERIFY_DEPTH: usize = 1;
@@ -19,6 +22,30 @@ pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(300);
 const MAX_VERIFY_DEPTH: i64 = 100;
 /// Largest `session_cache` accepted (each entry is a few hundred bytes).
 const MAX_SESSION_CACHE: i64 = 10_000_000;
+
+/// A listener's `tls = { ... }` table as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    cert: Spanned<String>,
+    key: Spanned<String>,
+    client_ca: Option<Spanned<String>>,
+    verify_client: Option<Spanned<String>>,
+    verify_depth: Option<Spanned<i64>>,
+    protocols: Option<Spanned<Vec<String>>>,
+    ciphers: Option<Spanned<CiphersValue>>,
+    session_cache: Option<Spanned<NumOrStr>>,
+    session_timeout: Option<Spanned<NumOrStr>>,
+    alpn: Option<Spanned<Vec<String>>>,
+}
+
+/// An upstream's `upstream_tls = { ca, server_name }` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpstreamTls {
+    ca: Spanned<String>,
+    server_name: Option<Spanned<String>>,
+}
 
 /// Whether and how client certificates are asked for (NGINX's `ssl_verify_client`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,17 +131,15 @@ pub fn server_name_value(value: &str) -> Result<String, String> {
         .map_err(|_| format!("{value:?} is not a valid DNS name or IP address"))
 }
 
-/// Validates an upstream's `upstream_tls` table found at `path`.
-pub fn upstream_tls_table(raw: &RawUpstreamTls, path: &str) -> Result<UpstreamTlsConfig, Invalid> {
-    Ok(UpstreamTlsConfig {
-        ca: required(&raw.ca, &format!("{path}.ca"), non_empty_path)?,
-        server_name: field(
-            &raw.server_name,
-            &format!("{path}.server_name"),
-            None,
-            |n| server_name_value(n).map(Some),
-        )?,
-    })
+impl UpstreamTlsConfig {
+    /// Validates an upstream's `upstream_tls` table found at `path`.
+    pub(super) fn from_raw(raw: &RawUpstreamTls, path: &str) -> Result<UpstreamTlsConfig, Invalid> {
+        Ok(UpstreamTlsConfig {
+            ca: required_key!(raw, path, ca, non_empty_path)?,
+            server_name: optional_key!(raw, path, server_name, None, |n| server_name_value(n)
+                .map(Some),)?,
+        })
+    }
 }
 
 /// `tls.verify_client`.
@@ -194,7 +219,7 @@ pub fn parse_ciphers(value: &CiphersValue) -> Result<Vec<String>, String> {
 }
 
 /// `tls.ciphers` as written: a list (what rustls needs) or one string (what NGINX takes).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
 pub enum CiphersValue {
     List(Vec<String>),
@@ -255,88 +280,83 @@ pub fn parse_cert_field(value: &str) -> Result<CertField, String> {
     })
 }
 
-fn non_empty_path(value: &String) -> Result<PathBuf, String> {
-    if value.is_empty() {
-        Err("file path must not be empty".into())
-    } else {
-        Ok(PathBuf::from(value))
+impl TlsConfig {
+    /// Validates a listener's `tls` table found at `path`.
+    pub(super) fn from_raw(raw: &RawTls, path: &str) -> Result<TlsConfig, Invalid> {
+        let cert = required_key!(raw, path, cert, non_empty_path)?;
+        let key = required_key!(raw, path, key, non_empty_path)?;
+        let client_ca = optional_key!(raw, path, client_ca, None, |p| {
+            non_empty_path(p).map(Some)
+        })?;
+        let verify_client = optional_key!(raw, path, verify_client, VerifyClient::Off, |s| {
+            parse_verify_client(s)
+        },)?;
+        if verify_client != VerifyClient::Off && client_ca.is_none() {
+            return Err(Invalid::at(
+                format!("{path}.client_ca"),
+                raw.verify_client.as_ref().map(Spanned::span),
+                "verify_client needs client_ca (the PEM file of CAs client certificates must chain to)",
+            ));
+        }
+        let verify_depth = optional_key!(
+            raw,
+            path,
+            verify_depth,
+            DEFAULT_VERIFY_DEPTH,
+            verify_depth_value,
+        )?;
+        let protocols = optional_key!(
+            raw,
+            path,
+            protocols,
+            vec![TlsVersion::Tls12, TlsVersion::Tls13],
+            |list| {
+                if list.is_empty() {
+                    return Err(
+                        "protocols must name at least one of \"TLSv1.2\", \"TLSv1.3\"".into(),
+                    );
+                }
+                list.iter().map(|v| parse_tls_version(v)).collect()
+            },
+        )?;
+        let ciphers = optional_key!(raw, path, ciphers, None, |c| { parse_ciphers(c).map(Some) })?;
+        let session_cache = optional_key!(
+            raw,
+            path,
+            session_cache,
+            DEFAULT_SESSION_CACHE,
+            session_cache_value,
+        )?;
+        let session_timeout = optional_key!(
+            raw,
+            path,
+            session_timeout,
+            DEFAULT_SESSION_TIMEOUT,
+            |v| match v {
+                NumOrStr::Int(0) => Ok(Duration::ZERO),
+                NumOrStr::Str(s) if s == "0" || s == "off" => Ok(Duration::ZERO),
+                v => positive_duration(v),
+            },
+        )?;
+        let alpn = optional_key!(raw, path, alpn, None, |list| {
+            list.iter()
+                .map(|a| alpn_value(a))
+                .collect::<Result<_, _>>()
+                .map(Some)
+        })?;
+        Ok(TlsConfig {
+            cert,
+            key,
+            client_ca,
+            verify_client,
+            verify_depth,
+            protocols,
+            ciphers,
+            session_cache,
+            session_timeout,
+            alpn,
+        })
     }
-}
-
-/// Validates a listener's `tls` table found at `path`.
-pub fn tls_table(raw: &RawTls, path: &str) -> Result<TlsConfig, Invalid> {
-    let cert = required(&raw.cert, &format!("{path}.cert"), non_empty_path)?;
-    let key = required(&raw.key, &format!("{path}.key"), non_empty_path)?;
-    let client_ca = field(&raw.client_ca, &format!("{path}.client_ca"), None, |p| {
-        non_empty_path(p).map(Some)
-    })?;
-    let verify_client = field(
-        &raw.verify_client,
-        &format!("{path}.verify_client"),
-        VerifyClient::Off,
-        |s| parse_verify_client(s),
-    )?;
-    if verify_client != VerifyClient::Off && client_ca.is_none() {
-        return Err(Invalid::at(
-            format!("{path}.client_ca"),
-            raw.verify_client.as_ref().map(Spanned::span),
-            "verify_client needs client_ca (the PEM file of CAs client certificates must chain to)",
-        ));
-    }
-    let verify_depth = field(
-        &raw.verify_depth,
-        &format!("{path}.verify_depth"),
-        DEFAULT_VERIFY_DEPTH,
-        verify_depth_value,
-    )?;
-    let protocols = field(
-        &raw.protocols,
-        &format!("{path}.protocols"),
-        vec![TlsVersion::Tls12, TlsVersion::Tls13],
-        |list| {
-            if list.is_empty() {
-                return Err("protocols must name at least one of \"TLSv1.2\", \"TLSv1.3\"".into());
-            }
-            list.iter().map(|v| parse_tls_version(v)).collect()
-        },
-    )?;
-    let ciphers = field(&raw.ciphers, &format!("{path}.ciphers"), None, |c| {
-        parse_ciphers(c).map(Some)
-    })?;
-    let session_cache = field(
-        &raw.session_cache,
-        &format!("{path}.session_cache"),
-        DEFAULT_SESSION_CACHE,
-        session_cache_value,
-    )?;
-    let session_timeout = field(
-        &raw.session_timeout,
-        &format!("{path}.session_timeout"),
-        DEFAULT_SESSION_TIMEOUT,
-        |v| match v {
-            NumOrStr::Int(0) => Ok(Duration::ZERO),
-            NumOrStr::Str(s) if s == "0" || s == "off" => Ok(Duration::ZERO),
-            v => positive_duration(v),
-        },
-    )?;
-    let alpn = field(&raw.alpn, &format!("{path}.alpn"), None, |list| {
-        list.iter()
-            .map(|a| alpn_value(a))
-            .collect::<Result<_, _>>()
-            .map(Some)
-    })?;
-    Ok(TlsConfig {
-        cert,
-        key,
-        client_ca,
-        verify_client,
-        verify_depth,
-        protocols,
-        ciphers,
-        session_cache,
-        session_timeout,
-        alpn,
-    })
 }
 
 #[cfg(test)]

@@ -1,10 +1,13 @@
 //! The WebSocket keys of a `ws` listener and of an upstream that speaks WebSocket to its brokers:
 //! each rule a small pure function, as in `validate`.
 
-use super::raw::{NumOrStr, OneOrMany, RawListener, RawUpstream};
-use super::validate::{Invalid, field, positive_duration, size_in_range};
-use ipnet::IpNet;
+use std::ops::Range;
 use std::time::Duration;
+
+use ipnet::IpNet;
+use toml::Spanned;
+
+use super::value::{Invalid, NumOrStr, OneOrMany, field, positive_duration, size_in_range};
 
 /// Default of `listener.path`.
 pub const DEFAULT_WS_PATH: &str = "/mqtt";
@@ -111,102 +114,124 @@ fn max_frame_size(value: &NumOrStr) -> Result<usize, String> {
     size_in_range(value, MIN_FRAME_SIZE, MAX_FRAME_SIZE)
 }
 
-/// The ws keys of a listener: `Some` for a `ws` listener, an error when they appear on another kind.
-pub fn listener(
-    raw: &RawListener,
-    path: &str,
-    is_ws: bool,
-) -> Result<Option<WsListenerConfig>, Invalid> {
-    if !is_ws {
-        let present = [
-            ("path", raw.path.as_ref().map(|v| v.span())),
+/// The ws keys of a `[[listener]]` as written: they sit in the listener's own table, which
+/// lends them here so that this module needs nothing of the listener's.
+pub(super) struct RawWsKeys<'a> {
+    pub path: &'a Option<Spanned<OneOrMany>>,
+    pub require_subprotocol: &'a Option<Spanned<bool>>,
+    pub max_frame_size: &'a Option<Spanned<NumOrStr>>,
+    pub allowed_origins: &'a Option<Spanned<OneOrMany>>,
+    pub trust_forwarded_for: &'a Option<Spanned<OneOrMany>>,
+    pub handshake_timeout: &'a Option<Spanned<NumOrStr>>,
+}
+
+impl RawWsKeys<'_> {
+    /// The first ws key written, with its span: what a listener of another kind must not have.
+    fn first_present(&self) -> Option<(&'static str, Range<usize>)> {
+        [
+            ("path", self.path.as_ref().map(Spanned::span)),
             (
                 "require_subprotocol",
-                raw.require_subprotocol.as_ref().map(|v| v.span()),
+                self.require_subprotocol.as_ref().map(Spanned::span),
             ),
             (
                 "max_frame_size",
-                raw.max_frame_size.as_ref().map(|v| v.span()),
+                self.max_frame_size.as_ref().map(Spanned::span),
             ),
             (
                 "allowed_origins",
-                raw.allowed_origins.as_ref().map(|v| v.span()),
+                self.allowed_origins.as_ref().map(Spanned::span),
             ),
             (
                 "trust_forwarded_for",
-                raw.trust_forwarded_for.as_ref().map(|v| v.span()),
+                self.trust_forwarded_for.as_ref().map(Spanned::span),
             ),
             (
                 "handshake_timeout",
-                raw.handshake_timeout.as_ref().map(|v| v.span()),
+                self.handshake_timeout.as_ref().map(Spanned::span),
             ),
-        ];
-        if let Some((key, span)) = present.into_iter().find(|(_, s)| s.is_some()) {
-            return Err(Invalid::at(
-                format!("{path}.{key}"),
-                span,
-                format!("{key} applies only to ws and wss listeners"),
-            ));
-        }
-        return Ok(None);
+        ]
+        .into_iter()
+        .find_map(|(key, span)| Some((key, span?)))
     }
-    Ok(Some(WsListenerConfig {
-        paths: field(
-            &raw.path,
-            &format!("{path}.path"),
-            vec![DEFAULT_WS_PATH.into()],
-            parse_paths,
-        )?,
-        require_subprotocol: raw
-            .require_subprotocol
-            .as_ref()
-            .is_some_and(|b| *b.get_ref()),
-        max_frame_size: field(
-            &raw.max_frame_size,
-            &format!("{path}.max_frame_size"),
-            DEFAULT_MAX_FRAME_SIZE,
-            max_frame_size,
-        )?,
-        allowed_origins: field(
-            &raw.allowed_origins,
-            &format!("{path}.allowed_origins"),
-            Vec::new(),
-            parse_origins,
-        )?,
-        trust_forwarded_for: field(
-            &raw.trust_forwarded_for,
-            &format!("{path}.trust_forwarded_for"),
-            Vec::new(),
-            parse_trusted,
-        )?,
-        handshake_timeout: field(
-            &raw.handshake_timeout,
-            &format!("{path}.handshake_timeout"),
-            DEFAULT_HANDSHAKE_TIMEOUT,
-            positive_duration,
-        )?,
-    }))
 }
 
-/// The upstream's protocol and Host override.
-pub fn upstream(
-    raw: &RawUpstream,
+impl WsListenerConfig {
+    /// The ws keys of the listener at `path`: `Some` for a `ws` or `wss` listener, an error when
+    /// they appear on another kind.
+    pub(super) fn from_keys(
+        raw: RawWsKeys<'_>,
+        path: &str,
+        is_ws: bool,
+    ) -> Result<Option<WsListenerConfig>, Invalid> {
+        if !is_ws {
+            return match raw.first_present() {
+                Some((key, span)) => Err(Invalid::at(
+                    format!("{path}.{key}"),
+                    Some(span),
+                    format!("{key} applies only to ws and wss listeners"),
+                )),
+                None => Ok(None),
+            };
+        }
+        let key = |name: &str| format!("{path}.{name}");
+        Ok(Some(WsListenerConfig {
+            paths: field(
+                raw.path,
+                &key("path"),
+                vec![DEFAULT_WS_PATH.into()],
+                parse_paths,
+            )?,
+            require_subprotocol: raw
+                .require_subprotocol
+                .as_ref()
+                .is_some_and(|b| *b.get_ref()),
+            max_frame_size: field(
+                raw.max_frame_size,
+                &key("max_frame_size"),
+                DEFAULT_MAX_FRAME_SIZE,
+                max_frame_size,
+            )?,
+            allowed_origins: field(
+                raw.allowed_origins,
+                &key("allowed_origins"),
+                Vec::new(),
+                parse_origins,
+            )?,
+            trust_forwarded_for: field(
+                raw.trust_forwarded_for,
+                &key("trust_forwarded_for"),
+                Vec::new(),
+                parse_trusted,
+            )?,
+            handshake_timeout: field(
+                raw.handshake_timeout,
+                &key("handshake_timeout"),
+                DEFAULT_HANDSHAKE_TIMEOUT,
+                positive_duration,
+            )?,
+        }))
+    }
+}
+
+/// An upstream's `upstream_protocol` and `upstream_host` (at `path`): the protocol, and the Host
+/// override that only a WebSocket upstream can have.
+pub(super) fn upstream(
+    protocol: &Option<Spanned<String>>,
+    host: &Option<Spanned<String>>,
     path: &str,
 ) -> Result<(UpstreamProtocol, Option<String>), Invalid> {
-    let protocol = field(
-        &raw.upstream_protocol,
+    let parsed_protocol = field(
+        protocol,
         &format!("{path}.upstream_protocol"),
         UpstreamProtocol::Tcp,
         |s| parse_upstream_protocol(s),
     )?;
-    let host = field(
-        &raw.upstream_host,
-        &format!("{path}.upstream_host"),
-        None,
-        |s| parse_upstream_host(s).map(Some),
-    )?;
-    if protocol == UpstreamProtocol::Tcp
-        && let Some(h) = &raw.upstream_host
+    let parsed_host = field(host, &format!("{path}.upstream_host"), None, |s| {
+        parse_upstream_host(s).map(Some)
+    })?;
+    if parsed_protocol == UpstreamProtocol::Tcp
+        && let Some(h) = host
     {
         return Err(Invalid::at(
             format!("{path}.upstream_host"),
@@ -214,7 +239,7 @@ pub fn upstream(
             "upstream_host applies only with upstream_protocol = \"ws\"",
         ));
     }
-    Ok((protocol, host))
+    Ok((parsed_protocol, parsed_host))
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Start-up: turn a [`Config`] into bound listeners, upstreams, a data plane and the stats endpoint.
 
 use crate::access_log::AccessLog;
-use crate::config::{Config, DataplaneConfig, DataplaneMode, ListenerKind};
+use crate::config::{Config, DataplaneConfig, DataplaneMode, ListenerConfig, ListenerKind};
 use crate::dataplane::{DataPlane, EbpfSplice, PathReason, UserspaceCopy};
 use crate::listener::{ListenerContext, accept_loop};
 use crate::stats::{ConnectionCounters, DataplaneStats, ListenerStats, Stats, serve_stats};
@@ -112,101 +112,36 @@ pub async fn start_with(config: Config, options: Options) -> anyhow::Result<Runn
         "data path: {}",
         dataplane.reason
     );
-    let access_log =
-        Arc::new(AccessLog::open(&config.log.access).context("opening the access log")?);
-    let global = Arc::new(ConnectionCounters::default());
+    let shared = Shared {
+        plane: dataplane.plane.clone(),
+        global: Arc::new(ConnectionCounters::default()),
+        access_log: Arc::new(
+            AccessLog::open(&config.log.access).context("opening the access log")?,
+        ),
+    };
     let mut tasks = Vec::new();
-
     let mut upstreams: Vec<Arc<Upstream>> = Vec::new();
     for upstream_config in &config.upstreams {
-        let mut upstream = Upstream::new(upstream_config.clone(), options.resolver.clone());
-        if let Some(tls) = &upstream_config.tls {
-            upstream.tls =
-                Some(UpstreamTls::new(tls).with_context(|| {
-                    format!("upstream {:?}: upstream_tls", upstream_config.name)
-                })?);
-        }
-        let upstream = Arc::new(upstream);
-        upstream.resolve_all().await;
+        let upstream = start_upstream(upstream_config, &options).await?;
         tasks.push(tokio::spawn(upstream.clone().keep_resolving()));
         upstreams.push(upstream);
     }
-
     let mut contexts = Vec::new();
     let mut bound = Vec::new();
-    let mut tls_listeners = Vec::new();
     for listener_config in &config.listeners {
-        let Some(upstream) = upstreams
-            .iter()
-            .find(|u| u.config.name == listener_config.upstream)
-        else {
-            bail!(
-                "listener {:?}: no upstream named {:?}",
-                listener_config.name,
-                listener_config.upstream
-            );
-        };
-        let socket = TcpListener::bind(listener_config.listen)
-            .await
-            .with_context(|| {
-                format!(
-                    "listener {:?}: cannot listen on {}",
-                    listener_config.name, listener_config.listen
-                )
-            })?;
-        let addr = socket.local_addr()?;
-        let tls = match (listener_config.kind, &listener_config.tls) {
-            (kind @ (ListenerKind::Tls | ListenerKind::Wss), Some(tls_config)) => {
-                // Browsers offer only http/1.1, and rustls refuses a client none of whose
-                // ALPN names match.
-                let alpn = if kind == ListenerKind::Wss {
-                    DEFAULT_ALPN_WSS
-                } else {
-                    DEFAULT_ALPN_MQTT
-                };
-                let tls = ServerTls::new(tls_config, alpn)
-                    .with_context(|| format!("listener {:?}", listener_config.name))?;
-                let tls = Arc::new(tls);
-                tls_listeners.push((listener_config.name.clone(), tls.clone()));
-                Some(tls)
-            }
-            _ => None,
-        };
-        tracing::info!(listener = %listener_config.name, %addr, upstream = %upstream.config.name, "listening");
-        let ws = listener_config.ws.clone().map(|config| WsListener {
-            config,
-            stats: Arc::default(),
-        });
-        // Nothing below TLS can be spliced, on either side (the kernel here has no kTLS), and
-        // WebSocket frames must be unwrapped by the daemon, whatever dataplane.mode says.
-        let path_reason =
-            PathReason::for_listener(tls.is_some(), ws.is_some(), upstream.tls.is_some());
-        let plane: Arc<dyn DataPlane> = match path_reason {
-            PathReason::Mode => dataplane.plane.clone(),
-            _ => Arc::new(UserspaceCopy),
-        };
-        let ctx = Arc::new(ListenerContext {
-            config: listener_config.clone(),
-            upstream: upstream.clone(),
-            dataplane: plane,
-            path_reason,
-            counters: ConnectionCounters::default(),
-            bytes: Arc::default(),
-            global: global.clone(),
-            access_log: access_log.clone(),
-            tls,
-            ws,
-        });
-        bound.push((listener_config.name.clone(), addr));
+        let (socket, ctx) = bind_listener(listener_config, &upstreams, &shared).await?;
+        bound.push((listener_config.name.clone(), socket.local_addr()?));
         contexts.push(ctx.clone());
         tasks.push(tokio::spawn(accept_loop(socket, ctx)));
     }
-
+    let tls = contexts
+        .iter()
+        .filter_map(|ctx| Some((ctx.config.name.clone(), ctx.tls.clone()?)))
+        .collect();
     let snapshot: Arc<dyn Fn() -> Stats + Send + Sync> = {
-        let (global, contexts, upstreams) = (global.clone(), contexts.clone(), upstreams.clone());
+        let (global, contexts, upstreams) = (shared.global, contexts, upstreams);
         Arc::new(move || stats(started, &dataplane, &global, &contexts, &upstreams))
     };
-
     let stats_addr = match config.stats.listen {
         Some(listen) => {
             let socket = TcpListener::bind(listen)
@@ -224,8 +159,97 @@ pub async fn start_with(config: Config, options: Options) -> anyhow::Result<Runn
         stats_addr,
         snapshot,
         tasks,
-        tls: tls_listeners,
+        tls,
     })
+}
+
+/// What every listener shares: the data plane chosen at start, the process-wide counters and
+/// the access log.
+struct Shared {
+    plane: Arc<dyn DataPlane>,
+    global: Arc<ConnectionCounters>,
+    access_log: Arc<AccessLog>,
+}
+
+/// An upstream with its broker-side TLS, its servers resolved once before any client arrives.
+async fn start_upstream(
+    config: &crate::config::UpstreamConfig,
+    options: &Options,
+) -> anyhow::Result<Arc<Upstream>> {
+    let mut upstream = Upstream::new(config.clone(), options.resolver.clone());
+    if let Some(tls) = &config.tls {
+        upstream.tls = Some(
+            UpstreamTls::new(tls)
+                .with_context(|| format!("upstream {:?}: upstream_tls", config.name))?,
+        );
+    }
+    let upstream = Arc::new(upstream);
+    upstream.resolve_all().await;
+    Ok(upstream)
+}
+
+/// Binds one listener and builds what its connections share, the data plane for its flows
+/// among it: a listener whose bytes the daemon must unwrap (TLS, WebSocket, TLS to the brokers)
+/// gets the userspace copy whatever `dataplane.mode` says, with the reason kept for stats.
+async fn bind_listener(
+    config: &ListenerConfig,
+    upstreams: &[Arc<Upstream>],
+    shared: &Shared,
+) -> anyhow::Result<(TcpListener, Arc<ListenerContext>)> {
+    let Some(upstream) = upstreams.iter().find(|u| u.config.name == config.upstream) else {
+        bail!(
+            "listener {:?}: no upstream named {:?}",
+            config.name,
+            config.upstream
+        );
+    };
+    let socket = TcpListener::bind(config.listen).await.with_context(|| {
+        format!(
+            "listener {:?}: cannot listen on {}",
+            config.name, config.listen
+        )
+    })?;
+    let tls = match (&config.tls, config.kind) {
+        (Some(tls_config), kind) => {
+            // Browsers offer only http/1.1, and rustls refuses a client none of whose ALPN
+            // names match.
+            let alpn = if kind == ListenerKind::Wss {
+                DEFAULT_ALPN_WSS
+            } else {
+                DEFAULT_ALPN_MQTT
+            };
+            let tls = ServerTls::new(tls_config, alpn)
+                .with_context(|| format!("listener {:?}", config.name))?;
+            Some(Arc::new(tls))
+        }
+        (None, _) => None,
+    };
+    let addr = socket.local_addr()?;
+    tracing::info!(listener = %config.name, %addr, upstream = %upstream.config.name, "listening");
+    let ws = config.ws.clone().map(|config| WsListener {
+        config,
+        stats: Arc::default(),
+    });
+    // Nothing below TLS can be spliced, on either side (the kernel here has no kTLS), and
+    // WebSocket frames must be unwrapped by the daemon, whatever dataplane.mode says.
+    let path_reason = PathReason::for_listener(tls.is_some(), ws.is_some(), upstream.tls.is_some());
+    let dataplane: Arc<dyn DataPlane> = match path_reason {
+        PathReason::Mode => shared.plane.clone(),
+        _ => Arc::new(UserspaceCopy),
+    };
+    let ctx = Arc::new(ListenerContext {
+        config: config.clone(),
+        upstream: upstream.clone(),
+        dataplane,
+        path_reason,
+        counters: ConnectionCounters::default(),
+        bytes: Arc::default(),
+        global: shared.global.clone(),
+        access_log: shared.access_log.clone(),
+        tls,
+        ws,
+    });
+    Ok((socket, ctx))
 }
 
 /// Why `auto` does not choose the sockmap splice on a kernel without usable BTF, and what

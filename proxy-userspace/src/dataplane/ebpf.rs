@@ -267,88 +267,38 @@ impl Shared {
     }
 
     async fn splice_or_copy(self: Arc<Self>, flow: Flow) -> FlowEnd {
-        let (client, broker) = match (flow.client, flow.broker) {
-            (ClientStream::Tcp(client), ClientStream::Tcp(broker)) => (client, broker),
-            (client, broker) => {
-                // TLS or WebSocket: the bytes must pass through the daemon to be unwrapped.
-                let flow = Flow {
-                    client,
-                    broker,
-                    ..flow
-                };
-                return UserspaceCopy.run(flow).await;
-            }
-        };
         let Flow {
+            client,
+            broker,
             idle_timeout,
             buffer_size,
             meters,
             broker_preamble_len,
-            ..
         } = flow;
-        // Leave tokio's reactor: from here on only the watcher's epoll set looks at these sockets.
-        let (client, broker) = match (client.into_std(), broker.into_std()) {
-            (Ok(client), Ok(broker)) => (client, broker),
-            _ => {
-                return FlowEnd::nothing_moved(DataPath::Sockmap, super::CloseReason::ClientError);
-            }
+        let copy = |client, broker, meters| Flow {
+            client,
+            broker,
+            idle_timeout,
+            buffer_size,
+            meters,
+            broker_preamble_len,
         };
-        match self.insert(&client, &broker) {
-            Ok((cookies, signal_at, hard_limit)) => {
-                // A throttle passes to the socket whatever its peer may still send, up to the
-                // window the socket has advertised, and the daemon copies all of it. Spliced, a
-                // socket's queue is always empty, so its window would be its whole (autotuned)
-                // buffer, megabytes: the window is capped at the daemon's per-flow bound, so a
-                // throttle costs at most that much copying. Before the kick, when only the CONNECT
-                // has arrived. The cost: about that much per round trip on a long fat link.
-                for socket in [&client, &broker] {
-                    if let Err(e) =
-                        sockopt::set_window_clamp(socket.as_fd(), self.limits.held_per_flow)
-                    {
-                        tracing::debug!("cannot cap a spliced socket's window: {e}");
-                    }
-                }
-                // The kick: the verdict now runs over the CONNECT (and whatever followed it)
-                // that is still queued in the client socket, and over anything the broker sent.
-                for socket in [&client, &broker] {
-                    if let Err(e) = set_rcvlowat(socket.as_fd(), 1) {
-                        tracing::warn!("SO_RCVLOWAT kick failed: {e}");
-                    }
-                }
-                self.counters.spliced_active.fetch_add(1, Relaxed);
-                self.counters.spliced_total.fetch_add(1, Relaxed);
-                self.live_flows().insert(
-                    cookies[0],
-                    LiveFlow {
-                        cookies,
-                        meters,
-                        reported: [0, 0],
-                    },
-                );
-                let (done, ended) = tokio::sync::oneshot::channel();
-                self.watcher.add(Spliced {
-                    sockets: [client, broker],
-                    setup: FlowSetup {
-                        cookies,
-                        signal_at,
-                        hard_limit,
-                        broker_preamble_len,
-                        idle_timeout,
-                    },
-                    done,
-                });
-                let end = ended.await.unwrap_or(FlowEnd::nothing_moved(
-                    DataPath::Sockmap,
-                    super::CloseReason::BrokerError,
-                ));
-                if let Some(mut live) = self.live_flows().remove(&cookies[0]) {
-                    live.report([end.bytes_to_broker, end.bytes_to_client]);
-                }
-                end
-            }
+        let (client, broker) = match (client, broker) {
+            (ClientStream::Tcp(client), ClientStream::Tcp(broker)) => (client, broker),
+            // TLS or WebSocket: the bytes must pass through the daemon to be unwrapped. Such
+            // listeners get the userspace plane at start (server.rs); this keeps any other
+            // caller's flow whole.
+            (client, broker) => return UserspaceCopy.run(copy(client, broker, meters)).await,
+        };
+        // Leave tokio's reactor: from here on only the watcher's epoll set looks at these sockets.
+        let (Ok(client), Ok(broker)) = (client.into_std(), broker.into_std()) else {
+            return FlowEnd::nothing_moved(DataPath::Sockmap, super::CloseReason::ClientError);
+        };
+        let inserted = match self.insert(&client, &broker) {
+            Ok(inserted) => inserted,
             Err(error) => {
-                // Typically EOPNOTSUPP: a side already closed (no longer ESTABLISHED). The CONNECT
-                // is still unread in the client socket, so the userspace path forwards it.
+                // Typically EOPNOTSUPP: a side already closed (no longer ESTABLISHED). The
+                // CONNECT is still unread in the client socket, so the userspace path forwards it.
                 tracing::debug!("splice refused ({error}); serving this pair on userspace");
                 self.counters.splice_refused.fetch_add(1, Relaxed);
                 let _ = set_rcvlowat(client.as_fd(), 1);
@@ -361,17 +311,72 @@ impl Shared {
                         super::CloseReason::ClientError,
                     );
                 };
-                let flow = Flow {
-                    client: ClientStream::Tcp(client),
-                    broker: ClientStream::Tcp(broker),
-                    idle_timeout,
-                    buffer_size,
-                    meters,
-                    broker_preamble_len,
-                };
-                UserspaceCopy.run(flow).await
+                let flow = copy(ClientStream::Tcp(client), ClientStream::Tcp(broker), meters);
+                return UserspaceCopy.run(flow).await;
+            }
+        };
+        let (cookies, signal_at, hard_limit) = inserted;
+        let setup = FlowSetup {
+            cookies,
+            signal_at,
+            hard_limit,
+            broker_preamble_len,
+            idle_timeout,
+        };
+        self.splice([client, broker], setup, meters).await
+    }
+
+    /// Starts the splice of a pair whose map entries are in: caps the windows, kicks the
+    /// verdict, and waits for the watcher's end of the flow.
+    async fn splice(
+        &self,
+        sockets: [std::net::TcpStream; 2],
+        setup: FlowSetup,
+        meters: Vec<Arc<ByteMeter>>,
+    ) -> FlowEnd {
+        // A throttle passes to the socket whatever its peer may still send, up to the window
+        // the socket has advertised, and the daemon copies all of it. Spliced, a socket's queue
+        // is always empty, so its window would be its whole (autotuned) buffer, megabytes: the
+        // window is capped at the daemon's per-flow bound, so a throttle costs at most that
+        // much copying. Before the kick, when only the CONNECT has arrived. The cost: about
+        // that much per round trip on a long fat link.
+        for socket in &sockets {
+            if let Err(e) = sockopt::set_window_clamp(socket.as_fd(), self.limits.held_per_flow) {
+                tracing::debug!("cannot cap a spliced socket's window: {e}");
             }
         }
+        // The kick: the verdict now runs over the CONNECT (and whatever followed it) that is
+        // still queued in the client socket, and over anything the broker sent.
+        for socket in &sockets {
+            if let Err(e) = set_rcvlowat(socket.as_fd(), 1) {
+                tracing::warn!("SO_RCVLOWAT kick failed: {e}");
+            }
+        }
+        let cookies = setup.cookies;
+        self.counters.spliced_active.fetch_add(1, Relaxed);
+        self.counters.spliced_total.fetch_add(1, Relaxed);
+        self.live_flows().insert(
+            cookies[0],
+            LiveFlow {
+                cookies,
+                meters,
+                reported: [0, 0],
+            },
+        );
+        let (done, ended) = tokio::sync::oneshot::channel();
+        self.watcher.add(Spliced {
+            sockets,
+            setup,
+            done,
+        });
+        let end = ended.await.unwrap_or(FlowEnd::nothing_moved(
+            DataPath::Sockmap,
+            super::CloseReason::BrokerError,
+        ));
+        if let Some(mut live) = self.live_flows().remove(&cookies[0]) {
+            live.report([end.bytes_to_broker, end.bytes_to_client]);
+        }
+        end
     }
 
     /// Inserts the pair in map order; on failure every entry made is removed again. Returns the

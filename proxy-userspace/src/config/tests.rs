@@ -850,3 +850,79 @@ fn load_names_the_file() {
     assert_eq!(e.line(), None);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// docs/configuration.md states each key's default; written into a file, every one of them must
+/// give what leaving the key out gives, so the reference cannot drift from the code.
+#[test]
+fn the_documented_defaults_are_the_defaults() {
+    let reference = include_str!("../../../docs/configuration.md");
+    let tls_listener = |extra: &str| {
+        MINIMAL.replace(
+            "kind = \"tcp\"",
+            &format!("kind = \"tls\"\ntls = {{ cert = \"c.pem\", key = \"k.pem\"{extra} }}"),
+        )
+    };
+    let ws_listener = MINIMAL.replace("kind = \"tcp\"", "kind = \"ws\"");
+    let mut section = "";
+    let mut checked = Vec::new();
+    for line in reference.lines() {
+        if let Some(heading) = line
+            .strip_prefix("#### ")
+            .or_else(|| line.strip_prefix("###### "))
+        {
+            section = heading;
+            continue;
+        }
+        if line.starts_with("Keys of `ws` listeners") {
+            section = "ws";
+            continue;
+        }
+        let cells: Vec<&str> = line.split(" | ").collect();
+        if !line.starts_with("| `") || cells.len() < 3 {
+            continue;
+        }
+        let key = cells[0].trim_start_matches("| ").trim_matches('`');
+        // Only defaults written as a value (not "required", "none", "the client's `Host`").
+        let Some(value) = cells[1]
+            .strip_prefix('`')
+            .and_then(|rest| rest.split('`').next())
+        else {
+            continue;
+        };
+        // The listener kind decides the ALPN default (`["mqtt"]`, or `["http/1.1"]` for wss).
+        if key == "alpn" {
+            continue;
+        }
+        let setting = format!("{key} = {value}");
+        let (without, with) = match section {
+            s if s.contains("[stats]") || s.contains("[dataplane]") || s.contains("[log]") => {
+                let table = s.trim_matches('`');
+                (
+                    MINIMAL.to_string(),
+                    format!("{table}\n{setting}\n{MINIMAL}"),
+                )
+            }
+            s if s.contains("[[upstream]]") => (MINIMAL.to_string(), upstream_with(&setting)),
+            s if s.contains("servers[]") => (
+                MINIMAL.to_string(),
+                MINIMAL.replace("1883\" }", &format!("1883\", {setting} }}")),
+            ),
+            s if s.contains("[[listener]]") => (MINIMAL.to_string(), listener_with(&setting)),
+            s if s.contains("tls = {") => (tls_listener(""), tls_listener(&format!(", {setting}"))),
+            "ws" => (ws_listener.clone(), format!("{ws_listener}{setting}\n")),
+            other => {
+                panic!("docs/configuration.md: a key table under an unknown heading {other:?}")
+            }
+        };
+        let documented = Config::from_toml_str(&with)
+            .unwrap_or_else(|e| panic!("{section}: `{setting}` is refused: {e}"));
+        assert_eq!(
+            documented,
+            Config::from_toml_str(&without).unwrap(),
+            "{section}: `{setting}` is not the default"
+        );
+        checked.push(key);
+    }
+    // Every section's documented defaults were found and tried.
+    assert!(checked.len() >= 35, "only {checked:?}");
+}

@@ -267,35 +267,36 @@ impl Shared {
     }
 
     async fn splice_or_copy(self: Arc<Self>, flow: Flow) -> FlowEnd {
-        let Flow {
-            client,
-            broker,
-            idle_timeout,
-            buffer_size,
-            meters,
-            broker_preamble_len,
-        } = flow;
-        let copy = |client, broker, meters| Flow {
-            client,
-            broker,
-            idle_timeout,
-            buffer_size,
-            meters,
-            broker_preamble_len,
-        };
-        let (client, broker) = match (client, broker) {
+        let (client, broker) = match (flow.client, flow.broker) {
             (ClientStream::Tcp(client), ClientStream::Tcp(broker)) => (client, broker),
             // TLS or WebSocket: the bytes must pass through the daemon to be unwrapped. Such
             // listeners get the userspace plane at start (server.rs); this keeps any other
             // caller's flow whole.
-            (client, broker) => return UserspaceCopy.run(copy(client, broker, meters)).await,
+            (client, broker) => {
+                return UserspaceCopy
+                    .run(Flow {
+                        client,
+                        broker,
+                        ..flow
+                    })
+                    .await;
+            }
         };
         // Leave tokio's reactor: from here on only the watcher's epoll set looks at these sockets.
         let (Ok(client), Ok(broker)) = (client.into_std(), broker.into_std()) else {
             return FlowEnd::nothing_moved(DataPath::Sockmap, super::CloseReason::ClientError);
         };
-        let inserted = match self.insert(&client, &broker) {
-            Ok(inserted) => inserted,
+        match self.insert(&client, &broker) {
+            Ok((cookies, signal_at, hard_limit)) => {
+                let setup = FlowSetup {
+                    cookies,
+                    signal_at,
+                    hard_limit,
+                    broker_preamble_len: flow.broker_preamble_len,
+                    idle_timeout: flow.idle_timeout,
+                };
+                self.splice([client, broker], setup, flow.meters).await
+            }
             Err(error) => {
                 // Typically EOPNOTSUPP: a side already closed (no longer ESTABLISHED). The
                 // CONNECT is still unread in the client socket, so the userspace path forwards it.
@@ -311,19 +312,14 @@ impl Shared {
                         super::CloseReason::ClientError,
                     );
                 };
-                let flow = copy(ClientStream::Tcp(client), ClientStream::Tcp(broker), meters);
-                return UserspaceCopy.run(flow).await;
+                let flow = Flow {
+                    client: ClientStream::Tcp(client),
+                    broker: ClientStream::Tcp(broker),
+                    ..flow
+                };
+                UserspaceCopy.run(flow).await
             }
-        };
-        let (cookies, signal_at, hard_limit) = inserted;
-        let setup = FlowSetup {
-            cookies,
-            signal_at,
-            hard_limit,
-            broker_preamble_len,
-            idle_timeout,
-        };
-        self.splice([client, broker], setup, meters).await
+        }
     }
 
     /// Starts the splice of a pair whose map entries are in: caps the windows, kicks the

@@ -4,6 +4,7 @@
 //! Both sides read the same bytes out of BPF maps, so every type here is `#[repr(C)]`, `Copy`
 //! and free of padding surprises; the daemon gets `aya::Pod` impls behind the `user` feature.
 
+pub mod packet;
 pub mod segment;
 
 /// A socket's kernel cookie (`SO_COOKIE` / `bpf_get_socket_cookie`).

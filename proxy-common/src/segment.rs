@@ -25,7 +25,7 @@ pub mod option_kind {
 /// Length of the timestamp option: kind, length, TSval, TSecr.
 const TIMESTAMP_LEN: usize = 10;
 /// Most SACK blocks an option can hold within [`TCP_OPTIONS_MAX`].
-const SACK_BLOCKS_MAX: usize = 4;
+pub const SACK_BLOCKS_MAX: usize = 4;
 
 /// A sequence number moved by `delta` in 32-bit serial arithmetic: how every sequence,
 /// acknowledgment and SACK edge crosses from one leg's number space to the other's.
@@ -107,54 +107,140 @@ fn write_u32(options: &mut [u8; TCP_OPTIONS_MAX], at: usize, value: u32) {
     }
 }
 
-/// Rewrites the timestamp and SACK options among the first `len` bytes of `options` (the bytes
-/// between the 20-byte TCP header and the payload) for the receiving leg, in place.
+/// What the option at one offset is, for a walk that reads two bytes at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptionAt {
+    /// The options are over (their end, or an end-of-list option).
+    End,
+    /// A length that runs past the options or is below 2: the walk stops here.
+    Malformed,
+    /// An option the rewrite leaves alone; the next one starts at this offset.
+    Skip(usize),
+    /// A timestamp option: TSval at `at + 2`, TSecr at `at + 6`; the next option at `next`.
+    Timestamp { at: usize, next: usize },
+    /// A SACK option of `blocks` blocks, the first edge at `at + 2`; the next option at `next`.
+    Sack {
+        at: usize,
+        blocks: usize,
+        next: usize,
+    },
+}
+
+/// Says what the option starting at `at` is, from its first two bytes (`kind`, and `length`,
+/// which means nothing for a one-byte option), among `len` bytes of options.
 ///
-/// Other options pass untouched (MSS and window scale only appear on SYNs, which are never
-/// forwarded). The walk is bounded by [`TCP_OPTIONS_MAX`] steps for the verifier.
-pub fn rewrite_options(
-    options: &mut [u8; TCP_OPTIONS_MAX],
-    len: usize,
-    rewrite: &OptionRewrite,
-) -> OptionsRewritten {
+/// The walk reads those two bytes per step and this decides: the program reads them with a
+/// helper at a plain offset, since indexing a stack copy by a moving offset made the verifier
+/// tell every option position apart and give up at a million instructions.
+pub fn next_option(at: usize, len: usize, kind: u8, length: u8) -> OptionAt {
     let len = if len > TCP_OPTIONS_MAX {
         TCP_OPTIONS_MAX
     } else {
         len
     };
+    if at >= len || kind == option_kind::END {
+        return OptionAt::End;
+    }
+    if kind == option_kind::NOP {
+        return OptionAt::Skip(at + 1);
+    }
+    let option_len = length as usize;
+    if at + 1 >= len || option_len < 2 || at + option_len > len {
+        return OptionAt::Malformed;
+    }
+    let next = at + option_len;
+    if kind == option_kind::TIMESTAMP && option_len == TIMESTAMP_LEN {
+        OptionAt::Timestamp { at, next }
+    } else if kind == option_kind::SACK {
+        OptionAt::Sack {
+            at,
+            blocks: ((option_len - 2) / 8).min(SACK_BLOCKS_MAX),
+            next,
+        }
+    } else {
+        OptionAt::Skip(next)
+    }
+}
+
+/// Rewrites the timestamp and SACK options among the first `len` bytes of `options` (the bytes
+/// between the 20-byte TCP header and the payload) for the receiving leg, in place: the host's
+/// twin of the program's walk, over the same [`next_option`] and [`rewrite_timestamp_values`].
+///
+/// Other options pass untouched (MSS and window scale only appear on SYNs, which are never
+/// forwarded). The walk is bounded by [`TCP_OPTIONS_MAX`] steps.
+pub fn rewrite_options(
+    options: &mut [u8; TCP_OPTIONS_MAX],
+    len: usize,
+    rewrite: &OptionRewrite,
+) -> OptionsRewritten {
     let mut done = OptionsRewritten::default();
-    let mut at = 0usize;
+    let mut at = 0;
     for _ in 0..TCP_OPTIONS_MAX {
-        if at >= len {
-            break;
-        }
-        let kind = options[at];
-        if kind == option_kind::END {
-            break;
-        }
-        if kind == option_kind::NOP {
-            at += 1;
-            continue;
-        }
-        let option_len = match options.get(at + 1) {
-            Some(&l) if at + 1 < len => l as usize,
-            _ => {
+        let kind = options.get(at).copied().unwrap_or(option_kind::END);
+        let length = options.get(at + 1).copied().unwrap_or(0);
+        match next_option(at, len, kind, length) {
+            OptionAt::End => break,
+            OptionAt::Malformed => {
                 done.malformed = true;
                 break;
             }
-        };
-        if option_len < 2 || at + option_len > len {
-            done.malformed = true;
-            break;
+            OptionAt::Skip(next) => at = next,
+            OptionAt::Timestamp { at: ts, next } => {
+                rewrite_timestamp(options, ts, rewrite, &mut done);
+                at = next;
+            }
+            OptionAt::Sack {
+                at: sack,
+                blocks,
+                next,
+            } => {
+                for edge in 0..blocks * 2 {
+                    let edge_at = sack + 2 + edge * 4;
+                    if let Some(value) = read_u32(options, edge_at) {
+                        write_u32(options, edge_at, shift_seq(value, rewrite.sack_delta));
+                    }
+                }
+                done.sack_blocks += blocks as u8;
+                at = next;
+            }
         }
-        if kind == option_kind::TIMESTAMP && option_len == TIMESTAMP_LEN {
-            rewrite_timestamp(options, at, rewrite, &mut done);
-        } else if kind == option_kind::SACK {
-            rewrite_sack(options, at, option_len, rewrite.sack_delta, &mut done);
-        }
-        at += option_len;
     }
     done
+}
+
+/// A timestamp option's two values for the receiving leg: TSval and TSecr rewritten, and the
+/// TSval delta when this segment taught it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimestampValues {
+    /// The new TSval.
+    pub ts_val: u32,
+    /// The new TSecr.
+    pub ts_ecr: u32,
+    /// The delta learned from this segment (its direction's first timestamp).
+    pub learned_ts_val_delta: Option<u32>,
+}
+
+/// TSval and TSecr of one segment, rewritten for the receiving leg (see [`OptionRewrite`]).
+pub fn rewrite_timestamp_values(
+    ts_val: u32,
+    ts_ecr: u32,
+    rewrite: &OptionRewrite,
+) -> TimestampValues {
+    let (delta, learned) = match rewrite.ts_val_delta {
+        Some(delta) => (delta, None),
+        None => {
+            let delta = rewrite.ts_val_target.wrapping_sub(ts_val);
+            (delta, Some(delta))
+        }
+    };
+    TimestampValues {
+        ts_val: ts_val.wrapping_add(delta),
+        ts_ecr: match rewrite.ts_ecr_delta {
+            Some(ecr_delta) if ts_ecr != 0 => ts_ecr.wrapping_add(ecr_delta),
+            _ => 0,
+        },
+        learned_ts_val_delta: learned,
+    }
 }
 
 fn rewrite_timestamp(
@@ -168,42 +254,10 @@ fn rewrite_timestamp(
         return;
     };
     done.timestamp = true;
-    let ts_val_delta = match rewrite.ts_val_delta {
-        Some(delta) => delta,
-        None => {
-            let delta = rewrite.ts_val_target.wrapping_sub(ts_val);
-            done.learned_ts_val_delta = Some(delta);
-            delta
-        }
-    };
-    write_u32(options, at + 2, ts_val.wrapping_add(ts_val_delta));
-    let echoed = match rewrite.ts_ecr_delta {
-        Some(delta) if ts_ecr != 0 => ts_ecr.wrapping_add(delta),
-        _ => 0,
-    };
-    write_u32(options, at + 6, echoed);
-}
-
-fn rewrite_sack(
-    options: &mut [u8; TCP_OPTIONS_MAX],
-    at: usize,
-    option_len: usize,
-    delta: u32,
-    done: &mut OptionsRewritten,
-) {
-    let blocks = (option_len - 2) / 8;
-    for block in 0..SACK_BLOCKS_MAX {
-        if block >= blocks {
-            break;
-        }
-        for edge in 0..2 {
-            let edge_at = at + 2 + block * 8 + edge * 4;
-            if let Some(value) = read_u32(options, edge_at) {
-                write_u32(options, edge_at, shift_seq(value, delta));
-            }
-        }
-        done.sack_blocks += 1;
-    }
+    let values = rewrite_timestamp_values(ts_val, ts_ecr, rewrite);
+    done.learned_ts_val_delta = values.learned_ts_val_delta;
+    write_u32(options, at + 2, values.ts_val);
+    write_u32(options, at + 6, values.ts_ecr);
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 mod sockmap;
+mod tc;
 
 /// BPF programs cannot unwind or print; the verifier rejects any path that could reach this, so
 /// it only has to satisfy the compiler.

@@ -372,3 +372,42 @@ fn classify_program(e: ProgramError) -> EbpfUnavailable {
         e => EbpfUnavailable::Other(format!("{VERDICT_PROG}: {}", one_line(&e))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The packet splice's classifier (proxy-ebpf/src/tc.rs) is loaded into the kernel, so the
+    /// verifier has accepted every path of it. Needs root; skipped with the reason otherwise,
+    /// except under `CI=true`.
+    #[test]
+    fn the_packet_classifier_passes_the_verifier() {
+        let is_root = std::fs::metadata("/proc/self")
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+            .unwrap_or(false);
+        if !is_root {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true and loading a BPF program needs root"
+            );
+            println!("SKIPPED: loading a BPF program needs root");
+            return;
+        }
+        raise_memlock();
+        let mut ebpf = EbpfLoader::new().load(OBJECT).expect("object loads");
+        let program: &mut aya::programs::SchedClassifier = ebpf
+            .program_mut("mqs_packet")
+            .expect("the object has the classifier")
+            .try_into()
+            .expect("a TC classifier");
+        if let Err(e) = program.load() {
+            let mut message = format!("{e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                message.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            panic!("the verifier refused mqs_packet: {message}");
+        }
+    }
+}

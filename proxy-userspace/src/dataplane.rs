@@ -7,6 +7,7 @@
 
 #[allow(unsafe_code)]
 pub mod ebpf;
+pub mod packet;
 mod userspace;
 
 pub use ebpf::EbpfSplice;

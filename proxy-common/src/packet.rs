@@ -100,6 +100,12 @@ pub struct PacketFlowState {
     pub fin_seen: [u32; 2],
     /// Non-zero once the other side acknowledged that direction's FIN.
     pub fin_acked: [u32; 2],
+    /// While the flow is frozen: the highest acknowledgment number each leg's peer sent (on its
+    /// own leg), from every segment, those dropped included, so the daemon knows what the peers
+    /// have even when the acknowledgment rode on a segment its socket never saw.
+    pub peer_acked: [u32; 2],
+    /// Non-zero once `peer_acked` of that leg holds a value.
+    pub peer_acked_seen: [u32; 2],
     /// Non-zero once a RST passed either way.
     pub reset: u32,
     /// Non-zero once the program told the daemon the flow is over.
@@ -161,7 +167,7 @@ mod tests {
         // Compiled for two targets; pinned sizes catch a field added on one side only.
         assert_eq!(core::mem::size_of::<PacketKey>(), 40);
         assert_eq!(core::mem::size_of::<PacketLeg>(), 72);
-        assert_eq!(core::mem::size_of::<PacketFlowState>(), 88);
+        assert_eq!(core::mem::size_of::<PacketFlowState>(), 104);
         assert_eq!(core::mem::size_of::<PacketTotals>(), 48);
         assert_eq!(core::mem::size_of::<PacketEndEvent>(), 8);
     }

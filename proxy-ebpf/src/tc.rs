@@ -177,6 +177,21 @@ fn try_splice(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(PASS);
     };
     if leg.mode == leg_mode::FREEZE {
+        if segment.flags & TCP_ACK != 0
+            && let Some(state) = MQS_PKT_STATE.get_ptr_mut(leg.flow)
+        {
+            let ack = u32::from_be(load::<u32>(ctx, segment.l4 + TCP_ACK_SEQ)?);
+            let dir = (leg.direction & 1) as usize;
+            // SAFETY: this flow's state entry; a lost race only delays the drain to a later ACK.
+            unsafe {
+                if (*state).peer_acked_seen[dir] == 0
+                    || ack.wrapping_sub((*state).peer_acked[dir]) as i32 > 0
+                {
+                    (*state).peer_acked[dir] = ack;
+                    (*state).peer_acked_seen[dir] = 1;
+                }
+            }
+        }
         if segment.payload_len > 0 || segment.flags & TCP_FIN != 0 {
             count(|t| t.frozen_drops += 1);
             return Ok(DROP);

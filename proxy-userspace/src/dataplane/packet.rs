@@ -6,3 +6,5 @@
 // The one module here that makes syscalls.
 #[allow(unsafe_code)]
 pub mod repair;
+
+pub mod handover;

@@ -37,6 +37,10 @@ const MAX_LEGS: u32 = 131_072;
 const PASS: i32 = TC_ACT_OK as i32;
 #[allow(clippy::unnecessary_cast)]
 const DROP: i32 = TC_ACT_SHOT as i32;
+/// A segment that is not ours: the next program on the interface decides (`TCX_NEXT`, which is
+/// `TC_ACT_UNSPEC` for a classic filter), so instances attached to one interface (tests, an
+/// upgrade) each see their own flows.
+const NEXT: i32 = -1;
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -170,11 +174,11 @@ fn parse(ctx: &TcContext) -> Option<Segment> {
 
 fn try_splice(ctx: &TcContext) -> Result<i32, ()> {
     let Some(segment) = parse(ctx) else {
-        return Ok(PASS);
+        return Ok(NEXT);
     };
     // SAFETY: a copy of the daemon-written value; the daemon replaces entries whole.
     let Some(leg) = (unsafe { MQS_PKT_FLOWS.get(segment.key) }).copied() else {
-        return Ok(PASS);
+        return Ok(NEXT);
     };
     if leg.mode == leg_mode::FREEZE {
         if segment.flags & TCP_ACK != 0

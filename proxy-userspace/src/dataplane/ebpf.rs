@@ -8,6 +8,7 @@
 mod btf;
 mod control;
 mod loader;
+pub(crate) use loader::{OBJECT, raise_memlock};
 mod sockopt;
 mod watch;
 

@@ -8,3 +8,5 @@
 pub mod repair;
 
 pub mod handover;
+pub mod loader;
+pub mod splice;

@@ -17,7 +17,8 @@ use aya::{
 use proxy_common::{FlowCounters, FlowKey, GlobalCounters, PeerEntry};
 
 /// The object produced by `build.rs`; empty when the build ran with `AYA_BUILD_SKIP`.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+pub(crate) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
 /// Mount point of the BPF filesystem that pins must live on.
 const BPFFS: &str = "/sys/fs/bpf";
@@ -244,7 +245,7 @@ impl Drop for PinGuard {
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use memcg and ignore it.
-fn raise_memlock() {
+pub(crate) fn raise_memlock() {
     if let Err(e) = rlimit::setrlimit(
         rlimit::Resource::MEMLOCK,
         rlimit::INFINITY,

@@ -106,6 +106,10 @@ pub struct PacketFlowState {
     pub peer_acked: [u32; 2],
     /// Non-zero once `peer_acked` of that leg holds a value.
     pub peer_acked_seen: [u32; 2],
+    /// Which direction's FIN came first, plus one (0: no FIN yet): who closed the flow.
+    pub first_fin: u32,
+    /// Which direction's RST came first, plus one (0: none).
+    pub reset_by: u32,
     /// Non-zero once a RST passed either way.
     pub reset: u32,
     /// Non-zero once the program told the daemon the flow is over.
@@ -167,7 +171,7 @@ mod tests {
         // Compiled for two targets; pinned sizes catch a field added on one side only.
         assert_eq!(core::mem::size_of::<PacketKey>(), 40);
         assert_eq!(core::mem::size_of::<PacketLeg>(), 72);
-        assert_eq!(core::mem::size_of::<PacketFlowState>(), 104);
+        assert_eq!(core::mem::size_of::<PacketFlowState>(), 112);
         assert_eq!(core::mem::size_of::<PacketTotals>(), 48);
         assert_eq!(core::mem::size_of::<PacketEndEvent>(), 8);
     }

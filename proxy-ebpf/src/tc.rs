@@ -435,6 +435,9 @@ fn track_end(
         if segment.flags & TCP_FIN != 0 {
             (*state).fin_end[dir] = seq.wrapping_add(segment.payload_len).wrapping_add(1);
             (*state).fin_seen[dir] = 1;
+            if (*state).first_fin == 0 {
+                (*state).first_fin = dir as u32 + 1;
+            }
         }
         if segment.flags & TCP_ACK != 0
             && (*state).fin_seen[other] != 0
@@ -443,6 +446,9 @@ fn track_end(
             (*state).fin_acked[other] = 1;
         }
         if segment.flags & TCP_RST != 0 {
+            if (*state).reset_by == 0 {
+                (*state).reset_by = dir as u32 + 1;
+            }
             (*state).reset = 1;
         }
         let over =

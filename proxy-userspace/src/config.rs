@@ -23,9 +23,9 @@ mod value;
 mod ws;
 
 pub use dataplane::{
-    DEFAULT_BPFFS_PIN, DEFAULT_CLOSE_DRAIN_TIMEOUT, DEFAULT_MAX_DAEMON_HELD_PER_FLOW,
-    DEFAULT_MAX_DAEMON_HELD_TOTAL, DEFAULT_MAX_INFLIGHT_TOTAL, DataplaneConfig, DataplaneMode,
-    InflightLimit, auto_inflight_per_flow,
+    DEFAULT_BPFFS_PIN, DEFAULT_CLOSE_DRAIN_TIMEOUT, DEFAULT_FLOW_TABLE_SIZE,
+    DEFAULT_MAX_DAEMON_HELD_PER_FLOW, DEFAULT_MAX_DAEMON_HELD_TOTAL, DEFAULT_MAX_INFLIGHT_TOTAL,
+    DataplaneConfig, DataplaneMode, InflightLimit, PacketConfig, auto_inflight_per_flow,
 };
 pub use error::ConfigError;
 pub use listener::{

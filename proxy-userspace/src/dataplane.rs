@@ -113,6 +113,7 @@ pub enum ConnectHandling {
 pub enum DataPath {
     Userspace,
     Sockmap,
+    Packet,
 }
 
 impl DataPath {
@@ -121,6 +122,7 @@ impl DataPath {
         match self {
             DataPath::Userspace => "userspace",
             DataPath::Sockmap => "sockmap",
+            DataPath::Packet => "packet",
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use crate::access_log::AccessLog;
 use crate::config::{Config, DataplaneConfig, DataplaneMode, ListenerConfig, ListenerKind};
+use crate::dataplane::packet::PacketSplice;
 use crate::dataplane::{DataPlane, EbpfSplice, PathReason, UserspaceCopy};
 use crate::listener::{ListenerContext, accept_loop};
 use crate::stats::{ConnectionCounters, DataplaneStats, ListenerStats, Stats, serve_stats};
@@ -289,6 +290,14 @@ fn choose_dataplane(config: &DataplaneConfig) -> anyhow::Result<DataplaneChoice>
                 tracing::warn!("dataplane.mode = \"auto\": {reason}");
                 Ok(userspace(reason))
             }
+        },
+        DataplaneMode::Packet => match PacketSplice::start(&config.packet) {
+            Ok(plane) => Ok(DataplaneChoice {
+                plane: Arc::new(Arc::new(plane)),
+                requested: mode,
+                reason: "packet splice (in development: loopback only)".into(),
+            }),
+            Err(e) => bail!("dataplane.mode = \"packet\": the packet splice cannot be used: {e}"),
         },
         DataplaneMode::Sockmap => match EbpfSplice::start(config) {
             Ok(plane) => {

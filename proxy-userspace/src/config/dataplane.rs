@@ -27,17 +27,87 @@ const MAX_HELD: u64 = 64 << 30;
 const MIN_INFLIGHT: u64 = 64 << 10;
 const MAX_INFLIGHT: u64 = 64 << 30;
 
+/// Default of `dataplane.packet.flow_table_size`: flows the packet splice can carry at once.
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 65_536;
+/// Bounds of `dataplane.packet.flow_table_size`.
+const MIN_FLOW_TABLE_SIZE: i64 = 1;
+const MAX_FLOW_TABLE_SIZE: i64 = 4_194_304;
+
 /// `[dataplane]` as written.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawDataplane {
     mode: Option<Spanned<String>>,
+    packet: Option<RawPacket>,
     bpffs_pin: Option<Spanned<String>>,
     close_drain_timeout: Option<Spanned<NumOrStr>>,
     max_inflight_per_flow: Option<Spanned<NumOrStr>>,
     max_inflight_total: Option<Spanned<NumOrStr>>,
     max_daemon_held_per_flow: Option<Spanned<NumOrStr>>,
     max_daemon_held_total: Option<Spanned<NumOrStr>>,
+}
+
+/// `[dataplane.packet]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPacket {
+    interfaces: Option<Spanned<Vec<String>>>,
+    flow_table_size: Option<Spanned<i64>>,
+}
+
+/// `[dataplane.packet]`: where the packet splice's program runs and how many flows it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PacketConfig {
+    /// Interfaces whose ingress carries client and broker traffic; empty: every interface that
+    /// is up (loopback included).
+    pub interfaces: Vec<String>,
+    /// Flows spliced at once; a flow beyond it takes the next data path. Default
+    /// [`DEFAULT_FLOW_TABLE_SIZE`].
+    pub flow_table_size: u32,
+}
+
+impl PacketConfig {
+    fn from_raw(raw: Option<&RawPacket>) -> Result<PacketConfig, Invalid> {
+        let default = RawPacket::default();
+        let raw = raw.unwrap_or(&default);
+        let path = "dataplane.packet";
+        Ok(PacketConfig {
+            interfaces: optional_key!(raw, path, interfaces, Vec::new(), |names| {
+                names
+                    .iter()
+                    .map(|n| parse_interface(n))
+                    .collect::<Result<Vec<_>, _>>()
+            })?,
+            flow_table_size: optional_key!(
+                raw,
+                path,
+                flow_table_size,
+                DEFAULT_FLOW_TABLE_SIZE,
+                |n| {
+                    if (MIN_FLOW_TABLE_SIZE..=MAX_FLOW_TABLE_SIZE).contains(n) {
+                        Ok(*n as u32)
+                    } else {
+                        Err(format!(
+                            "flow_table_size must be between {MIN_FLOW_TABLE_SIZE} and {MAX_FLOW_TABLE_SIZE}"
+                        ))
+                    }
+                }
+            )?,
+        })
+    }
+}
+
+/// An interface name as the kernel takes it: 1 to 15 bytes, no `/`, whitespace or NUL.
+fn parse_interface(name: &str) -> Result<String, String> {
+    if name.is_empty()
+        || name.len() > 15
+        || name
+            .bytes()
+            .any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace())
+    {
+        return Err(format!("{name:?} is not an interface name"));
+    }
+    Ok(name.to_owned())
 }
 
 /// Which data path moves the bytes of established flows.
@@ -49,6 +119,9 @@ pub enum DataplaneMode {
     Sockmap,
     /// Always the userspace copy path.
     Userspace,
+    /// The packet splice (in development: loopback only, flows it cannot take are copied in
+    /// userspace), or fail at start.
+    Packet,
 }
 
 impl DataplaneMode {
@@ -58,6 +131,7 @@ impl DataplaneMode {
             DataplaneMode::Auto => "auto",
             DataplaneMode::Sockmap => "sockmap",
             DataplaneMode::Userspace => "userspace",
+            DataplaneMode::Packet => "packet",
         }
     }
 }
@@ -95,6 +169,8 @@ pub struct DataplaneConfig {
     pub max_daemon_held_per_flow: usize,
     /// The same over all throttled directions. Default [`DEFAULT_MAX_DAEMON_HELD_TOTAL`].
     pub max_daemon_held_total: usize,
+    /// `[dataplane.packet]`.
+    pub packet: PacketConfig,
 }
 
 impl DataplaneConfig {
@@ -143,6 +219,7 @@ impl DataplaneConfig {
                 DEFAULT_MAX_DAEMON_HELD_TOTAL,
                 held
             )?,
+            packet: PacketConfig::from_raw(raw.packet.as_ref())?,
         };
         if config.max_daemon_held_per_flow > config.max_daemon_held_total {
             return Err(Invalid::at(
@@ -179,6 +256,7 @@ pub fn parse_dataplane_mode(value: &str) -> Result<DataplaneMode, String> {
             ("auto", DataplaneMode::Auto),
             ("sockmap", DataplaneMode::Sockmap),
             ("userspace", DataplaneMode::Userspace),
+            ("packet", DataplaneMode::Packet),
         ],
     )
 }
@@ -248,6 +326,6 @@ mod tests {
             Ok(DataplaneMode::Userspace)
         );
         let e = parse_dataplane_mode("kernel").unwrap_err();
-        assert!(e.contains("auto, sockmap, userspace"), "{e}");
+        assert!(e.contains("auto, sockmap, userspace, packet"), "{e}");
     }
 }

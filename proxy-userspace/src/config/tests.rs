@@ -112,6 +112,10 @@ fn minimal_expected() -> Config {
             max_inflight_total: DEFAULT_MAX_INFLIGHT_TOTAL,
             max_daemon_held_per_flow: DEFAULT_MAX_DAEMON_HELD_PER_FLOW,
             max_daemon_held_total: DEFAULT_MAX_DAEMON_HELD_TOTAL,
+            packet: PacketConfig {
+                interfaces: Vec::new(),
+                flow_table_size: DEFAULT_FLOW_TABLE_SIZE,
+            },
         },
         log: LogConfig {
             access: AccessLog::Stderr,
@@ -708,7 +712,7 @@ fn bad_enum_values_name_the_allowed_ones() {
         &format!("[dataplane]\nmode = \"xdp\"\n{MINIMAL}"),
         "dataplane.mode",
         2,
-        "unknown dataplane mode \"xdp\", expected one of: auto, sockmap, userspace",
+        "unknown dataplane mode \"xdp\", expected one of: auto, sockmap, userspace, packet",
     );
     assert_err(
         &upstream_with("balance = \"random\""),
@@ -863,7 +867,11 @@ fn the_documented_defaults_are_the_defaults() {
         }
         let setting = format!("{key} = {value}");
         let (without, with) = match section {
-            s if s.contains("[stats]") || s.contains("[dataplane]") || s.contains("[log]") => {
+            s if s.contains("[stats]")
+                || s.contains("[dataplane]")
+                || s.contains("[dataplane.packet]")
+                || s.contains("[log]") =>
+            {
                 let table = s.trim_matches('`');
                 (
                     MINIMAL.to_string(),
@@ -893,4 +901,27 @@ fn the_documented_defaults_are_the_defaults() {
     }
     // Every section's documented defaults were found and tried.
     assert!(checked.len() >= 35, "only {checked:?}");
+}
+
+#[test]
+fn packet_splice_keys() {
+    let config = Config::from_toml_str(&format!(
+        "[dataplane]\nmode = \"packet\"\n[dataplane.packet]\ninterfaces = [\"lo\", \"eth0\"]\nflow_table_size = 1000\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(config.dataplane.mode, DataplaneMode::Packet);
+    assert_eq!(config.dataplane.packet.interfaces, ["lo", "eth0"]);
+    assert_eq!(config.dataplane.packet.flow_table_size, 1000);
+    assert_err(
+        &format!("[dataplane.packet]\nflow_table_size = 0\n{MINIMAL}"),
+        "dataplane.packet.flow_table_size",
+        2,
+        "between 1 and",
+    );
+    assert_err(
+        &format!("[dataplane.packet]\ninterfaces = [\"a b\"]\n{MINIMAL}"),
+        "dataplane.packet.interfaces",
+        2,
+        "not an interface name",
+    );
 }

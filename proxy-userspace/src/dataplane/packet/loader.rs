@@ -19,7 +19,8 @@ pub struct PacketMaps {
     pub flows: HashMap<MapData, PacketKey, PacketLeg>,
     pub state: HashMap<MapData, u64, PacketFlowState>,
     pub totals: PerCpuArray<MapData, PacketTotals>,
-    pub events: RingBuf<MapData>,
+    /// Taken by the end watcher.
+    pub events: Option<RingBuf<MapData>>,
 }
 
 /// The loaded program, attached to its interfaces for as long as this lives.
@@ -59,7 +60,9 @@ impl PacketPrograms {
             state: HashMap::try_from(take(&mut ebpf, STATE_MAP)?).map_err(|e| e.to_string())?,
             totals: PerCpuArray::try_from(take(&mut ebpf, TOTALS_MAP)?)
                 .map_err(|e| e.to_string())?,
-            events: RingBuf::try_from(take(&mut ebpf, EVENTS_MAP)?).map_err(|e| e.to_string())?,
+            events: Some(
+                RingBuf::try_from(take(&mut ebpf, EVENTS_MAP)?).map_err(|e| e.to_string())?,
+            ),
         };
         let program: &mut SchedClassifier = ebpf
             .program_mut(PROGRAM)

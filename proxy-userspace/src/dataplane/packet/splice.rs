@@ -25,6 +25,9 @@ const RETRY_MUTE: Duration = Duration::from_millis(5);
 #[derive(Debug)]
 pub struct SplicedFlow {
     pub flow: u64,
+    /// Bytes the daemon moved during the drain, client → broker and back: the flow's first bytes
+    /// after the CONNECT, which the program never saw.
+    pub drained: [u64; 2],
     keys: [PacketKey; 2],
     _muted: [TcpStream; 2],
 }
@@ -85,19 +88,19 @@ fn leg_entry(
     leg
 }
 
-/// Moves whatever `from` holds into `to`; true when it moved anything.
+/// Moves whatever `from` holds into `to`; returns how many bytes.
 async fn move_available(
     from: &TcpStream,
     to: &mut TcpStream,
     buf: &mut [u8],
-) -> std::io::Result<bool> {
-    let mut moved = false;
+) -> std::io::Result<u64> {
+    let mut moved = 0;
     loop {
         match from.try_read(buf) {
             Ok(0) => return Ok(moved),
             Ok(n) => {
                 to.write_all(&buf[..n]).await?;
-                moved = true;
+                moved += n as u64;
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(moved),
             Err(e) => return Err(e),
@@ -150,11 +153,12 @@ pub async fn hand_over(
     }
     let deadline = Instant::now() + timeout;
     let mut buf = vec![0u8; 64 * 1024];
+    let mut drained = [0u64; 2];
     loop {
         let moved = async {
-            let a = move_available(&client, &mut broker, &mut buf).await?;
-            let b = move_available(&broker, &mut client, &mut buf).await?;
-            std::io::Result::Ok(a || b)
+            drained[0] += move_available(&client, &mut broker, &mut buf).await?;
+            drained[1] += move_available(&broker, &mut client, &mut buf).await?;
+            std::io::Result::Ok(())
         }
         .await;
         if moved.is_err() || Instant::now() > deadline {
@@ -173,6 +177,7 @@ pub async fn hand_over(
             }
             return Ok(SplicedFlow {
                 flow,
+                drained,
                 keys,
                 _muted: [client, broker],
             });

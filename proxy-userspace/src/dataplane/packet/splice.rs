@@ -349,6 +349,25 @@ mod tests {
     /// acknowledged. Needs root (TC program, TCP_REPAIR).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_loopback_flow_moves_numbered_bytes_both_ways_across_the_hand_over() {
+        numbered_flow("127.0.0.1:0", "127.0.0.1:0", None).await;
+    }
+
+    /// The same with every address different, so the program rewrites addresses too (the IPv4
+    /// header checksum, and the TCP checksum through its pseudo-header).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flow_whose_legs_differ_in_addresses_too_moves_numbered_bytes() {
+        numbered_flow("127.0.0.3:0", "127.0.0.2:0", Some("127.0.0.4:0")).await;
+    }
+
+    /// The same over IPv6.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ipv6_loopback_flow_moves_numbered_bytes() {
+        numbered_flow("[::1]:0", "[::1]:0", None).await;
+    }
+
+    /// Streams numbered bytes both ways through a proxy listening on `proxy`, to a broker on
+    /// `broker`, from a client bound to `client` (any address when `None`).
+    async fn numbered_flow(proxy: &str, broker: &str, client: Option<&str>) {
         if !is_root() {
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
@@ -360,9 +379,25 @@ mod tests {
         const WORDS: u32 = 4 << 20; // 16 MiB each way
         let (_programs, maps) = PacketPrograms::load(&["lo".to_string()], 64).unwrap();
         let maps = Mutex::new(maps);
-        let proxy_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let broker_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = std::net::TcpStream::connect(proxy_listener.local_addr().unwrap()).unwrap();
+        let proxy_listener = std::net::TcpListener::bind(proxy).unwrap();
+        let broker_listener = std::net::TcpListener::bind(broker).unwrap();
+        let client = match client {
+            Some(bind) => {
+                let bind: SocketAddr = bind.parse().unwrap();
+                let socket = socket2::Socket::new(
+                    socket2::Domain::for_address(bind),
+                    socket2::Type::STREAM,
+                    None,
+                )
+                .unwrap();
+                socket.bind(&bind.into()).unwrap();
+                socket
+                    .connect(&proxy_listener.local_addr().unwrap().into())
+                    .unwrap();
+                std::net::TcpStream::from(socket)
+            }
+            None => std::net::TcpStream::connect(proxy_listener.local_addr().unwrap()).unwrap(),
+        };
         let (proxy_client, _) = proxy_listener.accept().unwrap();
         let proxy_broker =
             std::net::TcpStream::connect(broker_listener.local_addr().unwrap()).unwrap();

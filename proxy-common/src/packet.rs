@@ -84,7 +84,7 @@ pub struct PacketLeg {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PacketFlowState {
-    /// Payload bytes rewritten, per direction.
+    /// Payload bytes rewritten, per direction (retransmissions included).
     pub bytes: [u64; 2],
     /// Segments rewritten, per direction.
     pub packets: [u64; 2],
@@ -106,6 +106,12 @@ pub struct PacketFlowState {
     pub peer_acked: [u32; 2],
     /// Non-zero once `peer_acked` of that leg holds a value.
     pub peer_acked_seen: [u32; 2],
+    /// The sequence number (on the receiving leg) just past the furthest payload byte forwarded
+    /// in each direction: with the leg's sequence number at the hand-over, the bytes the flow
+    /// moved, each counted once however often it was sent.
+    pub seq_end: [u32; 2],
+    /// Non-zero once `seq_end` of that direction holds a value.
+    pub seq_end_seen: [u32; 2],
     /// Which direction's FIN came first, plus one (0: no FIN yet): who closed the flow.
     pub first_fin: u32,
     /// Which direction's RST came first, plus one (0: none).
@@ -171,7 +177,7 @@ mod tests {
         // Compiled for two targets; pinned sizes catch a field added on one side only.
         assert_eq!(core::mem::size_of::<PacketKey>(), 40);
         assert_eq!(core::mem::size_of::<PacketLeg>(), 72);
-        assert_eq!(core::mem::size_of::<PacketFlowState>(), 112);
+        assert_eq!(core::mem::size_of::<PacketFlowState>(), 128);
         assert_eq!(core::mem::size_of::<PacketTotals>(), 48);
         assert_eq!(core::mem::size_of::<PacketEndEvent>(), 8);
     }

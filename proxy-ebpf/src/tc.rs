@@ -432,6 +432,14 @@ fn track_end(
         (*state).bytes[dir] += segment.payload_len as u64;
         (*state).packets[dir] += 1;
         (*state).last_seen_ns = bpf_ktime_get_ns();
+        let end = seq.wrapping_add(segment.payload_len);
+        if segment.payload_len > 0
+            && ((*state).seq_end_seen[dir] == 0
+                || end.wrapping_sub((*state).seq_end[dir]) as i32 > 0)
+        {
+            (*state).seq_end[dir] = end;
+            (*state).seq_end_seen[dir] = 1;
+        }
         if segment.flags & TCP_FIN != 0 {
             (*state).fin_end[dir] = seq.wrapping_add(segment.payload_len).wrapping_add(1);
             (*state).fin_seen[dir] = 1;

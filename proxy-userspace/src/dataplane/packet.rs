@@ -244,10 +244,12 @@ impl PacketSplice {
         let ended = ended.await.unwrap_or(Ended::Closed);
         tokio::time::sleep(END_GRACE).await;
         let drained = spliced.drained;
-        let state = spliced.finish(&self.maps).unwrap_or_default();
+        let state = splice::flow_state(&self.maps, spliced.flow).unwrap_or_default();
+        let forwarded = spliced.forwarded(&state);
+        spliced.finish(&self.maps);
         self.counters.spliced_active.fetch_sub(1, Relaxed);
-        let to_broker = drained[0] + state.bytes[TO_UPSTREAM as usize];
-        let to_client = drained[1] + state.bytes[TO_CLIENT as usize];
+        let to_broker = drained[0] + forwarded[TO_UPSTREAM as usize];
+        let to_client = drained[1] + forwarded[TO_CLIENT as usize];
         for meter in &flow.meters {
             meter.add(Direction::ToBroker, to_broker);
             meter.add(Direction::ToClient, to_client);

@@ -28,6 +28,8 @@ pub struct SplicedFlow {
     /// Bytes the daemon moved during the drain, client → broker and back: the flow's first bytes
     /// after the CONNECT, which the program never saw.
     pub drained: [u64; 2],
+    /// Each direction's sequence number on its receiving leg at the hand-over.
+    start_seq: [u32; 2],
     keys: [PacketKey; 2],
     _muted: [TcpStream; 2],
 }
@@ -178,6 +180,7 @@ pub async fn hand_over(
             return Ok(SplicedFlow {
                 flow,
                 drained,
+                start_seq: [muted[1].seqs.send_next, muted[0].seqs.send_next],
                 keys,
                 _muted: [client, broker],
             });
@@ -278,6 +281,18 @@ fn remove(maps: &Mutex<PacketMaps>, flow: u64, keys: &[PacketKey; 2]) {
 }
 
 impl SplicedFlow {
+    /// Payload bytes the program forwarded each way (client → broker, broker → client), each
+    /// byte once however often it was sent, from the flow's state.
+    pub fn forwarded(&self, state: &PacketFlowState) -> [u64; 2] {
+        [0, 1].map(|dir| {
+            if state.seq_end_seen[dir] == 0 {
+                0
+            } else {
+                state.seq_end[dir].wrapping_sub(self.start_seq[dir]) as u64
+            }
+        })
+    }
+
     /// Takes the flow out of the maps and closes the muted sockets (nothing goes on the wire).
     pub fn finish(self, maps: &Mutex<PacketMaps>) -> Option<PacketFlowState> {
         let state = flow_state(maps, self.flow);
@@ -461,7 +476,15 @@ mod tests {
             state = flow_state(&maps, 1).unwrap();
         }
         assert_eq!(state.fin_acked, [1, 1], "{state:?}");
-        assert!(state.bytes[0] > 0 && state.bytes[1] > 0, "{state:?}");
+        let forwarded = spliced.forwarded(&state);
+        assert_eq!(
+            [
+                forwarded[0] + spliced.drained[0],
+                forwarded[1] + spliced.drained[1]
+            ],
+            [WORDS as u64 * 4; 2],
+            "every byte counted once: {state:?}"
+        );
         let totals: Vec<_> = {
             let m = maps.lock().unwrap();
             m.totals.get(&0, 0).unwrap().iter().copied().collect()

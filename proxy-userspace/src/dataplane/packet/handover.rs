@@ -48,27 +48,25 @@ impl Fallback {
     }
 }
 
-/// What one leg negotiated, and the largest segment the proxy told its peer it may send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Leg {
-    pub negotiated: Negotiated,
-    /// The MSS this proxy socket announced in its handshake.
-    pub announced_mss: u32,
-}
-
 /// Whether the two legs can run as one conversation: the options that need translating are on
-/// both legs or on neither, and what one peer may send fits the other leg.
-pub fn check_legs(client: &Leg, broker: &Leg) -> Result<(), Fallback> {
-    if client.negotiated.timestamps != broker.negotiated.timestamps {
+/// both legs or on neither.
+pub fn check_legs(client: &Negotiated, broker: &Negotiated) -> Result<(), Fallback> {
+    if client.timestamps != broker.timestamps {
         return Err(Fallback::TimestampsDiffer);
     }
-    if client.negotiated.sack != broker.negotiated.sack {
+    if client.sack != broker.sack {
         return Err(Fallback::SackDiffers);
     }
-    // The client sends segments of up to what the proxy announced to it; they go on as they are.
-    // The other way is aligned before the broker-side connect (`TCP_MAXSEG`), and checked too.
-    if client.announced_mss > broker.negotiated.send_mss
-        || broker.announced_mss > client.negotiated.send_mss
+    Ok(())
+}
+
+/// Whether what each peer may send fits the other leg: the MSS the proxy announced to one peer
+/// (the largest segment it sends) must not exceed the MSS the other peer announced to the proxy
+/// (the largest it takes), read from the muted sockets. Segments go on as they came, so a smaller
+/// MSS on one leg (a link with a smaller MTU) cannot be spliced.
+pub fn check_mss(client: &Muted, broker: &Muted) -> Result<(), Fallback> {
+    if client.negotiated.announced_mss > broker.peer_mss
+        || broker.negotiated.announced_mss > client.peer_mss
     {
         return Err(Fallback::MssTooSmall);
     }
@@ -121,6 +119,8 @@ pub struct Rewrite {
 pub struct Muted {
     pub seqs: QueueSeqs,
     pub negotiated: Negotiated,
+    /// The MSS its peer announced (`TCP_MAXSEG` of a muted socket).
+    pub peer_mss: u32,
     /// `TCP_TIMESTAMP` at the mute.
     pub ts_now: u32,
 }
@@ -157,21 +157,19 @@ mod tests {
             peer_wscale: wscale,
             own_wscale: wscale,
             send_mss: mss,
+            announced_mss: mss,
         }
     }
 
-    fn leg(mss: u32) -> Leg {
-        Leg {
-            negotiated: negotiated(7, mss),
-            announced_mss: mss,
-        }
+    fn leg(mss: u32) -> Negotiated {
+        negotiated(7, mss)
     }
 
     #[test]
     fn legs_must_agree_on_the_options_that_are_translated() {
         assert_eq!(check_legs(&leg(1460), &leg(1460)), Ok(()));
         let mut no_ts = leg(1460);
-        no_ts.negotiated.timestamps = false;
+        no_ts.timestamps = false;
         assert_eq!(
             check_legs(&leg(1460), &no_ts),
             Err(Fallback::TimestampsDiffer)
@@ -179,23 +177,47 @@ mod tests {
         // Neither side with timestamps is fine: there is nothing to translate.
         assert_eq!(check_legs(&no_ts, &no_ts), Ok(()));
         let mut no_sack = leg(1460);
-        no_sack.negotiated.sack = false;
+        no_sack.sack = false;
         assert_eq!(check_legs(&no_sack, &leg(1460)), Err(Fallback::SackDiffers));
     }
 
+    fn muted(announced: u32, peer: u32) -> Muted {
+        Muted {
+            seqs: QueueSeqs {
+                recv_next: 0,
+                send_next: 0,
+            },
+            negotiated: Negotiated {
+                announced_mss: announced,
+                ..negotiated(7, announced)
+            },
+            peer_mss: peer,
+            ts_now: 0,
+        }
+    }
+
     #[test]
-    fn what_the_client_may_send_must_fit_the_broker_leg() {
-        // Loopback client (65,483) in front of a broker on a 1,500-byte link.
+    fn what_each_peer_may_send_must_fit_the_other_leg() {
+        // Loopback on both legs.
         assert_eq!(
-            check_legs(&leg(65_483), &leg(1_460)),
+            check_mss(&muted(65_483, 65_483), &muted(65_483, 65_483)),
+            Ok(())
+        );
+        // A broker on a link whose MSS is 1,000: the client may send 1,460-byte segments.
+        assert_eq!(
+            check_mss(&muted(1_460, 1_460), &muted(1_000, 1_000)),
             Err(Fallback::MssTooSmall)
         );
-        // The other way round fits once the broker side announced no more than the client takes.
-        let broker = Leg {
-            negotiated: negotiated(7, 65_483),
-            announced_mss: 1_460,
-        };
-        assert_eq!(check_legs(&leg(1_460), &broker), Ok(()));
+        // Aligned before the connect: the proxy announced 1,000 to the client as well.
+        assert_eq!(
+            check_mss(&muted(1_000, 1_460), &muted(1_000, 1_000)),
+            Ok(())
+        );
+        // The broker may send more than the client takes.
+        assert_eq!(
+            check_mss(&muted(1_000, 1_000), &muted(1_460, 1_460)),
+            Err(Fallback::MssTooSmall)
+        );
     }
 
     fn queues(unread: u64, unacked: u64, send_next: u32, peer_acked: Option<u32>) -> SocketQueues {
@@ -234,6 +256,7 @@ mod tests {
                 own_wscale: 9,
                 ..negotiated(0, 1460)
             },
+            peer_mss: 1460,
             ts_now: 5_000,
         };
         // The broker's leg: the proxy would send byte 4,000,000,000 next and expects byte 7.
@@ -247,6 +270,7 @@ mod tests {
                 own_wscale: 3,
                 ..negotiated(0, 1460)
             },
+            peer_mss: 1460,
             ts_now: 90_000,
         };
         let (up, down) = rewrites(&client, &broker);

@@ -80,6 +80,11 @@ pub fn queue_seqs(fd: BorrowedFd<'_>) -> io::Result<QueueSeqs> {
     })
 }
 
+/// The MSS the peer announced (`TCP_MAXSEG` of a socket in repair mode, `mss_clamp`).
+pub fn peer_mss(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    get_u32(fd, libc::TCP_MAXSEG)
+}
+
 /// The TSval the socket would send now (`TCP_TIMESTAMP`): its clock plus its per-connection offset.
 pub fn timestamp_now(fd: BorrowedFd<'_>) -> io::Result<u32> {
     get_u32(fd, libc::TCP_TIMESTAMP)
@@ -100,6 +105,8 @@ pub struct Negotiated {
     pub own_wscale: u8,
     /// The largest segment this socket sends (`tcpi_snd_mss`): what the peer announced, less options.
     pub send_mss: u32,
+    /// The MSS this socket announced to its peer (`tcpi_advmss`): the largest segment the peer sends.
+    pub announced_mss: u32,
 }
 
 /// Offsets in `struct tcp_info` (stable ABI): the options byte, the two window scales packed in
@@ -107,6 +114,7 @@ pub struct Negotiated {
 const TCPI_OPTIONS: usize = 5;
 const TCPI_WSCALE: usize = 6;
 const TCPI_SND_MSS: usize = 16;
+const TCPI_ADVMSS: usize = 84;
 
 /// Reads what the connection negotiated, from `TCP_INFO`.
 pub fn negotiated(fd: BorrowedFd<'_>) -> io::Result<Negotiated> {
@@ -122,7 +130,7 @@ pub fn negotiated(fd: BorrowedFd<'_>) -> io::Result<Negotiated> {
             &raw mut len,
         )
     })?;
-    if (len as usize) < TCPI_SND_MSS + 4 {
+    if (len as usize) < TCPI_ADVMSS + 4 {
         return Err(io::Error::other("tcp_info too short"));
     }
     let options = info[TCPI_OPTIONS];
@@ -134,12 +142,13 @@ pub fn negotiated(fd: BorrowedFd<'_>) -> io::Result<Negotiated> {
         window_scaling,
         peer_wscale: scales & 0x0f,
         own_wscale: scales >> 4,
-        send_mss: u32::from_ne_bytes(
-            info[TCPI_SND_MSS..TCPI_SND_MSS + 4]
-                .try_into()
-                .expect("4 bytes"),
-        ),
+        send_mss: u32_at(&info, TCPI_SND_MSS),
+        announced_mss: u32_at(&info, TCPI_ADVMSS),
     })
+}
+
+fn u32_at(info: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes(info[at..at + 4].try_into().expect("4 bytes"))
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of the program's `bpf_ktime_get_ns`, so the
@@ -182,7 +191,7 @@ mod tests {
         let n = negotiated(client.as_fd()).unwrap();
         // Linux's defaults (net.ipv4.tcp_timestamps, tcp_sack, tcp_window_scaling = 1).
         assert!(n.timestamps && n.sack && n.window_scaling, "{n:?}");
-        assert!(n.send_mss > 1000, "{n:?}");
+        assert!(n.send_mss > 1000 && n.announced_mss > 1000, "{n:?}");
     }
 
     /// What the hand-over relies on: a muted socket's sequence numbers line up with its peer's
@@ -213,6 +222,8 @@ mod tests {
         let c = queue_seqs(client.as_fd()).unwrap();
         assert_eq!(c.send_next, s.recv_next, "client → server stream");
         assert_eq!(s.send_next, c.recv_next, "server → client stream");
+        // Loopback's MSS (65,536-byte MTU less the headers), as announced by the server.
+        assert!(peer_mss(client.as_fd()).unwrap() > 60_000);
         set_repair(client.as_fd(), false).unwrap();
         assert!(timestamp_now(client.as_fd()).unwrap() > 0);
 

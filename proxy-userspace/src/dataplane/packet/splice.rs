@@ -12,9 +12,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::handover::{Fallback, Muted, Rewrite, SocketQueues, drained, rewrites};
+use super::handover::{
+    Fallback, Muted, Rewrite, SocketQueues, check_legs, check_mss, drained, rewrites,
+};
 use super::loader::PacketMaps;
-use super::repair::{negotiated, queue_seqs, set_repair, timestamp_now};
+use super::repair::{negotiated, peer_mss, queue_seqs, set_repair, timestamp_now};
 use crate::dataplane::ebpf::{queued_in, unacked_out};
 
 /// How long a failed mute waits before the next try: the peers' acknowledgments are on their way.
@@ -146,6 +148,14 @@ pub async fn hand_over(
     if client_peer.is_ipv4() != broker_peer.is_ipv4() {
         return Err((Fallback::AddressFamily, client, broker));
     }
+    let legs = negotiated(client.as_fd()).and_then(|c| Ok((c, negotiated(broker.as_fd())?)));
+    let checked = match legs {
+        Ok((c, b)) => check_legs(&c, &b),
+        Err(_) => Err(Fallback::DrainTimeout),
+    };
+    if let Err(reason) = checked {
+        return Err((reason, client, broker));
+    }
     let keys = [
         incoming(client_local, client_peer),
         incoming(broker_local, broker_peer),
@@ -168,6 +178,13 @@ pub async fn hand_over(
             return Err((Fallback::DrainTimeout, client, broker));
         }
         if let Some(muted) = try_mute(maps, flow, &client, &broker) {
+            if let Err(reason) = check_mss(&muted[0], &muted[1]) {
+                // Nothing was sent while muted: unmuted, the sockets go on as they were.
+                let _ = set_repair(client.as_fd(), false);
+                let _ = set_repair(broker.as_fd(), false);
+                remove(maps, flow, &keys);
+                return Err((reason, client, broker));
+            }
             let (up, down) = rewrites(&muted[0], &muted[1]);
             let entries = [
                 leg_entry(flow, TO_UPSTREAM, leg_mode::SPLICE, &keys[1], Some(&up)),
@@ -212,6 +229,7 @@ fn try_mute(
             Ok(Muted {
                 seqs: queue_seqs(s.as_fd())?,
                 negotiated: negotiated(s.as_fd())?,
+                peer_mss: peer_mss(s.as_fd())?,
                 ts_now: timestamp_now(s.as_fd())?,
             })
         };

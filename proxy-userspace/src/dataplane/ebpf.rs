@@ -28,7 +28,10 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use watch::{Spliced, Watcher};
 
-pub use sockopt::{peek, set_rcvlowat, socket_cookie};
+pub use sockopt::{
+    TcpBytes, peek, queued_in, reset_on_close, set_rcvlowat, socket_cookie, tcp_bytes, unacked_out,
+    wait_readable,
+};
 
 /// The maps, shared by the connection tasks (insert) and the watcher thread (counters, removal).
 pub type SharedMaps = Arc<Mutex<Maps>>;

@@ -31,7 +31,10 @@
 //!
 //! Run as root: `sockmap_repro --scenario toggle --side a --runs 10 --mib 256`.
 
-use mqsplice::dataplane::ebpf::{EbpfPrograms, Maps, peek, set_rcvlowat, socket_cookie};
+use mqsplice::dataplane::ebpf::{
+    EbpfPrograms, Maps, peek, queued_in, set_rcvlowat, socket_cookie, tcp_bytes, unacked_out,
+    wait_readable,
+};
 use proxy_common::{FlowCounters, GlobalCounters, PeerEntry, direction, throttle};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -274,69 +277,14 @@ fn bad_at(buf: &[u8], pos: usize, off: u64) -> Bad {
 
 // ----- socket helpers -----
 
-fn check(rc: libc::c_int) -> std::io::Result<libc::c_int> {
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
+/// `tcpi_bytes_acked` and `tcpi_bytes_received` (zero when the kernel does not say).
+fn tcp_counts(fd: BorrowedFd<'_>) -> (u64, u64) {
+    tcp_bytes(fd).map_or((0, 0), |b| (b.acked, b.received))
 }
 
-/// `tcpi_bytes_acked` and `tcpi_bytes_received`.
-fn tcp_bytes(fd: BorrowedFd<'_>) -> (u64, u64) {
-    let mut info = [0u8; 256];
-    let mut len = info.len() as libc::socklen_t;
-    // SAFETY: `info` is valid for writes of `len` bytes; the kernel writes at most `len`.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &raw mut len,
-        )
-    };
-    if rc < 0 || (len as usize) < 136 {
-        return (0, 0);
-    }
-    let at = |o: usize| u64::from_ne_bytes(info[o..o + 8].try_into().expect("8 bytes"));
-    (at(120), at(128))
-}
-
-/// `SIOCOUTQ` (or `FIONREAD` with `inq`): a socket's queued byte count as the kernel reports it.
-fn ioctl_count(fd: BorrowedFd<'_>, inq: bool) -> i64 {
-    let mut n: libc::c_int = 0;
-    let req = if inq { libc::FIONREAD } else { libc::TIOCOUTQ };
-    // SAFETY: both requests write one c_int through the pointer, which is valid.
-    match check(unsafe { libc::ioctl(fd.as_raw_fd(), req, &raw mut n) }) {
-        Ok(_) => i64::from(n),
-        Err(_) => -1,
-    }
-}
-
-/// Waits up to `ms` for `fd` to become readable.
-fn wait_readable(fd: BorrowedFd<'_>, ms: i32) {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, count 1.
-    let _ = unsafe { libc::poll(&raw mut p, 1, ms) };
-}
-
-fn set_rcvbuf(fd: BorrowedFd<'_>, bytes: usize) {
-    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `v` is a c_int and the length passed matches it.
-    let _ = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&raw const v).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
+/// Bytes written into `fd` and not yet acknowledged (`SIOCOUTQ`; zero when the kernel does not say).
+fn unacked(fd: BorrowedFd<'_>) -> u64 {
+    unacked_out(fd).unwrap_or(0)
 }
 
 fn counters(maps: &Mutex<Maps>, cookie: u64) -> FlowCounters {
@@ -428,7 +376,7 @@ fn run_once(args: &Args, maps: &Arc<Mutex<Maps>>, rng: &mut Rng) -> std::io::Res
     // The kernel's "written into the peer" counters start after the handshake.
     let base: Vec<u64> = sockets
         .iter()
-        .map(|s| tcp_bytes(s.as_fd()).0 + ioctl_count(s.as_fd(), false).max(0) as u64)
+        .map(|s| tcp_counts(s.as_fd()).0 + unacked(s.as_fd()))
         .collect();
     let entry = |side: usize| PeerEntry {
         peer_cookie: cookies[1 - side],
@@ -659,7 +607,10 @@ fn run_once(args: &Args, maps: &Arc<Mutex<Maps>>, rng: &mut Rng) -> std::io::Res
     out.note
         .push_str(&format!("skmem at end: {}; ", skmem(&addrs)));
     let fc = [counters(maps, cookies[0]), counters(maps, cookies[1])];
-    let tb = [tcp_bytes(sockets[0].as_fd()), tcp_bytes(sockets[1].as_fd())];
+    let tb = [
+        tcp_counts(sockets[0].as_fd()),
+        tcp_counts(sockets[1].as_fd()),
+    ];
     out.note.push_str(&format!(
         "A: redirected {} passed {} tcp_received {}; B: redirected {} passed {} tcp_received {}",
         fc[0].bytes, fc[0].passed_bytes, tb[0].1, fc[1].bytes, fc[1].passed_bytes, tb[1].1
@@ -750,7 +701,7 @@ fn drive(
         let _ = set_rcvlowat(source.as_fd(), 1);
         if first {
             if let Some(n) = args.rcvbuf {
-                set_rcvbuf(source.as_fd(), n);
+                let _ = socket2::SockRef::from(source).set_recv_buffer_size(n);
             }
             first = false;
         }
@@ -761,9 +712,8 @@ fn drive(
             if !live() {
                 return;
             }
-            let written = (tcp_bytes(sink.as_fd()).0
-                + ioctl_count(sink.as_fd(), false).max(0) as u64)
-                .saturating_sub(base[peer]);
+            let written =
+                (tcp_counts(sink.as_fd()).0 + unacked(sink.as_fd())).saturating_sub(base[peer]);
             if redirected <= written.saturating_sub(daemon_written) {
                 break;
             }
@@ -775,8 +725,8 @@ fn drive(
         let mut handed_back = false;
         while live() && !handed_back {
             if args.fionread {
-                let q = ioctl_count(source.as_fd(), true);
-                if q < 0 || q as usize > max_receive_queue() {
+                let q = queued_in(source.as_fd());
+                if q.is_err() || q.is_ok_and(|q| q as usize > max_receive_queue()) {
                     shared.fionread_odd.fetch_add(1, Relaxed);
                 }
             }
@@ -825,7 +775,7 @@ fn drive(
                     if args.scenario == Scenario::Toggle && Instant::now() >= hold_until {
                         // The daemon's hand-back rule: counters first, then TCP's count.
                         let c = counters(maps, cookie);
-                        let received = tcp_bytes(source.as_fd()).1;
+                        let received = tcp_counts(source.as_fd()).1;
                         if received == c.bytes + daemon_read {
                             entry.throttled = throttle::RETURNING;
                             entry.daemon_read = c.passed_bytes;

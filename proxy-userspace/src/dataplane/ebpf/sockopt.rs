@@ -131,6 +131,27 @@ pub fn unacked_out(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(queued.max(0) as u64)
 }
 
+/// Bytes queued for reading (`FIONREAD`): the splice's diagnostics (and the `sockmap_repro`
+/// test tool) compare it with what the verdict program counted.
+pub fn queued_in(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which is valid.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &raw mut queued) })?;
+    Ok(queued.max(0) as u64)
+}
+
+/// Waits up to `timeout_ms` for `fd` to become readable (or hung up): a blocking wait on one
+/// non-blocking socket without setting up an epoll instance.
+pub fn wait_readable(fd: BorrowedFd<'_>, timeout_ms: i32) {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `p` is one valid pollfd for the duration of the call, and the count passed is 1.
+    let _ = unsafe { libc::poll(&raw mut p, 1, timeout_ms) };
+}
+
 /// Opens `dir` and takes an exclusive, non-blocking `flock` on it; `WouldBlock` when another
 /// process holds it. bpffs cannot hold regular files, so the directory itself is the lock.
 pub fn lock_directory(dir: &Path) -> io::Result<OwnedFd> {

@@ -3,7 +3,7 @@
 //! the flows end. The key is newer than this harness: when a daemon does not report it, the
 //! check says so instead of passing.
 
-use crate::flows::stats;
+use crate::stats::fetch_json as stats;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::sync::Arc;

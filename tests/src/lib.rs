@@ -1,10 +1,10 @@
 //! Test harness: real brokers (embedded rumqttd, or a child process that can be killed), real
 //! clients (rumqttc), and mqsplice itself, in process or as the built binary.
 
-pub mod backend;
 pub mod broker;
 pub mod client;
 pub mod daemon;
+pub mod fake;
 pub mod flows;
 pub mod held_bytes;
 pub mod maps;
@@ -13,6 +13,8 @@ pub mod pki;
 pub mod proxy;
 pub mod raw;
 pub mod settle;
+pub mod setup;
+pub mod stats;
 pub mod ws;
 
 /// The data path a test runs on, named in every test whose outcome depends on it.

@@ -4,12 +4,13 @@
 //! does not wake the daemon; `auto` falls back to userspace and says why. The daemon runs as the
 //! built binary (`MQSPLICE_BIN`); the eBPF tests need root (see `Mode::runnable`).
 
-use mqsplice_tests::daemon::{config_for, write_config};
+use mqsplice_tests::daemon::write_config;
 use mqsplice_tests::flows::{
-    End, Graceful, KIB, MIB, Received, Rng, bytes_acked, config_with, connect_flow, flow_backend,
-    flow_connect, linger_zero, read_stream, stats, voluntary_ctxt_switches, wait_for,
-    world_readable, write_stream,
+    End, KIB, MIB, Received, Rng, bytes_acked, connect_flow, flow_backend, flow_connect,
+    linger_zero, read_stream, voluntary_ctxt_switches, wait_for, world_readable, write_stream,
 };
+use mqsplice_tests::setup::Setup;
+use mqsplice_tests::stats::fetch_json as stats;
 use mqsplice_tests::{Mode, maps, unique_pin_dir};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -161,8 +162,8 @@ fn close_three_ways(mode: Mode) {
         let r = broker_role(i, s, roles[i]);
         results.lock().unwrap().insert(i, r);
     });
-    let (text, listen, stats_addr) = config_for(mode, &[broker], "");
-    let daemon = Graceful::start(&text, listen, stats_addr);
+    let daemon = Setup::tcp(mode, &[broker]).spawn_graceful();
+    let (listen, stats_addr) = (daemon.listen, daemon.stats);
     let baseline = daemon.open_fds();
 
     let workers: Vec<_> = (0..AT_ONCE)
@@ -252,13 +253,11 @@ fn ebpf_global_limit_throttles_100_fast_clients_to_one_slow_broker() {
         );
         results.lock().unwrap().insert(i, got);
     });
-    let (text, listen, stats_addr) = config_with(
-        Mode::Sockmap,
-        &[broker],
-        "",
-        "max_inflight_per_flow = \"64MiB\"\nmax_inflight_total = \"16MiB\"",
-    );
-    let _daemon = Graceful::start(&text, listen, stats_addr);
+    let daemon = Setup::tcp(Mode::Sockmap, &[broker])
+        .max_inflight_per_flow("64MiB")
+        .max_inflight_total("16MiB")
+        .spawn_graceful();
+    let (listen, stats_addr) = (daemon.listen, daemon.stats);
 
     let stop = Arc::new(AtomicBool::new(false));
     let peak = Arc::new(AtomicU64::new(0));
@@ -378,13 +377,11 @@ fn ebpf_throttled_full_duplex_flows_stay_within_the_daemon_bounds_and_give_memor
         let sent = writer.join().unwrap();
         results.lock().unwrap().insert(i, (sent, got));
     });
-    let (text, listen, stats_addr) = config_with(
-        Mode::Sockmap,
-        &[broker],
-        "",
-        &format!("max_inflight_per_flow = \"64KiB\"\nmax_daemon_held_total = {HELD_TOTAL}"),
-    );
-    let daemon = Graceful::start(&text, listen, stats_addr);
+    let daemon = Setup::tcp(Mode::Sockmap, &[broker])
+        .max_inflight_per_flow("64KiB")
+        .max_daemon_held_total(HELD_TOTAL)
+        .spawn_graceful();
+    let (listen, stats_addr) = (daemon.listen, daemon.stats);
     // A warmed-up idle instance: one flow through it first.
     {
         let mut s = connect_flow(listen, WARM_UP);
@@ -532,8 +529,8 @@ fn client_rst_while_sending(mode: Mode) {
         );
         let _ = tx.send(got);
     });
-    let (text, listen, stats_addr) = config_for(mode, &[broker], "");
-    let _daemon = Graceful::start(&text, listen, stats_addr);
+    let daemon = Setup::tcp(mode, &[broker]).spawn_graceful();
+    let (listen, stats_addr) = (daemon.listen, daemon.stats);
     let mut client = connect_flow(listen, 0);
     let mut peeked = [0u8; 1];
     assert_eq!(
@@ -597,8 +594,8 @@ fn broker_rst(mode: Mode) {
         drop(s);
         let _ = tx.send((got, Instant::now()));
     });
-    let (text, listen, stats_addr) = config_for(mode, &[broker], "");
-    let _daemon = Graceful::start(&text, listen, stats_addr);
+    let daemon = Setup::tcp(mode, &[broker]).spawn_graceful();
+    let (listen, stats_addr) = (daemon.listen, daemon.stats);
     let client = connect_flow(listen, 0);
     let mut tx = client.try_clone().unwrap();
     let writer = thread::spawn(move || {
@@ -647,8 +644,8 @@ fn client_rst(mode: Mode) {
         let _ = tx.send((got, Instant::now()));
         writer.join().unwrap();
     });
-    let (text, listen, stats_addr) = config_for(mode, &[broker], "");
-    let _daemon = Graceful::start(&text, listen, stats_addr);
+    let daemon = Setup::tcp(mode, &[broker]).spawn_graceful();
+    let (listen, stats_addr) = (daemon.listen, daemon.stats);
     let mut client = connect_flow(listen, 0);
     let got = read_stream(&mut client, Some(4 * MIB), Duration::from_secs(10), None);
     assert_eq!(got.end, End::Limit, "{mode:?}: client read {got:?}");
@@ -729,8 +726,8 @@ fn ebpf_512_mib_spliced_transfer_costs_under_2000_voluntary_context_switches() {
             None,
         ));
     });
-    let (text, listen, stats_addr) = config_for(Mode::Sockmap, &[broker], "");
-    let daemon = Graceful::start(&text, listen, stats_addr);
+    let daemon = Setup::tcp(Mode::Sockmap, &[broker]).spawn_graceful();
+    let (listen, stats_addr) = (daemon.listen, daemon.stats);
     let mut client = connect_flow(listen, 0);
     assert!(
         wait_for(Duration::from_secs(5), || {
@@ -804,15 +801,11 @@ impl Drop for Spawned {
     }
 }
 
-/// A userspace config switched to `mode = "auto"` with pins under `pin`.
-fn auto_config(brokers: &[SocketAddr], pin: &str) -> (String, SocketAddr, SocketAddr) {
-    let (text, listen, stats) = config_for(Mode::Userspace, brokers, "");
-    let text = text.replacen(
-        "mode = \"userspace\"",
-        &format!("mode = \"auto\"\nbpffs_pin = \"{pin}\""),
-        1,
-    );
-    (text, listen, stats)
+/// `mode = "auto"` spelled out, with pins under `pin`.
+fn auto(brokers: &[SocketAddr], pin: &str) -> Setup {
+    Setup::tcp(Mode::Userspace, brokers)
+        .auto_mode()
+        .bpffs_pin(pin)
 }
 
 /// A broker stand-in that answers CONNACK and drains.
@@ -838,7 +831,7 @@ fn auto_without_privilege_or_with_a_locked_pin_dir_serves_on_userspace_and_says_
     let broker = drain_broker();
 
     // (a) As `nobody`, which may not load BPF programs (when not root, as ourselves).
-    let (text, listen, stats_addr) = auto_config(&[broker], &unique_pin_dir());
+    let (text, listen, stats_addr) = auto(&[broker], &unique_pin_dir()).for_binary();
     let path = write_config(&text);
     world_readable(path.parent().unwrap());
     world_readable(&path);
@@ -872,14 +865,14 @@ fn auto_without_privilege_or_with_a_locked_pin_dir_serves_on_userspace_and_says_
         assert!(failures.is_empty(), "{}", failures.join("\n"));
         return;
     }
-    let (text, listen, stats_addr) = config_for(Mode::Sockmap, &[broker], "");
-    let holder = Graceful::start(&text, listen, stats_addr);
+    let holder = Setup::tcp(Mode::Sockmap, &[broker]).spawn_graceful();
+    let stats_addr = holder.stats;
     let pin = stats(stats_addr)["dataplane"]["bpffs_pin"]
         .as_str()
         .unwrap()
         .to_string();
-    let (text, listen, stats_addr) = auto_config(&[broker], &pin);
-    let second = Graceful::start(&text, listen, stats_addr);
+    let second = auto(&[broker], &pin).spawn_graceful();
+    let (listen, stats_addr) = (second.listen, second.stats);
     serves_on_userspace(listen, stats_addr, &second.stderr());
     if !second
         .stderr()
@@ -907,8 +900,8 @@ fn auto_splices_in_the_kernel_when_the_programs_load_and_check_the_stream() {
     }
     let broker = drain_broker();
     let pin = unique_pin_dir();
-    let (text, listen, stats_addr) = auto_config(&[broker], &pin);
-    let auto = Graceful::start(&text, listen, stats_addr);
+    let auto = auto(&[broker], &pin).spawn_graceful();
+    let (listen, stats_addr) = (auto.listen, auto.stats);
     drop(connect_flow(listen, 0));
     let dataplane = &stats(stats_addr)["dataplane"];
     assert_eq!(dataplane["requested"], "auto", "{dataplane}");

@@ -5,14 +5,16 @@
 //! bytes refused as TLS handshake failures.
 
 use futures_util::{SinkExt, StreamExt};
-use mqsplice_tests::backend::Backend;
+use mqsplice::stats::{ListenerStats, WsStats};
 use mqsplice_tests::broker::EmbeddedBroker;
-use mqsplice_tests::daemon::write_config;
+use mqsplice_tests::fake::FakeBroker;
+
 use mqsplice_tests::pki::Pki;
+use mqsplice_tests::proxy::run_binary;
 use mqsplice_tests::raw::{self, Closed, connect_v311};
+use mqsplice_tests::setup::{Kind, Listener, Setup, Tls};
+use mqsplice_tests::wait_until;
 use mqsplice_tests::ws::{self, frame, packet_len, publish_qos1, subscribe, upgrade_request};
-use mqsplice_tests::{proxy, wait_until};
-use serde_json::Value;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,56 +25,34 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 const WAIT: Duration = Duration::from_secs(5);
 const CONNACK_OK: &[u8] = &[0x20, 0x02, 0x00, 0x00];
 
-/// A tcp listener `mqtt` and a ws listener `ws` on one upstream (dataplane.mode = auto: the ws
-/// listener must be userspace regardless).
-fn config(servers: &str, upstream_extra: &str, ws_extra: &str) -> String {
-    format!(
-        r#"
-[stats]
-listen = "127.0.0.1:0"
-[log]
-access = "off"
-[[upstream]]
-name = "brokers"
-servers = {servers}
-{upstream_extra}
-{TCP_LISTENER}[[listener]]
-name = "ws"
-kind = "ws"
-listen = "127.0.0.1:0"
-upstream = "brokers"
-{ws_extra}
-"#
-    )
+/// A tcp listener `mqtt` and a ws listener `ws` on upstream `brokers` with `servers`
+/// (dataplane.mode = auto: the ws listener must be userspace regardless).
+fn setup(servers: &[SocketAddr]) -> Setup {
+    Setup::one(Kind::Tcp, "mqtt", servers).listener(Listener::new("ws", Kind::Ws, "brokers"))
 }
 
-const TCP_LISTENER: &str = "[[listener]]\nname = \"mqtt\"\nkind = \"tcp\"\nlisten = \"127.0.0.1:0\"\nupstream = \"brokers\"\n";
-
-/// [`config`] without the tcp listener (an `upstream_protocol = "ws"` upstream is for ws only).
-fn ws_only_config(servers: &str, upstream_extra: &str, ws_extra: &str) -> String {
-    config(servers, upstream_extra, ws_extra).replace(TCP_LISTENER, "")
+/// Only the ws listener (an `upstream_protocol = "ws"` upstream is for ws only).
+fn ws_only(servers: &[SocketAddr]) -> Setup {
+    Setup::one(Kind::Ws, "ws", servers)
 }
 
-fn ws_stats(stats: &Value) -> &Value {
-    &stats["listeners"]["ws"]["ws"]
+fn ws_stats(running: &mqsplice::Running) -> WsStats {
+    let stats = running.typed_stats();
+    stats.listeners["ws"].ws.clone().expect("ws stats")
 }
 
 fn failed(running: &mqsplice::Running, reason: &str) -> u64 {
-    ws_stats(&running.stats())["upgrades_failed"][reason]
-        .as_u64()
-        .unwrap()
+    ws_stats(running).upgrades_failed[reason]
 }
 
 fn closed_for(running: &mqsplice::Running, reason: &str) -> u64 {
-    ws_stats(&running.stats())["closed_for"][reason]
-        .as_u64()
-        .unwrap()
+    ws_stats(running).closed_for[reason]
 }
 
 #[tokio::test]
 async fn mqtt_over_ws_subscribes_and_publishes_through_a_broker() {
     let broker = EmbeddedBroker::start();
-    let running = proxy::start(&config(&proxy::servers(&[broker.addr], ""), "", "")).await;
+    let running = setup(&[broker.addr]).start().await;
     let addr = running.listener_addr("ws").unwrap();
     let mut client = ws::connect(addr, "/mqtt", Some("mqtt"), &[]).await.unwrap();
     client.send(&connect_v311("ws-pubsub")).await.unwrap();
@@ -106,22 +86,23 @@ async fn mqtt_over_ws_subscribes_and_publishes_through_a_broker() {
     }
     assert!(got_puback && got_delivery);
 
-    let stats = running.stats();
-    let listener = &stats["listeners"]["ws"];
-    assert_eq!(listener["kind"], "ws");
-    assert_eq!(listener["data_path"], "userspace");
-    assert_eq!(listener["data_path_reason"], "websocket");
-    assert_eq!(ws_stats(&stats)["upgrades_ok"], 1);
-    assert!(ws_stats(&stats)["frames_in"].as_u64().unwrap() >= 4);
-    assert!(ws_stats(&stats)["frames_out"].as_u64().unwrap() >= 4);
-    assert!(ws_stats(&stats)["bytes_in"].as_u64().unwrap() > 0);
-    assert!(ws_stats(&stats)["handshake_ms_max"].as_f64().unwrap() > 0.0);
+    let stats = running.typed_stats();
+    let listener = &stats.listeners["ws"];
+    assert_eq!(listener.kind, "ws");
+    assert_eq!(listener.data_path, "userspace");
+    assert_eq!(listener.data_path_reason, "websocket");
+    let ws = listener.ws.as_ref().expect("ws stats");
+    assert_eq!(ws.upgrades_ok, 1);
+    assert!(ws.frames_in >= 4);
+    assert!(ws.frames_out >= 4);
+    assert!(ws.bytes_in > 0);
+    assert!(ws.handshake_ms_max > 0.0);
 }
 
 #[tokio::test]
 async fn packets_split_across_frames_and_many_packets_in_one_frame_reach_the_broker_intact() {
-    let mut backend = Backend::start().await;
-    let running = proxy::start(&config(&proxy::servers(&[backend.addr], ""), "", "")).await;
+    let mut backend = FakeBroker::start().await;
+    let running = setup(&[backend.addr]).start().await;
     let addr = running.listener_addr("ws").unwrap();
     // No subprotocol offered: accepted as MQTT.
     let mut client = ws::connect(addr, "/mqtt", None, &[]).await.unwrap();
@@ -159,18 +140,16 @@ async fn packets_split_across_frames_and_many_packets_in_one_frame_reach_the_bro
 async fn client_id_goes_to_the_same_broker_over_ws_and_tcp() {
     let mut backends = Vec::new();
     for _ in 0..3 {
-        backends.push(Backend::start().await);
+        backends.push(FakeBroker::start().await);
     }
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let running = proxy::start(&config(
-        &proxy::servers(&addrs, ""),
-        "balance = \"client_id\"",
-        "",
-    ))
-    .await;
+    let running = setup(&addrs)
+        .upstream_with(|u| u.balance("client_id"))
+        .start()
+        .await;
     let tcp_addr = running.listener_addr("mqtt").unwrap();
     let ws_addr = running.listener_addr("ws").unwrap();
-    let which = |backends: &[Backend], before: &[usize]| {
+    let which = |backends: &[FakeBroker], before: &[usize]| {
         backends
             .iter()
             .zip(before)
@@ -179,13 +158,13 @@ async fn client_id_goes_to_the_same_broker_over_ws_and_tcp() {
     let mut used = std::collections::HashSet::new();
     for i in 0..12 {
         let id = format!("sticky-{i}");
-        let before: Vec<usize> = backends.iter().map(Backend::accepted).collect();
+        let before: Vec<usize> = backends.iter().map(FakeBroker::accepted).collect();
         let mut tcp = TcpStream::connect(tcp_addr).await.unwrap();
         tcp.write_all(&connect_v311(&id)).await.unwrap();
         assert!(wait_until(WAIT, || which(&backends, &before).is_some()).await);
         let over_tcp = which(&backends, &before).unwrap();
 
-        let before: Vec<usize> = backends.iter().map(Backend::accepted).collect();
+        let before: Vec<usize> = backends.iter().map(FakeBroker::accepted).collect();
         let mut client = ws::connect(ws_addr, "/mqtt", Some("mqtt"), &[])
             .await
             .unwrap();
@@ -205,28 +184,23 @@ async fn client_id_goes_to_the_same_broker_over_ws_and_tcp() {
 async fn trusted_proxy_forwarded_for_becomes_the_proxy_protocol_source() {
     for (trusted, header, expected) in [
         (
-            "[\"127.0.0.0/8\"]",
+            "127.0.0.0/8",
             ("X-Forwarded-For", "198.51.100.1, 203.0.113.7"),
             "203.0.113.7",
         ),
+        ("127.0.0.1", ("X-Real-IP", "203.0.113.9"), "203.0.113.9"),
         (
-            "[\"127.0.0.1\"]",
-            ("X-Real-IP", "203.0.113.9"),
-            "203.0.113.9",
-        ),
-        (
-            "[\"10.0.0.0/8\"]",
+            "10.0.0.0/8",
             ("X-Forwarded-For", "203.0.113.7"),
             "127.0.0.1",
         ),
     ] {
-        let mut backend = Backend::start().await;
-        let running = proxy::start(&config(
-            &proxy::servers(&[backend.addr], ""),
-            "proxy_protocol = \"v1\"",
-            &format!("trust_forwarded_for = {trusted}"),
-        ))
-        .await;
+        let mut backend = FakeBroker::start().await;
+        let running = setup(&[backend.addr])
+            .upstream_with(|u| u.proxy_protocol("v1"))
+            .listener_with("ws", |l| l.trust_forwarded_for(&[trusted]))
+            .start()
+            .await;
         let addr = running.listener_addr("ws").unwrap();
         let mut client = ws::connect(addr, "/mqtt", Some("mqtt"), &[header])
             .await
@@ -256,8 +230,8 @@ async fn trusted_proxy_forwarded_for_becomes_the_proxy_protocol_source() {
 
 #[tokio::test]
 async fn ping_is_answered_and_a_close_frame_ends_the_broker_leg() {
-    let mut backend = Backend::start().await;
-    let running = proxy::start(&config(&proxy::servers(&[backend.addr], ""), "", "")).await;
+    let mut backend = FakeBroker::start().await;
+    let running = setup(&[backend.addr]).start().await;
     let addr = running.listener_addr("ws").unwrap();
     let mut client = ws::connect(addr, "/mqtt", Some("mqttv3.1"), &[])
         .await
@@ -284,13 +258,14 @@ async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> (String, Closed) {
 
 #[tokio::test]
 async fn bad_requests_get_http_errors_and_are_counted() {
-    let backend = Backend::start().await;
-    let running = proxy::start(&config(
-        &proxy::servers(&[backend.addr], ""),
-        "",
-        "path = [\"/mqtt\", \"/ws\"]\nallowed_origins = [\"https://app.example\"]",
-    ))
-    .await;
+    let backend = FakeBroker::start().await;
+    let running = setup(&[backend.addr])
+        .listener_with("ws", |l| {
+            l.paths(&["/mqtt", "/ws"])
+                .allowed_origins(&["https://app.example"])
+        })
+        .start()
+        .await;
     let addr = running.listener_addr("ws").unwrap();
     let origin = "Origin: https://app.example\r\n";
     let cases: Vec<(String, &str, &str)> = vec![
@@ -367,8 +342,13 @@ async fn bad_requests_get_http_errors_and_are_counted() {
         "{response:?}"
     );
     // Counted as rejected once the refused client is gone (the proxy drains it after its FIN).
-    let rejected = || running.stats()["listeners"]["ws"]["rejected"]["ws_handshake"] == 9;
-    assert!(wait_until(WAIT, rejected).await, "{}", running.stats());
+    let rejected =
+        || running.typed_stats().listeners["ws"].connections.rejected["ws_handshake"] == 9;
+    assert!(
+        wait_until(WAIT, rejected).await,
+        "{:?}",
+        running.typed_stats()
+    );
     assert_eq!(backend.accepted(), 0);
     // The same listener still upgrades a good request on its second path.
     let good = ws::connect(
@@ -383,13 +363,11 @@ async fn bad_requests_get_http_errors_and_are_counted() {
 
 #[tokio::test]
 async fn subprotocol_can_be_required() {
-    let backend = Backend::start().await;
-    let running = proxy::start(&config(
-        &proxy::servers(&[backend.addr], ""),
-        "",
-        "require_subprotocol = true",
-    ))
-    .await;
+    let backend = FakeBroker::start().await;
+    let running = setup(&[backend.addr])
+        .listener_with("ws", |l| l.require_subprotocol(true))
+        .start()
+        .await;
     let addr = running.listener_addr("ws").unwrap();
     let (response, _) = raw_exchange(addr, upgrade_request(addr, "/mqtt", "").as_bytes()).await;
     assert!(response.starts_with("HTTP/1.1 400 "), "{response:?}");
@@ -399,13 +377,11 @@ async fn subprotocol_can_be_required() {
 
 #[tokio::test]
 async fn slow_handshake_and_silent_clients_are_closed_and_counted() {
-    let backend = Backend::start().await;
-    let running = proxy::start(&config(
-        &proxy::servers(&[backend.addr], ""),
-        "",
-        "handshake_timeout = \"1s\"",
-    ))
-    .await;
+    let backend = FakeBroker::start().await;
+    let running = setup(&[backend.addr])
+        .listener_with("ws", |l| l.handshake_timeout("1s"))
+        .start()
+        .await;
     let addr = running.listener_addr("ws").unwrap();
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     tcp.write_all(b"GET /mqtt HTTP/1.1\r\nHost: slow\r\n")
@@ -443,13 +419,11 @@ fn close_code(got: &[u8]) -> Option<u16> {
 
 #[tokio::test]
 async fn bad_frames_are_closed_with_a_code_and_counted() {
-    let backend = Backend::start().await;
-    let running = proxy::start(&config(
-        &proxy::servers(&[backend.addr], ""),
-        "",
-        "max_frame_size = \"1KiB\"",
-    ))
-    .await;
+    let backend = FakeBroker::start().await;
+    let running = setup(&[backend.addr])
+        .listener_with("ws", |l| l.max_frame_size("1KiB"))
+        .start()
+        .await;
     let addr = running.listener_addr("ws").unwrap();
     let key = Some([1, 2, 3, 4]);
     let cases = [
@@ -491,7 +465,7 @@ async fn bad_frames_are_closed_with_a_code_and_counted() {
 #[tokio::test]
 async fn arbitrary_bytes_never_take_the_listener_down() {
     let broker = EmbeddedBroker::start();
-    let running = proxy::start(&config(&proxy::servers(&[broker.addr], ""), "", "")).await;
+    let running = setup(&[broker.addr]).start().await;
     let addr = running.listener_addr("ws").unwrap();
     // A deterministic spread of garbage: before the upgrade and after it.
     let mut seed: u32 = 0x1234_5678;
@@ -580,12 +554,11 @@ async fn ws_broker() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Seen>)
 #[tokio::test]
 async fn ws_upstream_gets_the_clients_path_subprotocol_host_and_addresses() {
     let (broker, mut upgrades) = ws_broker().await;
-    let running = proxy::start(&ws_only_config(
-        &proxy::servers(&[broker], ""),
-        "upstream_protocol = \"ws\"\nbalance = \"client_id\"",
-        "path = \"/mqtt\"",
-    ))
-    .await;
+    let running = ws_only(&[broker])
+        .upstream_with(|u| u.upstream_protocol("ws").balance("client_id"))
+        .listener_with("ws", |l| l.path("/mqtt"))
+        .start()
+        .await;
     let addr = running.listener_addr("ws").unwrap();
     let mut client = ws::connect(addr, "/mqtt?v=1", Some("mqtt"), &[])
         .await
@@ -609,12 +582,10 @@ async fn ws_upstream_gets_the_clients_path_subprotocol_host_and_addresses() {
     assert_eq!(client.packet(WAIT).await.unwrap(), publish);
 
     // upstream_host replaces the client's Host.
-    let running = proxy::start(&ws_only_config(
-        &proxy::servers(&[broker], ""),
-        "upstream_protocol = \"ws\"\nupstream_host = \"brokers.internal\"",
-        "",
-    ))
-    .await;
+    let running = ws_only(&[broker])
+        .upstream_with(|u| u.upstream_protocol("ws").upstream_host("brokers.internal"))
+        .start()
+        .await;
     let addr = running.listener_addr("ws").unwrap();
     let mut client = ws::connect(addr, "/mqtt", None, &[]).await.unwrap();
     client.send(&connect).await.unwrap();
@@ -642,8 +613,8 @@ async fn assert_stalls(progress: &std::sync::atomic::AtomicUsize, total: usize, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_stops_the_broker_and_loses_nothing() {
     const TOTAL: usize = 64 << 20;
-    let mut backend = Backend::start().await;
-    let running = proxy::start(&config(&proxy::servers(&[backend.addr], ""), "", "")).await;
+    let mut backend = FakeBroker::start().await;
+    let running = setup(&[backend.addr]).start().await;
     let addr = running.listener_addr("ws").unwrap();
     let mut client = ws::connect(addr, "/mqtt", Some("mqtt"), &[]).await.unwrap();
     client.send(&connect_v311("slow-reader")).await.unwrap();
@@ -676,8 +647,8 @@ async fn a_client_that_stops_reading_stops_the_broker_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_stops_reading_stops_the_client_and_loses_nothing() {
     const TOTAL: usize = 64 << 20;
-    let mut backend = Backend::start().await;
-    let running = proxy::start(&config(&proxy::servers(&[backend.addr], ""), "", "")).await;
+    let mut backend = FakeBroker::start().await;
+    let running = setup(&[backend.addr]).start().await;
     let addr = running.listener_addr("ws").unwrap();
     let mut client = ws::connect(addr, "/mqtt", Some("mqtt"), &[]).await.unwrap();
     let connect = connect_v311("slow-broker");
@@ -708,33 +679,17 @@ async fn a_broker_that_stops_reading_stops_the_client_and_loses_nothing() {
     drop(sender.await.unwrap());
 }
 
-/// A `wss` listener `wss` (no `alpn` key: the default must be `http/1.1`) with `wss_extra`
-/// lines, in front of `servers` (dataplane.mode = auto: wss must be userspace regardless).
-fn wss_config(pki: &Pki, servers: &str, upstream_extra: &str, wss_extra: &str) -> String {
-    format!(
-        r#"
-[stats]
-listen = "127.0.0.1:0"
-[dataplane]
-mode = "auto"
-[log]
-access = "off"
-[[upstream]]
-name = "brokers"
-servers = {servers}
-{upstream_extra}
-[[listener]]
-name = "wss"
-kind = "wss"
-listen = "127.0.0.1:0"
-upstream = "brokers"
-connect_packet_timeout = "3s"
-tls = {{ cert = "{cert}", key = "{key}" }}
-{wss_extra}
-"#,
-        cert = pki.server_cert.display(),
-        key = pki.server_key.display(),
-    )
+/// A `wss` listener `wss` (no `alpn` key: the default must be `http/1.1`) in front of
+/// `servers` (dataplane.mode = auto: wss must be userspace regardless).
+fn wss(pki: &Pki, servers: &[SocketAddr]) -> Setup {
+    wss_with(servers, Tls::server(pki))
+}
+
+/// [`wss`] with the `tls` table given.
+fn wss_with(servers: &[SocketAddr], tls: Tls) -> Setup {
+    Setup::one(Kind::Wss, "wss", servers)
+        .auto_mode()
+        .listener_with("wss", |l| l.connect_packet_timeout("3s").tls(tls))
 }
 
 /// What a browser offers: ALPN `http/1.1` only.
@@ -744,13 +699,7 @@ const BROWSER_ALPN: &[&str] = &["http/1.1"];
 async fn mqtt_over_wss_subscribes_and_publishes_through_a_broker() {
     let pki = Pki::new();
     let broker = EmbeddedBroker::start();
-    let running = proxy::start(&wss_config(
-        &pki,
-        &proxy::servers(&[broker.addr], ""),
-        "",
-        "",
-    ))
-    .await;
+    let running = wss(&pki, &[broker.addr]).start().await;
     let addr = running.listener_addr("wss").unwrap();
     let mut client = ws::connect_tls(
         addr,
@@ -802,38 +751,33 @@ async fn mqtt_over_wss_subscribes_and_publishes_through_a_broker() {
     quiet.send(&connect_v311("wss-no-alpn")).await.unwrap();
     assert_eq!(quiet.packet(WAIT).await.unwrap(), CONNACK_OK);
 
-    let stats = running.stats();
-    let listener = &stats["listeners"]["wss"];
-    assert_eq!(listener["kind"], "wss", "{stats}");
-    assert_eq!(listener["data_path"], "userspace", "{stats}");
-    assert_eq!(listener["tls"]["handshakes_ok"], 2, "{stats}");
-    assert_eq!(listener["ws"]["upgrades_ok"], 2, "{stats}");
-    assert_eq!(listener["handled"], 2, "{stats}");
-    assert!(
-        listener["ws"]["frames_in"].as_u64().unwrap() >= 5,
-        "{stats}"
-    );
-    assert!(
-        listener["bytes_from_clients"].as_u64().unwrap() > 0,
-        "{stats}"
-    );
+    let listener = wss_stats(&running);
+    let (tls, ws) = (listener.tls.clone().unwrap(), listener.ws.clone().unwrap());
+    assert_eq!(listener.kind, "wss", "{listener:?}");
+    assert_eq!(listener.data_path, "userspace", "{listener:?}");
+    assert_eq!(tls.handshakes_ok, 2, "{listener:?}");
+    assert_eq!(ws.upgrades_ok, 2, "{listener:?}");
+    assert_eq!(listener.connections.handled, 2, "{listener:?}");
+    assert!(ws.frames_in >= 5, "{listener:?}");
+    assert!(listener.bytes_from_clients > 0, "{listener:?}");
 }
 
-fn wss_stats(running: &mqsplice::Running) -> Value {
-    running.stats()["listeners"]["wss"].clone()
+fn wss_stats(running: &mqsplice::Running) -> ListenerStats {
+    running.typed_stats().listeners["wss"].clone()
+}
+
+/// Whether listener `wss` counted `n` failed TLS handshakes for `reason`, each refused.
+fn tls_refused(running: &mqsplice::Running, reason: &str, n: u64) -> bool {
+    let listener = wss_stats(running);
+    let tls = listener.tls.expect("tls stats");
+    tls.handshakes_failed[reason] == n && listener.connections.rejected["tls_handshake"] == n
 }
 
 #[tokio::test]
 async fn wss_refuses_a_client_offering_only_alpn_mqtt() {
     let pki = Pki::new();
-    let backend = Backend::start().await;
-    let running = proxy::start(&wss_config(
-        &pki,
-        &proxy::servers(&[backend.addr], ""),
-        "",
-        "",
-    ))
-    .await;
+    let backend = FakeBroker::start().await;
+    let running = wss(&pki, &[backend.addr]).start().await;
     let addr = running.listener_addr("wss").unwrap();
     let refused = ws::connect_tls(
         addr,
@@ -850,28 +794,23 @@ async fn wss_refuses_a_client_offering_only_alpn_mqtt() {
             || format!("{error:#}").contains("no_application_protocol"),
         "{error:#}"
     );
-    let counted = || {
-        let l = wss_stats(&running);
-        l["tls"]["handshakes_failed"]["no_alpn"] == 1 && l["rejected"]["tls_handshake"] == 1
-    };
-    assert!(wait_until(WAIT, counted).await, "{}", wss_stats(&running));
+    let counted = || tls_refused(&running, "no_alpn", 1);
+    assert!(wait_until(WAIT, counted).await, "{:?}", wss_stats(&running));
     let listener = wss_stats(&running);
-    assert_eq!(listener["tls"]["handshakes_ok"], 0, "{listener}");
-    assert_eq!(listener["ws"]["upgrades_ok"], 0, "{listener}");
+    assert_eq!(
+        listener.tls.as_ref().unwrap().handshakes_ok,
+        0,
+        "{listener:?}"
+    );
+    assert_eq!(listener.ws.as_ref().unwrap().upgrades_ok, 0, "{listener:?}");
     assert_eq!(backend.accepted(), 0);
 }
 
 #[tokio::test]
 async fn plain_ws_on_the_wss_port_is_refused_as_a_tls_handshake_failure() {
     let pki = Pki::new();
-    let backend = Backend::start().await;
-    let running = proxy::start(&wss_config(
-        &pki,
-        &proxy::servers(&[backend.addr], ""),
-        "",
-        "",
-    ))
-    .await;
+    let backend = FakeBroker::start().await;
+    let running = wss(&pki, &[backend.addr]).start().await;
     let addr = running.listener_addr("wss").unwrap();
     // A raw upgrade request: closed after at most a TLS alert, never an HTTP answer.
     let mut tcp = TcpStream::connect(addr).await.unwrap();
@@ -886,14 +825,14 @@ async fn plain_ws_on_the_wss_port_is_refused_as_a_tls_handshake_failure() {
     );
     // A real ws:// client fails its upgrade.
     assert!(ws::connect(addr, "/mqtt", Some("mqtt"), &[]).await.is_err());
-    let counted = || {
-        let l = wss_stats(&running);
-        l["tls"]["handshakes_failed"]["malformed"] == 2 && l["rejected"]["tls_handshake"] == 2
-    };
-    assert!(wait_until(WAIT, counted).await, "{}", wss_stats(&running));
+    let counted = || tls_refused(&running, "malformed", 2);
+    assert!(wait_until(WAIT, counted).await, "{:?}", wss_stats(&running));
     let listener = wss_stats(&running);
-    assert_eq!(listener["ws"]["upgrades_ok"], 0, "{listener}");
-    assert_eq!(listener["rejected"]["ws_handshake"], 0, "{listener}");
+    assert_eq!(listener.ws.as_ref().unwrap().upgrades_ok, 0, "{listener:?}");
+    assert_eq!(
+        listener.connections.rejected["ws_handshake"], 0,
+        "{listener:?}"
+    );
     assert_eq!(backend.accepted(), 0);
 }
 
@@ -901,13 +840,10 @@ async fn plain_ws_on_the_wss_port_is_refused_as_a_tls_handshake_failure() {
 async fn wss_listener_forwards_to_a_ws_upstream() {
     let pki = Pki::new();
     let (broker, mut upgrades) = ws_broker().await;
-    let running = proxy::start(&wss_config(
-        &pki,
-        &proxy::servers(&[broker], ""),
-        "upstream_protocol = \"ws\"",
-        "",
-    ))
-    .await;
+    let running = wss(&pki, &[broker])
+        .upstream_with(|u| u.upstream_protocol("ws"))
+        .start()
+        .await;
     let addr = running.listener_addr("wss").unwrap();
     let mut client = ws::connect_tls(
         addr,
@@ -937,22 +873,32 @@ async fn wss_listener_forwards_to_a_ws_upstream() {
 fn check_accepts_a_wss_listener_and_refuses_one_without_a_tls_table() {
     let pki = Pki::new();
     let run_check = |text: &str| {
-        let out = std::process::Command::new(proxy::binary())
-            .args(["check", "--config"])
-            .arg(write_config(text))
-            .output()
-            .unwrap();
+        let out = run_binary("check", text);
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).into_owned()
                 + &String::from_utf8_lossy(&out.stderr),
         )
     };
-    let good = wss_config(
-        &pki,
-        "[{ addr = \"127.0.0.1:1883\" }]",
-        "",
-        "path = [\"/mqtt\", \"/ws\"]\nrequire_subprotocol = true",
+    // Raw TOML: this test is about what the parser says of the file's own lines.
+    let good = format!(
+        r#"
+[log]
+access = "off"
+[[upstream]]
+name = "brokers"
+servers = [{{ addr = "127.0.0.1:1883" }}]
+[[listener]]
+name = "wss"
+kind = "wss"
+listen = "127.0.0.1:0"
+upstream = "brokers"
+tls = {{ cert = "{cert}", key = "{key}" }}
+path = ["/mqtt", "/ws"]
+require_subprotocol = true
+"#,
+        cert = pki.server_cert.display(),
+        key = pki.server_key.display(),
     );
     let (code, output) = run_check(&good);
     assert_eq!(code, Some(0), "{output}");
@@ -978,10 +924,9 @@ fn check_accepts_a_wss_listener_and_refuses_one_without_a_tls_table() {
 #[tokio::test]
 async fn a_tls_mqtt_client_let_through_by_alpn_gets_400_not_a_broker() {
     let pki = Pki::new();
-    let backend = Backend::start().await;
-    let both = wss_config(&pki, &proxy::servers(&[backend.addr], ""), "", "")
-        .replace("key = ", "alpn = [\"http/1.1\", \"mqtt\"], key = ");
-    let running = proxy::start(&both).await;
+    let backend = FakeBroker::start().await;
+    let both = Tls::server(&pki).alpn(&["http/1.1", "mqtt"]);
+    let running = wss_with(&[backend.addr], both).start().await;
     let addr = running.listener_addr("wss").unwrap();
     let tcp = TcpStream::connect(addr).await.unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(pki.client_config(None))
@@ -998,10 +943,15 @@ async fn a_tls_mqtt_client_let_through_by_alpn_gets_400_not_a_broker() {
     let response = String::from_utf8_lossy(&got);
     assert!(response.starts_with("HTTP/1.1 400 "), "{response:?}");
     let listener = wss_stats(&running);
-    assert_eq!(listener["tls"]["handshakes_ok"], 1, "{listener}");
     assert_eq!(
-        listener["ws"]["upgrades_failed"]["bad_request"], 1,
-        "{listener}"
+        listener.tls.as_ref().unwrap().handshakes_ok,
+        1,
+        "{listener:?}"
+    );
+    assert_eq!(
+        listener.ws.as_ref().unwrap().upgrades_failed["bad_request"],
+        1,
+        "{listener:?}"
     );
     assert_eq!(backend.accepted(), 0);
 }

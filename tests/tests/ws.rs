@@ -228,17 +228,40 @@ async fn trusted_proxy_forwarded_for_becomes_the_proxy_protocol_source() {
     }
 }
 
-#[tokio::test]
-async fn ping_is_answered_and_a_close_frame_ends_the_broker_leg() {
+/// A flow through a fresh proxy's ws listener: the client (offering `subprotocol`) has sent
+/// `id`'s CONNECT; `broker` is the fake broker's end, the CONNECT not yet read from it.
+struct WsFlow {
+    _running: mqsplice::Running,
+    client: ws::WsClient,
+    broker: TcpStream,
+    connect: Vec<u8>,
+}
+
+async fn ws_flow(id: &str, subprotocol: Option<&str>) -> WsFlow {
     let mut backend = FakeBroker::start().await;
     let running = setup(&[backend.addr]).start().await;
     let addr = running.listener_addr("ws").unwrap();
-    let mut client = ws::connect(addr, "/mqtt", Some("mqttv3.1"), &[])
-        .await
-        .unwrap();
-    client.send(&connect_v311("pinger")).await.unwrap();
-    let mut broker = backend.next(WAIT).await;
-    raw::read_exactly(&mut broker, connect_v311("pinger").len(), WAIT).await;
+    let mut client = ws::connect(addr, "/mqtt", subprotocol, &[]).await.unwrap();
+    let connect = connect_v311(id);
+    client.send(&connect).await.unwrap();
+    let broker = backend.next(WAIT).await;
+    WsFlow {
+        _running: running,
+        client,
+        broker,
+        connect,
+    }
+}
+
+#[tokio::test]
+async fn ping_is_answered_and_a_close_frame_ends_the_broker_leg() {
+    let WsFlow {
+        _running,
+        mut client,
+        mut broker,
+        connect,
+    } = ws_flow("pinger", Some("mqttv3.1")).await;
+    raw::read_exactly(&mut broker, connect.len(), WAIT).await;
     client.ws.send(Message::Ping("hi".into())).await.unwrap();
     let pong = tokio::time::timeout(WAIT, client.ws.next()).await.unwrap();
     assert!(matches!(pong, Some(Ok(Message::Pong(p))) if &p[..] == b"hi"));
@@ -613,13 +636,13 @@ async fn assert_stalls(progress: &std::sync::atomic::AtomicUsize, total: usize, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_stops_the_broker_and_loses_nothing() {
     const TOTAL: usize = 64 << 20;
-    let mut backend = FakeBroker::start().await;
-    let running = setup(&[backend.addr]).start().await;
-    let addr = running.listener_addr("ws").unwrap();
-    let mut client = ws::connect(addr, "/mqtt", Some("mqtt"), &[]).await.unwrap();
-    client.send(&connect_v311("slow-reader")).await.unwrap();
-    let mut broker = backend.next(WAIT).await;
-    raw::read_exactly(&mut broker, connect_v311("slow-reader").len(), WAIT).await;
+    let WsFlow {
+        _running,
+        mut client,
+        mut broker,
+        connect,
+    } = ws_flow("slow-reader", Some("mqtt")).await;
+    raw::read_exactly(&mut broker, connect.len(), WAIT).await;
     let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = written.clone();
     let data = raw::pattern(TOTAL, 9);
@@ -647,13 +670,12 @@ async fn a_client_that_stops_reading_stops_the_broker_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_stops_reading_stops_the_client_and_loses_nothing() {
     const TOTAL: usize = 64 << 20;
-    let mut backend = FakeBroker::start().await;
-    let running = setup(&[backend.addr]).start().await;
-    let addr = running.listener_addr("ws").unwrap();
-    let mut client = ws::connect(addr, "/mqtt", Some("mqtt"), &[]).await.unwrap();
-    let connect = connect_v311("slow-broker");
-    client.send(&connect).await.unwrap();
-    let mut broker = backend.next(WAIT).await;
+    let WsFlow {
+        _running,
+        mut client,
+        mut broker,
+        connect,
+    } = ws_flow("slow-broker", Some("mqtt")).await;
     let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = sent.clone();
     let data = raw::pattern(TOTAL, 5);

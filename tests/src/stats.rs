@@ -53,6 +53,11 @@ pub fn upstream_servers(stats: &Stats) -> &[mqsplice::stats::ServerStats] {
     &stats.upstreams["brokers"].servers
 }
 
+/// The splice's own figures: `None` unless the daemon runs the sockmap path.
+pub fn splice(stats: &Stats) -> Option<&mqsplice::stats::SpliceStats> {
+    stats.dataplane.splice.as_ref()
+}
+
 /// Every reason a connection can be refused for, as the stats name them.
 pub const REJECT_REASONS: [&str; 7] = [
     "malformed",

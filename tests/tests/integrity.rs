@@ -21,7 +21,7 @@ use mqsplice_tests::numbered::upstream::{await_disconnect, echo_backend};
 use mqsplice_tests::numbered::{Checker, Numbering};
 use mqsplice_tests::settle::settled;
 use mqsplice_tests::setup::Setup;
-use mqsplice_tests::stats::{fetch, fetch_json as stats};
+use mqsplice_tests::stats::{fetch, fetch_json as stats, splice};
 use mqsplice_tests::{Mode, numbered};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -201,25 +201,25 @@ fn numbered_flows(path: Path, load: Load) {
         }
         all.merge(&summary);
     }
-    let json = stats(daemon.stats);
+    let json = fetch(daemon.stats);
     if running == "sockmap" {
-        let spliced = json["dataplane"]["spliced_total"].as_u64().unwrap_or(0);
+        let spliced = splice(&json).map_or(0, |s| s.spliced_total);
         assert!(
             spliced >= all.flows,
             "{what}: only {spliced} of {} flows were spliced",
             all.flows
         );
         // Otherwise this case would not reach the throttle and hand-back it is here for.
-        let throttles = json["dataplane"]["throttles_total"].as_u64().unwrap_or(0);
+        let throttles = splice(&json).map_or(0, |s| s.throttles_total);
         assert!(
             !load.pausing_reader || throttles > 0,
             "{what}: pausing readers never throttled a direction (throttles_total {throttles})"
         );
     }
     println!(
-        "{what}: {all} in {:.1}s; dataplane {}",
+        "{what}: {all} in {:.1}s; dataplane {:?}",
         started.elapsed().as_secs_f64(),
-        json["dataplane"]
+        json.dataplane
     );
 }
 
@@ -337,11 +337,11 @@ fn paho_disconnects(path: Path) {
         missing.is_empty(),
         "{what}: the DISCONNECT did not reach the broker for flows {missing:?}"
     );
-    let json = stats(daemon.stats);
+    let json = fetch(daemon.stats);
     println!(
-        "{what}: settled {settled_in:?} after the last reset ({:?} since); dataplane {}",
+        "{what}: settled {settled_in:?} after the last reset ({:?} since); dataplane {:?}",
         closed_at.elapsed(),
-        json["dataplane"]
+        json.dataplane
     );
     // Counted as what it was: the client closed (its FIN came first), or it reset.
     let log = daemon.stderr();
@@ -360,11 +360,11 @@ fn paho_disconnects(path: Path) {
         closes.len()
     );
     if running == "sockmap" {
-        let c = &json["dataplane"]["closes"];
-        let counted = c["fin_drained"].as_u64().unwrap_or(0) + c["rst"].as_u64().unwrap_or(0);
+        let c = &splice(&json).expect("splice figures").closes;
+        let counted = c.fin_drained + c.rst;
         assert!(
-            c["drain_timeout"] == 0 && c["idle_timeout"] == 0 && counted == CLIENTS as u64,
-            "{what}: closes counted {c}, expected {CLIENTS} as fin_drained or rst"
+            c.drain_timeout == 0 && c.idle_timeout == 0 && counted == CLIENTS as u64,
+            "{what}: closes counted {c:?}, expected {CLIENTS} as fin_drained or rst"
         );
     }
 }
@@ -432,9 +432,7 @@ fn client_vanishes_mid_throttle(path: Path) {
     }
     let throttled = if running == "sockmap" {
         wait_for(Duration::from_secs(10), || {
-            stats(daemon.stats)["dataplane"]["throttles_total"]
-                .as_u64()
-                .is_some_and(|n| n > 0)
+            splice(&fetch(daemon.stats)).is_some_and(|s| s.throttles_total > 0)
         })
     } else {
         thread::sleep(Duration::from_secs(2));
@@ -449,14 +447,15 @@ fn client_vanishes_mid_throttle(path: Path) {
     let broker_end = rx.recv_timeout(DRAIN + SLACK);
     let after = stats(daemon.stats);
     let samples = sampler.finish(&after);
+    let closes = splice(&fetch(daemon.stats)).map(|s| s.closes.clone());
     println!(
-        "{what}: settled {gone:?} after the reset; the broker's write ended {:?}; closes {}",
+        "{what}: settled {gone:?} after the reset; the broker's write ended {:?}; closes {:?}",
         broker_end.as_ref().map(|(sent, kind, at)| (
             sent >> 20,
             kind,
             at.saturating_duration_since(reset_at)
         )),
-        after["dataplane"]["closes"]
+        closes
     );
     if let Err(e) = gone {
         panic!("{what}: not gone within close_drain_timeout ({DRAIN:?}) + {SLACK:?}: {e}");

@@ -113,13 +113,19 @@ impl Daemon {
             .unwrap()
     }
 
-    /// Sends SIGTERM (through `kill(1)`, so the tests need no `unsafe`): the graceful stop that
-    /// removes the daemon's pins.
-    pub fn signal_term(&self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
+    /// Sends signal `name` (`"HUP"`, `"TERM"`) through `kill(1)`, so the tests need no
+    /// `unsafe`; true when it was delivered.
+    pub fn signal(&self, name: &str) -> bool {
+        Command::new("kill")
+            .arg(format!("-{name}"))
             .arg(self.child.id().to_string())
-            .status();
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Sends SIGTERM: the graceful stop that removes the daemon's pins.
+    pub fn signal_term(&self) {
+        self.signal("TERM");
     }
 
     /// Sends SIGTERM and returns the exit status.

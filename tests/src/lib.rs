@@ -38,14 +38,6 @@ impl Mode {
         }
     }
 
-    /// The `[dataplane]` keys for this path; every eBPF instance gets its own pin directory.
-    pub fn dataplane_keys(self) -> String {
-        match self {
-            Mode::Userspace => "mode = \"userspace\"".to_string(),
-            Mode::Sockmap => format!("mode = \"sockmap\"\nbpffs_pin = \"{}\"", unique_pin_dir()),
-        }
-    }
-
     /// Whether this path can run here. The eBPF path needs root: without it the test prints
     /// `SKIPPED: …` and returns, except under `CI=true`, where a missing privilege fails.
     pub fn runnable(self) -> bool {
@@ -100,6 +92,11 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
+}
+
+/// A loopback address on a [`free_port`], for a broker or a daemon that must be told its port.
+pub fn free_addr() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
 /// Polls `condition` every 10 ms until it holds or `timeout` passes; true when it held.

@@ -264,11 +264,7 @@ impl Setup {
     /// first listener's and the stats endpoint's addresses.
     pub fn for_binary(&self) -> (String, SocketAddr, SocketAddr) {
         let mut fixed = self.clone();
-        let free = || -> SocketAddr {
-            format!("127.0.0.1:{}", crate::free_port())
-                .parse()
-                .expect("loopback address")
-        };
+        let free = crate::free_addr;
         let stats = free();
         if fixed.stats_listen == "127.0.0.1:0" {
             fixed.stats_listen = stats.to_string();

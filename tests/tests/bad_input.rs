@@ -337,9 +337,7 @@ async fn no_upstream(mode: Mode) {
         (connect_v5("nobody"), &[0x20, 0x03, 0x00, 0x88, 0x00][..]),
     ] {
         // Nothing listens on a freshly freed port; a second listener keeps a working broker.
-        let dead: SocketAddr = format!("127.0.0.1:{}", mqsplice_tests::free_port())
-            .parse()
-            .unwrap();
+        let dead = mqsplice_tests::free_addr();
         let running = Setup::empty()
             .mode(mode)
             .upstream(Upstream::named(

@@ -12,7 +12,7 @@ use mqsplice_tests::pki::Pki;
 use mqsplice_tests::raw::{self, connect_v311};
 use mqsplice_tests::setup::{Kind, Setup, Tls};
 use mqsplice_tests::ws::{self, publish_qos1, subscribe};
-use mqsplice_tests::{free_port, tool_present, workspace_root};
+use mqsplice_tests::{free_addr, tool_present, workspace_root};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
@@ -192,8 +192,8 @@ struct Amqtt {
 
 impl Amqtt {
     fn start() -> Amqtt {
-        let tcp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let ws: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let tcp = free_addr();
+        let ws = free_addr();
         let dir = std::env::temp_dir().join(format!("mqsplice-amqtt-{}", ws.port()));
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("broker.yaml");

@@ -18,7 +18,6 @@ use rumqttc::{MqttOptions, QoS, TlsConfiguration, Transport};
 use rustls::pki_types::ServerName;
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -447,11 +446,7 @@ async fn sighup_serves_a_new_certificate_keeps_established_connections_and_survi
         },
     );
     renewed.write(&pki.dir, "server");
-    let status = Command::new("kill")
-        .args(["-HUP", &daemon.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    assert!(daemon.signal("HUP"));
     assert!(
         wait_until(WAIT, || daemon.stderr().contains("reloaded")).await,
         "{}",
@@ -474,10 +469,7 @@ async fn sighup_serves_a_new_certificate_keeps_established_connections_and_survi
 
     // A broken key file on the next SIGHUP: the error is logged, the last good files stay.
     std::fs::write(&pki.server_key, "not a key").unwrap();
-    Command::new("kill")
-        .args(["-HUP", &daemon.child.id().to_string()])
-        .status()
-        .unwrap();
+    daemon.signal("HUP");
     assert!(
         wait_until(WAIT, || daemon.stderr().contains("not reloaded")).await,
         "{}",

@@ -154,19 +154,30 @@ pub fn flow_connect(index: usize) -> Vec<u8> {
     connect_v311(&format!("flow-{index:05}"))
 }
 
-/// Connects through the proxy as flow `index` and waits for the CONNACK.
+/// Connects through the proxy as flow `index` and waits for the CONNACK; panics without it.
 pub fn connect_flow(addr: SocketAddr, index: usize) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).expect("connect to mqsplice");
-    stream.write_all(&flow_connect(index)).unwrap();
+    try_connect_flow(addr, index).unwrap_or_else(|e| panic!("flow {index}: {e}"))
+}
+
+/// [`connect_flow`] that reports failure, for load that counts failed flows instead of
+/// stopping at the first (connect and CONNACK each bounded by 10 s).
+pub fn try_connect_flow(addr: SocketAddr, index: usize) -> Result<TcpStream, String> {
+    let timeout = Duration::from_secs(10);
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
     stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+        .write_all(&flow_connect(index))
+        .map_err(|e| format!("CONNECT: {e}"))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
     let mut connack = [0u8; 4];
     stream
         .read_exact(&mut connack)
-        .unwrap_or_else(|e| panic!("flow {index}: no CONNACK: {e}"));
-    assert_eq!(connack, CONNACK, "flow {index}");
-    stream
+        .map_err(|e| format!("no CONNACK: {e}"))?;
+    if connack != CONNACK {
+        return Err(format!("CONNACK expected, got {connack:02x?}"));
+    }
+    Ok(stream)
 }
 
 /// A raw broker stand-in: for every connection, on its own thread, reads the flow's CONNECT,

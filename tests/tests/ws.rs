@@ -621,6 +621,38 @@ async fn ws_upstream_gets_the_clients_path_subprotocol_host_and_addresses() {
     assert!(!seen.contains("sec-websocket-protocol"), "{seen}");
 }
 
+/// Which end of a [`WsFlow`] [`counted_writes`] writes into.
+enum Writer {
+    /// The fake broker's socket, towards the client.
+    Broker(TcpStream),
+    /// The ws client (binary frames), towards the broker.
+    Client(Box<ws::WsClient>),
+}
+
+/// Writes `data` into `writer` in 64 KiB pieces on a task, counting the bytes written so far;
+/// the task hands the writer back once everything is written.
+fn counted_writes(
+    mut writer: Writer,
+    data: Vec<u8>,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<Writer>,
+) {
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = written.clone();
+    let task = tokio::spawn(async move {
+        for chunk in data.chunks(64 << 10) {
+            match &mut writer {
+                Writer::Broker(broker) => broker.write_all(chunk).await.unwrap(),
+                Writer::Client(client) => client.send(chunk).await.unwrap(),
+            }
+            counter.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+        writer
+    });
+    (written, task)
+}
+
 /// The writer whose progress is `progress` must have stopped, far short of `total`, while its
 /// reader reads nothing: no progress over a second, after 1.5 s to fill the buffers on the way.
 async fn assert_stalls(progress: &std::sync::atomic::AtomicUsize, total: usize, what: &str) {
@@ -643,17 +675,9 @@ async fn a_client_that_stops_reading_stops_the_broker_and_loses_nothing() {
         connect,
     } = ws_flow("slow-reader", Some("mqtt")).await;
     raw::read_exactly(&mut broker, connect.len(), WAIT).await;
-    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = written.clone();
     let data = raw::pattern(TOTAL, 9);
     let expected = data.clone();
-    let writer = tokio::spawn(async move {
-        for chunk in data.chunks(64 << 10) {
-            broker.write_all(chunk).await.unwrap();
-            counter.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
-        }
-        broker
-    });
+    let (written, writer) = counted_writes(Writer::Broker(broker), data);
     // The client reads nothing: the broker must stall once the socket buffers on the way are
     // full (mqsplice holds at most one frame), far short of everything.
     assert_stalls(
@@ -672,21 +696,13 @@ async fn a_broker_that_stops_reading_stops_the_client_and_loses_nothing() {
     const TOTAL: usize = 64 << 20;
     let WsFlow {
         _running,
-        mut client,
+        client,
         mut broker,
         connect,
     } = ws_flow("slow-broker", Some("mqtt")).await;
-    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = sent.clone();
     let data = raw::pattern(TOTAL, 5);
     let expected = data.clone();
-    let sender = tokio::spawn(async move {
-        for chunk in data.chunks(64 << 10) {
-            client.send(chunk).await.unwrap();
-            counter.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
-        }
-        client
-    });
+    let (sent, sender) = counted_writes(Writer::Client(Box::new(client)), data);
     assert_stalls(
         &sent,
         TOTAL,

@@ -49,28 +49,31 @@ fn closed_for(running: &mqsplice::Running, reason: &str) -> u64 {
     ws_stats(running).closed_for[reason]
 }
 
-#[tokio::test]
-async fn mqtt_over_ws_subscribes_and_publishes_through_a_broker() {
-    let broker = EmbeddedBroker::start();
-    let running = setup(&[broker.addr]).start().await;
-    let addr = running.listener_addr("ws").unwrap();
-    let mut client = ws::connect(addr, "/mqtt", Some("mqtt"), &[]).await.unwrap();
-    client.send(&connect_v311("ws-pubsub")).await.unwrap();
+/// CONNECT as `id`, subscribe to `topic` at QoS 1, then publish on it at QoS 0 and QoS 1: the
+/// CONNACK, SUBACK, both deliveries and the PUBACK come back through the proxy.
+async fn pubsub_roundtrip<S>(client: &mut ws::WsClient<S>, id: &str, topic: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    client.send(&connect_v311(id)).await.unwrap();
     assert_eq!(client.packet(WAIT).await.unwrap(), CONNACK_OK);
-    client.send(&subscribe(1, "ws/t", 1)).await.unwrap();
+    client.send(&subscribe(1, topic, 1)).await.unwrap();
     assert_eq!(
         client.packet(WAIT).await.unwrap(),
         [0x90, 0x03, 0x00, 0x01, 0x01]
     );
     client
-        .send(&raw::publish_qos0("ws/t", b"zero"))
+        .send(&raw::publish_qos0(topic, b"zero"))
         .await
         .unwrap();
     // Delivered at the broker's choice of QoS (rumqttd uses the subscription's).
     let delivered = client.packet(WAIT).await.unwrap();
     assert_eq!(delivered[0] & 0xf0, 0x30, "{delivered:02x?}");
-    assert!(delivered[4..8] == *b"ws/t" && delivered.ends_with(b"zero"));
-    client.send(&publish_qos1(7, "ws/t", b"one")).await.unwrap();
+    assert!(
+        delivered[4..4 + topic.len()] == *topic.as_bytes() && delivered.ends_with(b"zero"),
+        "{delivered:02x?}"
+    );
+    client.send(&publish_qos1(7, topic, b"one")).await.unwrap();
     // The PUBACK for our id 7 and the delivery (QoS 1, broker's id), in either order.
     let mut got_puback = false;
     let mut got_delivery = false;
@@ -85,6 +88,15 @@ async fn mqtt_over_ws_subscribes_and_publishes_through_a_broker() {
         }
     }
     assert!(got_puback && got_delivery);
+}
+
+#[tokio::test]
+async fn mqtt_over_ws_subscribes_and_publishes_through_a_broker() {
+    let broker = EmbeddedBroker::start();
+    let running = setup(&[broker.addr]).start().await;
+    let addr = running.listener_addr("ws").unwrap();
+    let mut client = ws::connect(addr, "/mqtt", Some("mqtt"), &[]).await.unwrap();
+    pubsub_roundtrip(&mut client, "ws-pubsub", "ws/t").await;
 
     let stats = running.typed_stats();
     let listener = &stats.listeners["ws"];
@@ -751,37 +763,7 @@ async fn mqtt_over_wss_subscribes_and_publishes_through_a_broker() {
         client.ws.get_ref().get_ref().1.alpn_protocol(),
         Some(&b"http/1.1"[..])
     );
-    client.send(&connect_v311("wss-pubsub")).await.unwrap();
-    assert_eq!(client.packet(WAIT).await.unwrap(), CONNACK_OK);
-    client.send(&subscribe(1, "wss/t", 1)).await.unwrap();
-    assert_eq!(
-        client.packet(WAIT).await.unwrap(),
-        [0x90, 0x03, 0x00, 0x01, 0x01]
-    );
-    client
-        .send(&raw::publish_qos0("wss/t", b"zero"))
-        .await
-        .unwrap();
-    let delivered = client.packet(WAIT).await.unwrap();
-    assert_eq!(delivered[0] & 0xf0, 0x30, "{delivered:02x?}");
-    assert!(delivered[4..9] == *b"wss/t" && delivered.ends_with(b"zero"));
-    client
-        .send(&publish_qos1(7, "wss/t", b"one"))
-        .await
-        .unwrap();
-    let mut got_puback = false;
-    let mut got_delivery = false;
-    for _ in 0..2 {
-        let p = client.packet(WAIT).await.unwrap();
-        if p == [0x40, 0x02, 0x00, 0x07] {
-            got_puback = true;
-        } else {
-            assert_eq!(p[0], 0x32, "unexpected packet {p:02x?}");
-            assert!(p.ends_with(b"one"));
-            got_delivery = true;
-        }
-    }
-    assert!(got_puback && got_delivery);
+    pubsub_roundtrip(&mut client, "wss-pubsub", "wss/t").await;
     // A client that offers no ALPN at all (some MQTT SDKs) is served too.
     let mut quiet = ws::connect_tls(addr, "/mqtt", None, pki.client_config_alpn(&[]))
         .await

@@ -450,11 +450,6 @@ impl Listener {
         self.key("max_connections", int(n))
     }
 
-    /// `proxy_protocol` accepted from clients (`"v1"`, `"v2"`, `"optional"`, …).
-    pub fn proxy_protocol(self, setting: &str) -> Listener {
-        self.key("proxy_protocol", setting.into())
-    }
-
     /// `rewrite_client_id`: the certificate field that becomes the MQTT client id.
     pub fn rewrite_client_id(self, field: &str) -> Listener {
         self.key("rewrite_client_id", field.into())

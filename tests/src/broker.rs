@@ -40,7 +40,7 @@ pub struct EmbeddedBroker {
 impl EmbeddedBroker {
     /// Starts a broker on a free loopback port and waits until it accepts connections.
     pub fn start() -> EmbeddedBroker {
-        let addr: SocketAddr = format!("127.0.0.1:{}", crate::free_port()).parse().unwrap();
+        let addr = crate::free_addr();
         let config = rumqttd_config(addr);
         std::thread::Builder::new()
             .name(format!("rumqttd-{}", addr.port()))
@@ -67,7 +67,7 @@ impl ChildBroker {
     /// Starts `program` (pass `env!("CARGO_BIN_EXE_test-broker")` from an integration test) on a
     /// free port and waits until it accepts connections.
     pub fn start(program: &str) -> ChildBroker {
-        let addr: SocketAddr = format!("127.0.0.1:{}", crate::free_port()).parse().unwrap();
+        let addr = crate::free_addr();
         let child = Command::new(program)
             .arg(addr.to_string())
             .spawn()

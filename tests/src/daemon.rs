@@ -17,37 +17,6 @@ pub struct Daemon {
     stderr: Arc<Mutex<String>>,
 }
 
-/// A config for the daemon on fixed free ports, returned with those ports.
-pub fn config_for(
-    mode: crate::Mode,
-    brokers: &[SocketAddr],
-    extra_upstream: &str,
-) -> (String, SocketAddr, SocketAddr) {
-    let listen: SocketAddr = format!("127.0.0.1:{}", crate::free_port()).parse().unwrap();
-    let stats: SocketAddr = format!("127.0.0.1:{}", crate::free_port()).parse().unwrap();
-    let text = format!(
-        r#"[stats]
-listen = "{stats}"
-[dataplane]
-{dataplane}
-[log]
-access = "stderr"
-[[upstream]]
-name = "brokers"
-servers = {servers}
-{extra_upstream}
-[[listener]]
-name = "mqtt"
-kind = "tcp"
-listen = "{listen}"
-upstream = "brokers"
-"#,
-        servers = crate::proxy::servers(brokers, ""),
-        dataplane = mode.dataplane_keys()
-    );
-    (text, listen, stats)
-}
-
 /// Writes `text` to a fresh temporary file and returns its path.
 pub fn write_config(text: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
@@ -144,12 +113,24 @@ impl Daemon {
             .unwrap()
     }
 
+    /// Sends signal `name` (`"HUP"`, `"TERM"`) through `kill(1)`, so the tests need no
+    /// `unsafe`; true when it was delivered.
+    pub fn signal(&self, name: &str) -> bool {
+        Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Sends SIGTERM: the graceful stop that removes the daemon's pins.
+    pub fn signal_term(&self) {
+        self.signal("TERM");
+    }
+
     /// Sends SIGTERM and returns the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
+        self.signal_term();
         for _ in 0..100 {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;

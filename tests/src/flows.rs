@@ -1,13 +1,12 @@
 //! Blocking building blocks for the safety tests: checksummed streams, a raw broker stand-in that
-//! tells its connections apart by client id, configs with extra `[dataplane]` keys, and the
+//! tells its connections apart by client id, and the
 //! host/process figures (TCP_INFO, MemAvailable, context switches) the tests judge by.
 
 use crate::raw::connect_v311;
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -15,19 +14,6 @@ use std::time::{Duration, Instant};
 pub const KIB: u64 = 1024;
 pub const MIB: u64 = 1024 * 1024;
 pub const CONNACK: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
-
-/// `config_for` with `extra_dataplane` lines added to `[dataplane]` (the backpressure and close
-/// keys), so tests can set them without touching `daemon.rs`.
-pub fn config_with(
-    mode: crate::Mode,
-    brokers: &[SocketAddr],
-    extra_upstream: &str,
-    extra_dataplane: &str,
-) -> (String, SocketAddr, SocketAddr) {
-    let (text, listen, stats) = crate::daemon::config_for(mode, brokers, extra_upstream);
-    let text = text.replacen("[log]\n", &format!("{extra_dataplane}\n[log]\n"), 1);
-    (text, listen, stats)
-}
 
 /// A small fixed-seed PRNG (xorshift64*): the same sizes and roles on every run.
 pub struct Rng(u64);
@@ -168,19 +154,30 @@ pub fn flow_connect(index: usize) -> Vec<u8> {
     connect_v311(&format!("flow-{index:05}"))
 }
 
-/// Connects through the proxy as flow `index` and waits for the CONNACK.
+/// Connects through the proxy as flow `index` and waits for the CONNACK; panics without it.
 pub fn connect_flow(addr: SocketAddr, index: usize) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).expect("connect to mqsplice");
-    stream.write_all(&flow_connect(index)).unwrap();
+    try_connect_flow(addr, index).unwrap_or_else(|e| panic!("flow {index}: {e}"))
+}
+
+/// [`connect_flow`] that reports failure, for load that counts failed flows instead of
+/// stopping at the first (connect and CONNACK each bounded by 10 s).
+pub fn try_connect_flow(addr: SocketAddr, index: usize) -> Result<TcpStream, String> {
+    let timeout = Duration::from_secs(10);
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
     stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+        .write_all(&flow_connect(index))
+        .map_err(|e| format!("CONNECT: {e}"))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
     let mut connack = [0u8; 4];
     stream
         .read_exact(&mut connack)
-        .unwrap_or_else(|e| panic!("flow {index}: no CONNACK: {e}"));
-    assert_eq!(connack, CONNACK, "flow {index}");
-    stream
+        .map_err(|e| format!("no CONNACK: {e}"))?;
+    if connack != CONNACK {
+        return Err(format!("CONNACK expected, got {connack:02x?}"));
+    }
+    Ok(stream)
 }
 
 /// A raw broker stand-in: for every connection, on its own thread, reads the flow's CONNECT,
@@ -219,23 +216,6 @@ where
     addr
 }
 
-/// `GET /stats` over a plain blocking socket (for tests that run on threads, not tokio).
-pub fn stats(addr: SocketAddr) -> Value {
-    let mut stream = TcpStream::connect(addr).expect("stats connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
-        .write_all(b"GET /stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).expect("stats response");
-    let text = String::from_utf8(response).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("http response");
-    assert!(head.starts_with("HTTP/1.1 200"), "stats answered {head}");
-    serde_json::from_str(body).expect("stats JSON")
-}
-
 /// Polls `condition` every 20 ms until it holds or `timeout` passes; true when it held.
 pub fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -248,43 +228,19 @@ pub fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool 
     condition()
 }
 
-/// `tcpi_bytes_acked` of `stream`: bytes the peer acknowledged, plus one for the SYN.
+/// `tcpi_bytes_acked` of `stream`: bytes the peer acknowledged, plus one for the SYN (read with
+/// the daemon's own `TCP_INFO` wrapper, so the test and the close rule agree on the offsets).
 pub fn bytes_acked(stream: &TcpStream) -> u64 {
-    let mut info = [0u8; 256];
-    let mut len = info.len() as libc::socklen_t;
-    // SAFETY: `info` is a writable buffer of `len` bytes that outlives the call, and the kernel
-    // writes at most `len` bytes into it and stores the length it wrote in `len`.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
-    assert!(len >= 128, "TCP_INFO too short for tcpi_bytes_acked: {len}");
-    u64::from_ne_bytes(info[120..128].try_into().unwrap())
+    mqsplice::dataplane::ebpf::tcp_bytes(stream.as_fd())
+        .expect("TCP_INFO")
+        .acked
 }
 
 /// Sets `SO_LINGER` to zero, so closing `stream` sends a RST instead of a FIN.
 pub fn linger_zero(stream: &TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: `linger` is a valid `struct linger` that outlives the call, passed with its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    socket2::SockRef::from(stream)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER");
 }
 
 /// The host's `MemAvailable`, in KiB.
@@ -355,12 +311,7 @@ impl std::ops::Deref for Graceful {
 
 impl Drop for Graceful {
     fn drop(&mut self) {
-        let Ok(pid) = libc::pid_t::try_from(self.0.child.id()) else {
-            return;
-        };
-        // SAFETY: signalling our own child, which has not been reaped yet (`Daemon` reaps it
-        // only in its own drop, after this), so the pid cannot belong to another process.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
+        self.0.signal_term();
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if matches!(self.0.child.try_wait(), Ok(Some(_))) {

@@ -3,7 +3,7 @@
 //! the flows end. The key is newer than this harness: when a daemon does not report it, the
 //! check says so instead of passing.
 
-use crate::flows::stats;
+use crate::stats::fetch_json as stats;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,17 +15,14 @@ use std::time::{Duration, Instant};
 pub const KEY: &str = "daemon_held_bytes";
 pub const BOUND_KEY: &str = "max_daemon_held_total";
 
-/// What the samples showed.
+/// What the samples showed: how many stats documents were read (`polls`), the key's `peak`
+/// (`None` when no document had the key), the `bound` as the stats reported it, and
+/// `dataplane.throttles_total` at the last poll (`throttles`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Samples {
-    /// Stats documents read.
     pub polls: u64,
-    /// Documents that had the key.
-    pub reported: u64,
-    pub peak: u64,
-    /// The bound, as the stats reported it.
+    pub peak: Option<u64>,
     pub bound: Option<u64>,
-    /// `dataplane.throttles_total` at the last poll.
     pub throttles: Option<u64>,
 }
 
@@ -36,8 +33,7 @@ impl Samples {
         self.throttles = dataplane["throttles_total"].as_u64().or(self.throttles);
         self.bound = dataplane[BOUND_KEY].as_u64().or(self.bound);
         if let Some(held) = dataplane[KEY].as_u64() {
-            self.reported += 1;
-            self.peak = self.peak.max(held);
+            self.peak = Some(self.peak.unwrap_or(0).max(held));
         }
     }
 }
@@ -76,22 +72,22 @@ impl Sampler {
 /// The check itself: `Ok(None)` when the daemon does not report the key (the caller prints
 /// that the check was skipped), `Ok(Some(peak))` when it held, `Err` with what broke.
 pub fn judge(samples: &Samples, after: &Value) -> Result<Option<u64>, String> {
-    if samples.reported == 0 {
+    let Some(peak) = samples.peak else {
         return Ok(None);
-    }
+    };
     let Some(bound) = samples.bound else {
         return Err(format!(
             "dataplane.{KEY} is reported but dataplane.{BOUND_KEY} is not"
         ));
     };
-    if samples.peak > bound {
+    if peak > bound {
         return Err(format!(
             "dataplane.{KEY} peaked at {} bytes over {} polls, above dataplane.{BOUND_KEY} = {bound}",
-            samples.peak, samples.polls
+            peak, samples.polls
         ));
     }
     match after["dataplane"][KEY].as_u64() {
-        Some(0) => Ok(Some(samples.peak)),
+        Some(0) => Ok(Some(peak)),
         other => Err(format!(
             "dataplane.{KEY} is {other:?} after every flow ended, not 0"
         )),

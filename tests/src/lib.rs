@@ -1,10 +1,10 @@
 //! Test harness: real brokers (embedded rumqttd, or a child process that can be killed), real
 //! clients (rumqttc), and mqsplice itself, in process or as the built binary.
 
-pub mod backend;
 pub mod broker;
 pub mod client;
 pub mod daemon;
+pub mod fake;
 pub mod flows;
 pub mod held_bytes;
 pub mod maps;
@@ -13,6 +13,8 @@ pub mod pki;
 pub mod proxy;
 pub mod raw;
 pub mod settle;
+pub mod setup;
+pub mod stats;
 pub mod ws;
 
 /// The data path a test runs on, named in every test whose outcome depends on it.
@@ -33,14 +35,6 @@ impl Mode {
         match self {
             Mode::Userspace => "userspace",
             Mode::Sockmap => "sockmap",
-        }
-    }
-
-    /// The `[dataplane]` keys for this path; every eBPF instance gets its own pin directory.
-    pub fn dataplane_keys(self) -> String {
-        match self {
-            Mode::Userspace => "mode = \"userspace\"".to_string(),
-            Mode::Sockmap => format!("mode = \"sockmap\"\nbpffs_pin = \"{}\"", unique_pin_dir()),
         }
     }
 
@@ -98,6 +92,11 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
+}
+
+/// A loopback address on a [`free_port`], for a broker or a daemon that must be told its port.
+pub fn free_addr() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
 /// Polls `condition` every 10 ms until it holds or `timeout` passes; true when it held.

@@ -78,16 +78,14 @@ impl Numbering {
     }
 }
 
-/// What the first wrong bytes of a stream were.
+/// What the first wrong bytes of a stream were: the stream `offset` of the first wrong byte,
+/// where they came from, and up to 8 bytes `expected` from there and what was `got` instead.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mismatch {
-    /// Stream offset of the first wrong byte.
     pub offset: u64,
-    /// Up to 8 bytes expected from there, and what arrived.
+    pub source: Source,
     pub expected: Vec<u8>,
     pub got: Vec<u8>,
-    /// Where the wrong bytes came from.
-    pub source: Source,
 }
 
 /// Where the wrong bytes of a [`Mismatch`] came from.

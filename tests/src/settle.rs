@@ -2,9 +2,9 @@
 //! connections per broker, and entries in the pinned per-flow maps. Every path must come back
 //! to nothing, or each finished flow leaks a descriptor, a map slot or a counter.
 
-use crate::flows::{stats, wait_for};
+use crate::flows::wait_for;
 use crate::maps;
-use serde_json::Value;
+use crate::stats::{Stats, fetch as stats};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -23,30 +23,29 @@ pub struct Held {
 
 impl Held {
     /// Read from one stats document (and the maps it names).
-    pub fn of(json: &Value) -> Held {
-        let n = |v: &Value| v.as_u64().unwrap_or(0);
-        let to_servers = json["upstreams"]
-            .as_object()
-            .into_iter()
-            .flat_map(|ups| ups.values())
-            .flat_map(|u| u["servers"].as_array().cloned().unwrap_or_default())
-            .map(|s| n(&s["active"]))
+    pub fn of(stats: &Stats) -> Held {
+        let to_servers = stats
+            .upstreams
+            .values()
+            .flat_map(|u| &u.servers)
+            .map(|s| s.active)
             .sum();
-        let map_entries = match (
-            json["dataplane"]["mode"].as_str(),
-            json["dataplane"]["bpffs_pin"].as_str(),
-        ) {
-            (Some("sockmap"), Some(pin)) => maps::flow_entries(pin),
+        let splice = stats.dataplane.splice.as_ref();
+        let map_entries = match splice {
+            Some(splice) if stats.dataplane.mode == "sockmap" => {
+                maps::flow_entries(&splice.bpffs_pin)
+            }
             _ => [0; 3],
         };
         Held {
-            connections: n(&json["connections"]["active"]),
-            spliced: n(&json["dataplane"]["spliced_active"]),
+            connections: stats.connections.active,
+            spliced: splice.map_or(0, |s| s.spliced_active),
             to_servers,
             map_entries,
         }
     }
 
+    /// Whether nothing at all is held.
     pub fn is_empty(&self) -> bool {
         *self == Held::default()
     }
@@ -67,7 +66,7 @@ pub fn settled(stats_addr: SocketAddr, timeout: Duration) -> Result<Duration, St
         Ok(started.elapsed())
     } else {
         Err(format!(
-            "still held after {timeout:?}: {held:?}\nstats: {json}"
+            "still held after {timeout:?}: {held:?}\nstats: {json:?}"
         ))
     }
 }

@@ -4,24 +4,17 @@
 use mqsplice::Running;
 use mqsplice_tests::broker::EmbeddedBroker;
 use mqsplice_tests::client::connect;
+use mqsplice_tests::flows::Rng;
 use mqsplice_tests::raw::{self, Closed, connect_packet, connect_v5, connect_v311};
-use mqsplice_tests::{Mode, proxy, wait_until};
+use mqsplice_tests::setup::{Kind, Listener, Server, Setup, Upstream};
+use mqsplice_tests::stats::{REJECT_REASONS, totals};
+use mqsplice_tests::{Mode, wait_until};
 use rumqttc::QoS;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-
-const REASONS: [&str; 7] = [
-    "malformed",
-    "bad_protocol",
-    "too_large",
-    "connect_timeout",
-    "no_upstream",
-    "over_limit",
-    "closed",
-];
 
 /// What the proxy must answer a bad client.
 #[derive(Debug, Clone, Copy)]
@@ -46,14 +39,20 @@ fn case(what: &'static str, bytes: Vec<u8>, answer: Answer) -> Case {
     }
 }
 
-async fn start(mode: Mode, broker: SocketAddr, listener_extra: &str) -> Running {
-    proxy::start(&proxy::config(
-        mode,
-        &proxy::servers(&[broker], ""),
-        "",
-        listener_extra,
-    ))
-    .await
+/// The listener as the setup makes it.
+fn plain(listener: Listener) -> Listener {
+    listener
+}
+
+async fn start(mode: Mode, broker: SocketAddr, listener: fn(Listener) -> Listener) -> Running {
+    Setup::tcp(mode, &[broker])
+        .listener_with("mqtt", listener)
+        .start()
+        .await
+}
+
+fn short_connect_timeout(listener: Listener) -> Listener {
+    listener.connect_packet_timeout("300ms")
 }
 
 /// Sends `bytes` as one client would and checks what comes back.
@@ -75,30 +74,31 @@ async fn send_expect(addr: SocketAddr, what: &str, bytes: &[u8], answer: Answer)
 /// no other reason was counted.
 async fn expect_rejected(running: &Running, reason: &str, n: u64, what: &str) {
     let counted = wait_until(Duration::from_secs(5), || {
-        let stats = running.stats();
-        stats["connections"]["rejected"][reason] == n
-            && stats["listeners"]["mqtt"]["rejected"][reason] == n
+        let stats = running.typed_stats();
+        stats.connections.rejected[reason] == n
+            && stats.listeners["mqtt"].connections.rejected[reason] == n
     })
     .await;
-    let stats = running.stats();
-    assert!(counted, "{what}: {reason} not counted {n} times: {stats}");
-    for other in REASONS.iter().filter(|r| **r != reason) {
+    let stats = running.typed_stats();
+    assert!(counted, "{what}: {reason} not counted {n} times: {stats:?}");
+    for other in REJECT_REASONS.iter().filter(|r| **r != reason) {
+        let listener = &stats.listeners["mqtt"].connections;
         assert_eq!(
-            stats["connections"]["rejected"][other], 0,
-            "{what}: {other}"
-        );
-        assert_eq!(
-            stats["listeners"]["mqtt"]["rejected"][other], 0,
-            "{what}: {other}"
+            (
+                stats.connections.rejected[*other],
+                listener.rejected[*other]
+            ),
+            (0, 0),
+            "{what}: {other} (everywhere, on listener mqtt)"
         );
     }
 }
 
 /// Nothing reached the broker: no flow handled, no connection counted on the server.
 fn expect_nothing_reached_broker(running: &Running, what: &str) {
-    let stats = running.stats();
-    assert_eq!(proxy::totals(&stats), vec![0], "{what}: {stats}");
-    assert_eq!(stats["connections"]["handled"], 0, "{what}: {stats}");
+    let stats = running.typed_stats();
+    assert_eq!(totals(&stats), vec![0], "{what}: {stats:?}");
+    assert_eq!(stats.connections.handled, 0, "{what}: {stats:?}");
 }
 
 /// A good client still subscribes and receives its own publish through `addr`.
@@ -119,10 +119,10 @@ async fn still_serves(addr: SocketAddr, id: &str) {
 }
 
 /// Each case on a fresh proxy: the answer, its counter, no broker reached, still serving.
-async fn run_cases(mode: Mode, reason: &str, listener_extra: &str, cases: Vec<Case>) {
+async fn run_cases(mode: Mode, reason: &str, listener: fn(Listener) -> Listener, cases: Vec<Case>) {
     let broker = EmbeddedBroker::start();
     for (i, case) in cases.into_iter().enumerate() {
-        let running = start(mode, broker.addr, listener_extra).await;
+        let running = start(mode, broker.addr, listener).await;
         let addr = running.listener_addr("mqtt").unwrap();
         send_expect(addr, case.what, &case.bytes, case.answer).await;
         expect_rejected(&running, reason, 1, case.what).await;
@@ -143,7 +143,7 @@ async fn malformed_first_packet(mode: Mode) {
     run_cases(
         mode,
         "malformed",
-        "",
+        plain,
         vec![
             case(
                 "PUBLISH first",
@@ -199,7 +199,7 @@ async fn bad_protocol(mode: Mode) {
     run_cases(
         mode,
         "bad_protocol",
-        "",
+        plain,
         vec![
             case(
                 "MQTX level 4",
@@ -241,7 +241,7 @@ async fn bad_client_id(mode: Mode) {
     run_cases(
         mode,
         "malformed",
-        "",
+        plain,
         vec![
             case(
                 "3.1.1 id not UTF-8",
@@ -278,7 +278,7 @@ async fn too_large(mode: Mode) {
     run_cases(
         mode,
         "too_large",
-        "max_connect_size = \"1KiB\"",
+        |l| l.max_connect_size("1KiB"),
         vec![
             case("3.1.1 5000-byte id", connect_v311(&id), Answer::Close),
             case(
@@ -307,7 +307,7 @@ async fn connect_timeout(mode: Mode) {
         .into_iter()
         .enumerate()
     {
-        let running = start(mode, broker.addr, "connect_packet_timeout = \"300ms\"").await;
+        let running = start(mode, broker.addr, short_connect_timeout).await;
         let addr = running.listener_addr("mqtt").unwrap();
         let mut stream = TcpStream::connect(addr).await.unwrap();
         let started = Instant::now();
@@ -337,38 +337,18 @@ async fn no_upstream(mode: Mode) {
         (connect_v5("nobody"), &[0x20, 0x03, 0x00, 0x88, 0x00][..]),
     ] {
         // Nothing listens on a freshly freed port; a second listener keeps a working broker.
-        let dead: SocketAddr = format!("127.0.0.1:{}", mqsplice_tests::free_port())
-            .parse()
-            .unwrap();
-        let toml = format!(
-            r#"
-[stats]
-listen = "127.0.0.1:0"
-[dataplane]
-{dataplane}
-[log]
-access = "off"
-[[upstream]]
-name = "brokers"
-servers = [{{ addr = "{dead}", max_fails = 1 }}]
-[[upstream]]
-name = "good"
-servers = [{{ addr = "{broker}" }}]
-[[listener]]
-name = "mqtt"
-kind = "tcp"
-listen = "127.0.0.1:0"
-upstream = "brokers"
-[[listener]]
-name = "good"
-kind = "tcp"
-listen = "127.0.0.1:0"
-upstream = "good"
-"#,
-            dataplane = mode.dataplane_keys(),
-            broker = broker.addr,
-        );
-        let running = proxy::start(&toml).await;
+        let dead = mqsplice_tests::free_addr();
+        let running = Setup::empty()
+            .mode(mode)
+            .upstream(Upstream::named(
+                "brokers",
+                [Server::new(&dead.to_string()).max_fails(1)],
+            ))
+            .upstream(Upstream::new("good", &[broker.addr]))
+            .listener(Listener::new("mqtt", Kind::Tcp, "brokers"))
+            .listener(Listener::new("good", Kind::Tcp, "good"))
+            .start()
+            .await;
         let addr = running.listener_addr("mqtt").unwrap();
         send_expect(addr, "no broker", &packet, Answer::Connack(connack)).await;
         expect_rejected(&running, "no_upstream", 1, "no broker").await;
@@ -387,7 +367,7 @@ async fn userspace_no_broker_available_is_refused() {
 
 async fn over_limit(mode: Mode) {
     let broker = EmbeddedBroker::start();
-    let running = start(mode, broker.addr, "max_connections = 2").await;
+    let running = start(mode, broker.addr, |l| l.max_connections(2)).await;
     let addr = running.listener_addr("mqtt").unwrap();
     let held = [
         connect(addr, "held-1").await.unwrap(),
@@ -401,20 +381,21 @@ async fn over_limit(mode: Mode) {
         started.elapsed()
     );
     expect_rejected(&running, "over_limit", 1, "third").await;
-    let stats = running.stats();
-    assert_eq!(proxy::totals(&stats), vec![2], "only the held two: {stats}");
-    assert_eq!(stats["connections"]["handled"], 2, "{stats}");
+    let stats = running.typed_stats();
+    assert_eq!(totals(&stats), vec![2], "only the held two: {stats:?}");
+    assert_eq!(stats.connections.handled, 2, "{stats:?}");
     for client in held {
         client.disconnect().await;
     }
     assert!(
-        wait_until(
-            Duration::from_secs(5),
-            || running.stats()["connections"]["active"] == 0
-        )
+        wait_until(Duration::from_secs(5), || running
+            .typed_stats()
+            .connections
+            .active
+            == 0)
         .await,
-        "held connections did not close: {}",
-        running.stats()
+        "held connections did not close: {:?}",
+        running.typed_stats()
     );
     still_serves(addr, "good-over-limit").await;
 }
@@ -426,7 +407,7 @@ async fn userspace_over_max_connections_is_closed() {
 
 async fn silent_client(mode: Mode) {
     let broker = EmbeddedBroker::start();
-    let running = start(mode, broker.addr, "").await;
+    let running = start(mode, broker.addr, plain).await;
     let addr = running.listener_addr("mqtt").unwrap();
     drop(TcpStream::connect(addr).await.unwrap());
     expect_rejected(&running, "closed", 1, "connect and close").await;
@@ -439,22 +420,6 @@ async fn userspace_client_closing_before_connect_is_counted_closed() {
     silent_client(Mode::Userspace).await;
 }
 
-/// Marsaglia's xorshift64: reproducible garbage without a dependency.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
-
 /// Panics anywhere in this test process (a proxy task's panic would not fail the test itself).
 static PANICS: AtomicUsize = AtomicUsize::new(0);
 
@@ -465,14 +430,14 @@ async fn garbage(mode: Mode) {
         default_hook(info);
     }));
     let broker = EmbeddedBroker::start();
-    let running = start(mode, broker.addr, "connect_packet_timeout = \"300ms\"").await;
+    let running = start(mode, broker.addr, short_connect_timeout).await;
     let addr = running.listener_addr("mqtt").unwrap();
-    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
     const CONNECTIONS: u64 = 200;
     let fuzz = async {
         for i in 0..CONNECTIONS {
-            let len = 100 + (rng.next() % 400) as usize;
-            let mut bytes = rng.bytes(len);
+            let len = 100 + (rng.next_u64() % 400) as usize;
+            let mut bytes: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
             match i % 4 {
                 // A CONNECT fixed header over garbage: exercises framing.
                 1 => bytes[0] = 0x10,
@@ -497,22 +462,17 @@ async fn garbage(mode: Mode) {
         .await
         .expect("fuzz loop took over 60s");
     let settled = wait_until(Duration::from_secs(5), || {
-        let c = &running.stats()["connections"];
-        let rejected: u64 = REASONS
-            .iter()
-            .map(|r| c["rejected"][r].as_u64().unwrap())
-            .sum();
-        c["active"] == 0
-            && c["accepted"] == CONNECTIONS
-            && rejected + c["handled"].as_u64().unwrap() == CONNECTIONS
+        let c = running.typed_stats().connections;
+        let rejected: u64 = REJECT_REASONS.iter().map(|r| c.rejected[*r]).sum();
+        c.active == 0 && c.accepted == CONNECTIONS && rejected + c.handled == CONNECTIONS
     })
     .await;
     assert!(
         settled,
-        "every garbage connection accounted for exactly once: {}",
-        running.stats()
+        "every garbage connection accounted for exactly once: {:?}",
+        running.typed_stats()
     );
-    eprintln!("after fuzz: {}", running.stats()["connections"]);
+    eprintln!("after fuzz: {:?}", running.typed_stats().connections);
     assert_eq!(PANICS.load(Relaxed), 0, "something panicked");
     tokio::time::timeout(
         Duration::from_secs(20),

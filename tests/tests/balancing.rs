@@ -2,9 +2,11 @@
 
 use mqsplice_tests::broker::{ChildBroker, EmbeddedBroker};
 use mqsplice_tests::client::connect;
-use mqsplice_tests::{Mode, proxy, wait_until};
+use mqsplice_tests::fake::{Behaviour, FakeBroker};
+use mqsplice_tests::setup::{Kind, Listener, Server, Setup, Upstream};
+use mqsplice_tests::stats::{totals, upstream_servers};
+use mqsplice_tests::{Mode, wait_until};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -36,15 +38,12 @@ fn three_brokers() -> Vec<SocketAddr> {
 
 async fn spread_3000_clients(mode: Mode, balance: &str) {
     let brokers = three_brokers();
-    let config = proxy::config(
-        mode,
-        &proxy::servers(&brokers, ""),
-        &format!("balance = \"{balance}\""),
-        "",
-    );
-    let running = proxy::start(&config).await;
+    let running = Setup::tcp(mode, &brokers)
+        .upstream_with(|u| u.balance(balance))
+        .start()
+        .await;
     connect_many(running.listener_addr("mqtt").unwrap(), "spread", 3000, 64).await;
-    let totals = proxy::totals(&running.stats());
+    let totals = totals(&running.typed_stats());
     assert_eq!(totals.iter().sum::<u64>(), 3000, "{totals:?}");
     for total in &totals {
         assert!(
@@ -67,11 +66,11 @@ async fn userspace_round_robin_spreads_3000_clients_evenly() {
 
 /// Which server (index) the next connection of `client_id` lands on, from the stats totals.
 async fn lands_on(running: &mqsplice::Running, client_id: &str) -> usize {
-    let before = proxy::totals(&running.stats());
+    let before = totals(&running.typed_stats());
     let client = connect(running.listener_addr("mqtt").unwrap(), client_id)
         .await
         .unwrap();
-    let after = proxy::totals(&running.stats());
+    let after = totals(&running.typed_stats());
     client.disconnect().await;
     let changed: Vec<usize> = (0..before.len())
         .filter(|&i| after[i] != before[i])
@@ -83,13 +82,10 @@ async fn lands_on(running: &mqsplice::Running, client_id: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn userspace_same_client_id_reconnects_to_the_same_broker() {
     let brokers = three_brokers();
-    let config = proxy::config(
-        Mode::Userspace,
-        &proxy::servers(&brokers, ""),
-        "balance = \"client_id\"",
-        "",
-    );
-    let running = proxy::start(&config).await;
+    let running = Setup::tcp(Mode::Userspace, &brokers)
+        .upstream_with(|u| u.balance("client_id"))
+        .start()
+        .await;
     let mut seen = std::collections::HashSet::new();
     for i in 0..12 {
         let id = format!("sticky-{i}");
@@ -110,13 +106,13 @@ async fn userspace_killed_broker_clients_go_to_the_others_and_stats_show_it_unav
     let mut killable = ChildBroker::start(env!("CARGO_BIN_EXE_test-broker"));
     let others = three_brokers()[..2].to_vec();
     let brokers = vec![killable.addr, others[0], others[1]];
-    let config = proxy::config(
-        Mode::Userspace,
-        &proxy::servers(&brokers, "max_fails = 1, fail_timeout = \"30s\""),
-        "balance = \"client_id\"",
-        "",
-    );
-    let running = proxy::start(&config).await;
+    let running = Setup::tcp(Mode::Userspace, &brokers)
+        .upstream_with(|u| {
+            u.balance("client_id")
+                .each_server(|s| s.max_fails(1).fail_timeout("30s"))
+        })
+        .start()
+        .await;
     // Find client ids that hash to the broker we will kill.
     let mut victims = Vec::new();
     for i in 0..60 {
@@ -136,29 +132,33 @@ async fn userspace_killed_broker_clients_go_to_the_others_and_stats_show_it_unav
         let landed = lands_on(&running, id).await;
         assert_ne!(landed, 0, "{id} still sent to the killed broker");
     }
-    let stats = running.stats();
-    let server = &stats["upstreams"]["brokers"]["servers"][0];
-    assert_eq!(server["state"], "unavailable", "{server}");
-    assert!(server["failures"].as_u64().unwrap() >= 1, "{server}");
-    assert_eq!(stats["connections"]["rejected"]["no_upstream"], 0);
+    let stats = running.typed_stats();
+    let server = &upstream_servers(&stats)[0];
+    assert_eq!(server.state, "unavailable", "{server:?}");
+    assert!(server.failures >= 1, "{server:?}");
+    assert_eq!(stats.connections.rejected["no_upstream"], 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn userspace_backup_serves_only_when_every_primary_is_down() {
     let mut primary = ChildBroker::start(env!("CARGO_BIN_EXE_test-broker"));
     let backup = EmbeddedBroker::start();
-    let servers = format!(
-        "[{{ addr = \"{}\", max_fails = 1, fail_timeout = \"30s\" }}, {{ addr = \"{}\", backup = true }}]",
-        primary.addr, backup.addr
-    );
-    let running = proxy::start(&proxy::config(Mode::Userspace, &servers, "", "")).await;
+    let servers = [
+        Server::new(&primary.addr.to_string())
+            .max_fails(1)
+            .fail_timeout("30s"),
+        Server::new(&backup.addr.to_string()).backup(),
+    ];
+    let running = Setup::empty()
+        .mode(Mode::Userspace)
+        .upstream(Upstream::named("brokers", servers))
+        .listener(Listener::new("mqtt", Kind::Tcp, "brokers"))
+        .start()
+        .await;
     for i in 0..5 {
         assert_eq!(lands_on(&running, &format!("b-{i}")).await, 0);
     }
-    assert_eq!(
-        running.stats()["upstreams"]["brokers"]["servers"][1]["state"],
-        "backup"
-    );
+    assert_eq!(upstream_servers(&running.typed_stats())[1].state, "backup");
     primary.kill();
     for i in 0..5 {
         assert_eq!(lands_on(&running, &format!("b-{i}")).await, 1);
@@ -182,74 +182,43 @@ impl mqsplice::upstream::Resolve for MovableName {
     }
 }
 
-/// A stand-in broker that only counts the connections it accepts and answers each CONNECT.
-async fn counting_backend() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 256];
-                let _ = stream.read(&mut buf).await;
-                let _ = stream.write_all(&[0x20, 0x02, 0x00, 0x00]).await;
-                let _ = stream.read(&mut buf).await;
-            });
-        }
-    });
-    (addr, accepted)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn userspace_host_name_that_resolves_to_a_new_address_is_followed() {
-    let ((old, old_count), (new, new_count)) = (counting_backend().await, counting_backend().await);
+    let (old_broker, new_broker) = (
+        FakeBroker::with(Behaviour::Connack(0)).await,
+        FakeBroker::with(Behaviour::Connack(0)).await,
+    );
+    let (old, new) = (old_broker.addr, new_broker.addr);
     let resolver = Arc::new(MovableName {
         answer: Mutex::new(vec![old]),
     });
-    let config = proxy::config(
-        Mode::Userspace,
-        "[{ addr = \"broker.test:1883\" }]",
-        "resolve_interval = \"200ms\"",
-        "",
-    );
-    let running = proxy::start_with(
-        &config,
-        mqsplice::Options {
+    let running = Setup::empty()
+        .mode(Mode::Userspace)
+        .upstream(
+            Upstream::named("brokers", [Server::new("broker.test:1883")]).resolve_interval("200ms"),
+        )
+        .listener(Listener::new("mqtt", Kind::Tcp, "brokers"))
+        .start_with(mqsplice::Options {
             resolver: resolver.clone(),
-        },
-    )
-    .await;
+        })
+        .await;
     let proxy_addr = running.listener_addr("mqtt").unwrap();
     let resolved =
-        |running: &mqsplice::Running| proxy::server_field(&running.stats(), "resolved")[0].clone();
-    assert_eq!(resolved(&running), serde_json::json!([old.to_string()]));
+        |running: &mqsplice::Running| upstream_servers(&running.typed_stats())[0].resolved.clone();
+    assert_eq!(resolved(&running), vec![old.to_string()]);
     connect_raw(proxy_addr, "dns-1").await;
-    assert_eq!(
-        (
-            old_count.load(Ordering::SeqCst),
-            new_count.load(Ordering::SeqCst)
-        ),
-        (1, 0)
-    );
+    assert_eq!((old_broker.accepted(), new_broker.accepted()), (1, 0));
 
     *resolver.answer.lock().unwrap() = vec![new];
     assert!(
         wait_until(Duration::from_secs(5), || resolved(&running)
-            == serde_json::json!([new.to_string()]))
+            == vec![new.to_string()])
         .await,
-        "the new address was not picked up: {}",
-        running.stats()
+        "the new address was not picked up: {:?}",
+        running.typed_stats()
     );
     connect_raw(proxy_addr, "dns-2").await;
-    assert_eq!(
-        (
-            old_count.load(Ordering::SeqCst),
-            new_count.load(Ordering::SeqCst)
-        ),
-        (1, 1)
-    );
+    assert_eq!((old_broker.accepted(), new_broker.accepted()), (1, 1));
 }
 
 /// Sends a CONNECT through the proxy and waits for the backend's CONNACK.

@@ -10,8 +10,9 @@
 use mqsplice_tests::broker::{EmbeddedBroker, wait_for_port};
 use mqsplice_tests::pki::Pki;
 use mqsplice_tests::raw::{self, connect_v311};
+use mqsplice_tests::setup::{Kind, Setup, Tls};
 use mqsplice_tests::ws::{self, publish_qos1, subscribe};
-use mqsplice_tests::{free_port, proxy, tool_present, workspace_root};
+use mqsplice_tests::{free_addr, tool_present, workspace_root};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
@@ -25,27 +26,6 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 
 fn browser_dir() -> PathBuf {
     workspace_root().join("tests/browser")
-}
-
-/// A ws listener `ws` on one upstream.
-fn ws_config(servers: &str, upstream_extra: &str) -> String {
-    format!(
-        r#"
-[stats]
-listen = "127.0.0.1:0"
-[log]
-access = "off"
-[[upstream]]
-name = "brokers"
-servers = {servers}
-{upstream_extra}
-[[listener]]
-name = "ws"
-kind = "ws"
-listen = "127.0.0.1:0"
-upstream = "brokers"
-"#
-    )
 }
 
 /// Serves the test page and MQTT.js on 127.0.0.1 (HTTP/1.0 style: one request per connection).
@@ -138,7 +118,7 @@ async fn mqtt_js_in_chromium_publishes_and_receives_qos0_and_qos1_over_ws() {
         return;
     }
     let broker = EmbeddedBroker::start();
-    let running = proxy::start(&ws_config(&proxy::servers(&[broker.addr], ""), "")).await;
+    let running = Setup::one(Kind::Ws, "ws", &[broker.addr]).start().await;
     let ws_addr = running.listener_addr("ws").unwrap();
     let page = serve_page().await;
     let n = 20;
@@ -146,37 +126,10 @@ async fn mqtt_js_in_chromium_publishes_and_receives_qos0_and_qos1_over_ws() {
     assert_eq!(result["error"], Value::Null, "{result}");
     assert_eq!(result["qos0"], n, "{result}");
     assert_eq!(result["qos1"], n, "{result}");
-    let stats = running.stats();
-    let ws_stats = &stats["listeners"]["ws"]["ws"];
-    assert_eq!(ws_stats["upgrades_ok"], 1, "{stats}");
-    assert!(
-        ws_stats["frames_in"].as_u64().unwrap() >= 2 * n as u64,
-        "{stats}"
-    );
-}
-
-/// A wss listener `wss` on one upstream, serving `pki`'s server certificate (issued for
-/// 127.0.0.1 by a root Chromium does not know) with the default ALPN.
-fn wss_config(pki: &Pki, servers: &str) -> String {
-    format!(
-        r#"
-[stats]
-listen = "127.0.0.1:0"
-[log]
-access = "off"
-[[upstream]]
-name = "brokers"
-servers = {servers}
-[[listener]]
-name = "wss"
-kind = "wss"
-listen = "127.0.0.1:0"
-upstream = "brokers"
-tls = {{ cert = "{cert}", key = "{key}" }}
-"#,
-        cert = pki.server_cert.display(),
-        key = pki.server_key.display(),
-    )
+    let stats = running.typed_stats();
+    let ws_stats = stats.listeners["ws"].ws.as_ref().expect("ws stats");
+    assert_eq!(ws_stats.upgrades_ok, 1, "{stats:?}");
+    assert!(ws_stats.frames_in >= 2 * n as u64, "{stats:?}");
 }
 
 /// Chromium's `--ignore-certificate-errors-spki-list` value for `key`: the base64 of the
@@ -193,7 +146,12 @@ async fn mqtt_js_in_chromium_publishes_and_receives_qos0_and_qos1_over_wss() {
     }
     let pki = Pki::new();
     let broker = EmbeddedBroker::start();
-    let running = proxy::start(&wss_config(&pki, &proxy::servers(&[broker.addr], ""))).await;
+    // Served with `pki`'s server certificate (issued for 127.0.0.1 by a root Chromium does not
+    // know) and the default ALPN.
+    let running = Setup::one(Kind::Wss, "wss", &[broker.addr])
+        .listener_with("wss", |l| l.tls(Tls::server(&pki)))
+        .start()
+        .await;
     let wss_addr = running.listener_addr("wss").unwrap();
     let page = serve_page().await;
     let n = 20;
@@ -207,18 +165,16 @@ async fn mqtt_js_in_chromium_publishes_and_receives_qos0_and_qos1_over_wss() {
     assert_eq!(result["error"], Value::Null, "{result}");
     assert_eq!(result["qos0"], n, "{result}");
     assert_eq!(result["qos1"], n, "{result}");
-    let stats = running.stats();
-    let listener = &stats["listeners"]["wss"];
-    assert!(
-        listener["tls"]["handshakes_ok"].as_u64().unwrap() >= 1,
-        "{stats}"
+    let stats = running.typed_stats();
+    let listener = &stats.listeners["wss"];
+    let (tls, ws) = (
+        listener.tls.as_ref().unwrap(),
+        listener.ws.as_ref().unwrap(),
     );
-    assert_eq!(listener["ws"]["upgrades_ok"], 1, "{stats}");
-    assert_eq!(listener["data_path"], "userspace", "{stats}");
-    assert!(
-        listener["ws"]["frames_in"].as_u64().unwrap() >= 2 * n as u64,
-        "{stats}"
-    );
+    assert!(tls.handshakes_ok >= 1, "{stats:?}");
+    assert_eq!(ws.upgrades_ok, 1, "{stats:?}");
+    assert_eq!(listener.data_path, "userspace", "{stats:?}");
+    assert!(ws.frames_in >= 2 * n as u64, "{stats:?}");
 }
 
 fn amqtt_bin() -> PathBuf {
@@ -236,8 +192,8 @@ struct Amqtt {
 
 impl Amqtt {
     fn start() -> Amqtt {
-        let tcp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let ws: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let tcp = free_addr();
+        let ws = free_addr();
         let dir = std::env::temp_dir().join(format!("mqsplice-amqtt-{}", ws.port()));
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("broker.yaml");
@@ -278,11 +234,10 @@ async fn ws_upstream_speaks_to_amqtt_websocket_listener() {
         return;
     }
     let amqtt = Amqtt::start();
-    let running = proxy::start(&ws_config(
-        &proxy::servers(&[amqtt.ws], ""),
-        "upstream_protocol = \"ws\"",
-    ))
-    .await;
+    let running = Setup::one(Kind::Ws, "ws", &[amqtt.ws])
+        .upstream_with(|u| u.upstream_protocol("ws"))
+        .start()
+        .await;
     let addr = running.listener_addr("ws").unwrap();
     let mut client = ws::connect(addr, "/mqtt", Some("mqtt"), &[]).await.unwrap();
     client.send(&connect_v311("to-amqtt")).await.unwrap();

@@ -3,22 +3,18 @@
 use mqsplice_tests::Mode;
 use mqsplice_tests::broker::EmbeddedBroker;
 use mqsplice_tests::client::connect;
-use mqsplice_tests::daemon::{Daemon, config_for, write_config};
-use mqsplice_tests::proxy::{binary, fetch_stats};
-use std::process::Command;
+use mqsplice_tests::proxy::run_binary;
+use mqsplice_tests::setup::Setup;
+use mqsplice_tests::stats::fetch_async;
 use std::time::Duration;
 
 #[test]
 fn check_accepts_the_minimal_config() {
-    let path = write_config(
+    let out = run_binary(
+        "check",
         "[[upstream]]\nname = \"emqx\"\nservers = [{ addr = \"emqx1.example:1883\" }]\n\n\
          [[listener]]\nname = \"mqtt\"\nkind = \"tcp\"\nlisten = \"0.0.0.0:1883\"\nupstream = \"emqx\"\n",
     );
-    let out = Command::new(binary())
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -29,15 +25,11 @@ fn check_accepts_the_minimal_config() {
 
 #[test]
 fn check_names_the_key_path_and_line_and_exits_2() {
-    let path = write_config(
+    let out = run_binary(
+        "check",
         "[[upstream]]\nname = \"emqx\"\nservers = [\n  { addr = \"a.example:1883\" },\n  { addr = \"b.example:1883\", weight = 0 },\n]\n\n\
          [[listener]]\nname = \"mqtt\"\nkind = \"tcp\"\nlisten = \"0.0.0.0:1883\"\nupstream = \"emqx\"\n",
     );
-    let out = Command::new(binary())
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("upstream[0].servers[1].weight"), "{stderr}");
@@ -46,18 +38,12 @@ fn check_names_the_key_path_and_line_and_exits_2() {
 
 #[test]
 fn run_fails_fast_with_a_reason_when_ebpf_is_demanded_but_cannot_load() {
-    let (text, _, _) = config_for(Mode::Userspace, &["127.0.0.1:1".parse().unwrap()], "");
     // A pin directory that is not on bpffs: the eBPF data plane cannot start, whoever runs this.
-    let text = text.replace(
-        "mode = \"userspace\"",
-        "mode = \"ebpf\"\nbpffs_pin = \"/tmp/mqsplice-not-bpffs\"",
-    );
-    let path = write_config(&text);
-    let out = Command::new(binary())
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let (text, _, _) = Setup::tcp(Mode::Userspace, &["127.0.0.1:1".parse().unwrap()])
+        .mode_named("ebpf")
+        .bpffs_pin("/tmp/mqsplice-not-bpffs")
+        .for_binary();
+    let out = run_binary("run", &text);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("dataplane.mode = \"sockmap\""), "{stderr}");
@@ -70,12 +56,12 @@ fn run_fails_fast_with_a_reason_when_ebpf_is_demanded_but_cannot_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn userspace_daemon_serves_logs_each_connection_and_stops_on_sigterm() {
     let broker = EmbeddedBroker::start();
-    let (text, listen, stats) = config_for(Mode::Userspace, &[broker.addr], "");
-    let mut daemon = Daemon::start(&text, listen, stats);
+    let mut daemon = Setup::tcp(Mode::Userspace, &[broker.addr]).spawn_binary();
+    let (listen, stats) = (daemon.listen, daemon.stats);
     let client = connect(listen, "daemon-1").await.unwrap();
-    let json = fetch_stats(stats).await;
-    assert_eq!(json["connections"]["handled"], 1);
-    assert_eq!(json["dataplane"]["mode"], "userspace");
+    let json = fetch_async(stats).await;
+    assert_eq!(json.connections.handled, 1);
+    assert_eq!(json.dataplane.mode, "userspace");
     client.disconnect().await;
     let logged = mqsplice_tests::wait_until(Duration::from_secs(5), || {
         daemon
@@ -94,11 +80,11 @@ async fn userspace_daemon_serves_logs_each_connection_and_stops_on_sigterm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn userspace_daemon_returns_every_descriptor_after_500_connections() {
     let broker = EmbeddedBroker::start();
-    let (text, listen, stats) = config_for(Mode::Userspace, &[broker.addr], "");
-    let daemon = Daemon::start(&text, listen, stats);
+    let daemon = Setup::tcp(Mode::Userspace, &[broker.addr]).spawn_binary();
+    let (listen, stats) = (daemon.listen, daemon.stats);
     // The readiness probe's connection must be gone before the baseline is taken.
     for _ in 0..100 {
-        if fetch_stats(stats).await["connections"]["active"] == 0 {
+        if fetch_async(stats).await.connections.active == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -129,7 +115,7 @@ async fn userspace_daemon_returns_every_descriptor_after_500_connections() {
         "descriptors leaked: {baseline} before, {} after",
         daemon.open_fds()
     );
-    let json = fetch_stats(stats).await;
-    assert_eq!(json["connections"]["active"], 0);
-    assert_eq!(json["connections"]["handled"], 500);
+    let json = fetch_async(stats).await;
+    assert_eq!(json.connections.active, 0);
+    assert_eq!(json.connections.handled, 500);
 }

@@ -2,9 +2,11 @@
 //! forwarded, half-closes in both directions, backpressure, idle timeout and byte counters.
 
 use mqsplice::Running;
-use mqsplice_tests::backend::Backend;
+use mqsplice_tests::fake::FakeBroker;
 use mqsplice_tests::raw::{self, Closed, connect_v311, pattern, publish_qos0};
-use mqsplice_tests::{Mode, proxy, wait_until};
+use mqsplice_tests::setup::{Listener, Setup};
+use mqsplice_tests::stats::upstream_servers;
+use mqsplice_tests::{Mode, wait_until};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -12,23 +14,20 @@ use tokio::time::Instant;
 
 const WAIT: Duration = Duration::from_secs(5);
 
-/// mqsplice on `mode` in front of one raw backend.
-async fn setup(mode: Mode, listener_extra: &str) -> (Running, Backend) {
-    let backend = Backend::start().await;
-    let running = proxy::start(&proxy::config(
-        mode,
-        &proxy::servers(&[backend.addr], ""),
-        "",
-        listener_extra,
-    ))
-    .await;
+/// mqsplice on `mode` in front of one fake broker, its listener changed by `listener`.
+async fn setup(mode: Mode, listener: impl FnOnce(Listener) -> Listener) -> (Running, FakeBroker) {
+    let backend = FakeBroker::start().await;
+    let running = Setup::tcp(mode, &[backend.addr])
+        .listener_with("mqtt", listener)
+        .start()
+        .await;
     (running, backend)
 }
 
 /// A client whose CONNECT the backend has read (and checked): the flow is in the data plane.
 async fn open_flow(
     running: &Running,
-    backend: &mut Backend,
+    backend: &mut FakeBroker,
     id: &str,
 ) -> (TcpStream, TcpStream, Vec<u8>) {
     let connect = connect_v311(id);
@@ -46,14 +45,14 @@ async fn open_flow(
 
 async fn wait_closed(running: &Running) {
     assert!(
-        wait_until(WAIT, || running.stats()["connections"]["active"] == 0).await,
-        "flow did not close: {}",
-        running.stats()
+        wait_until(WAIT, || running.typed_stats().connections.active == 0).await,
+        "flow did not close: {:?}",
+        running.typed_stats()
     );
 }
 
 async fn pipelined(mode: Mode) {
-    let (running, mut backend) = setup(mode, "").await;
+    let (running, mut backend) = setup(mode, |l| l).await;
     let mut sent = connect_v311("pipelined");
     sent.extend(publish_qos0("a/1", &pattern(300, 1)));
     sent.extend(publish_qos0("a/2", &pattern(5000, 2)));
@@ -80,7 +79,7 @@ async fn userspace_bytes_pipelined_behind_connect_are_forwarded_once_in_order() 
 }
 
 async fn client_half_close(mode: Mode) {
-    let (running, mut backend) = setup(mode, "").await;
+    let (running, mut backend) = setup(mode, |l| l).await;
     let (mut client, mut broker, _) = open_flow(&running, &mut backend, "half-close").await;
     let up = pattern(10_000, 3);
     client.write_all(&up).await.unwrap();
@@ -108,7 +107,7 @@ async fn userspace_client_half_close_still_gets_the_whole_reply() {
 }
 
 async fn broker_half_close(mode: Mode) {
-    let (running, mut backend) = setup(mode, "").await;
+    let (running, mut backend) = setup(mode, |l| l).await;
     let (mut client, mut broker, _) = open_flow(&running, &mut backend, "reverse").await;
     let down = pattern(1000, 5);
     broker.write_all(&down).await.unwrap();
@@ -145,7 +144,7 @@ fn vm_rss_kib() -> u64 {
 
 async fn stalled_broker(mode: Mode) {
     const LIMIT: usize = 64 * 1024 * 1024;
-    let (running, mut backend) = setup(mode, "").await;
+    let (running, mut backend) = setup(mode, |l| l).await;
     let rss_before = vm_rss_kib();
     // The broker reads the CONNECT, then never reads again (but stays connected).
     let (mut client, _stalled_broker, _) = open_flow(&running, &mut backend, "stalled").await;
@@ -187,7 +186,7 @@ async fn stalled_broker(mode: Mode) {
         growth_mib <= 32,
         "RSS grew {growth_mib} MiB ({rss_before} -> {rss_after} KiB) with {total} bytes in flight"
     );
-    assert_eq!(running.stats()["connections"]["active"], 1);
+    assert_eq!(running.typed_stats().connections.active, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,7 +195,7 @@ async fn userspace_stalled_broker_blocks_its_client_without_buffering() {
 }
 
 async fn idle_timeout(mode: Mode) {
-    let (running, mut backend) = setup(mode, "idle_timeout = \"1s\"").await;
+    let (running, mut backend) = setup(mode, |l| l.idle_timeout("1s")).await;
     let started = Instant::now();
     let (mut idle_client, mut idle_broker, _) = open_flow(&running, &mut backend, "idle").await;
     let (mut busy_client, mut busy_broker, _) = open_flow(&running, &mut backend, "busy").await;
@@ -233,7 +232,7 @@ async fn idle_timeout(mode: Mode) {
     let (got, _) = raw::read_to_close(&mut idle_broker, WAIT).await;
     assert!(got.is_empty(), "the idle flow's broker leg is closed too");
     assert_eq!(
-        running.stats()["connections"]["active"],
+        running.typed_stats().connections.active,
         1,
         "busy flow open"
     );
@@ -245,7 +244,7 @@ async fn userspace_idle_flow_is_closed_and_active_flow_is_not() {
 }
 
 async fn bytes_counted(mode: Mode) {
-    let (running, mut backend) = setup(mode, "").await;
+    let (running, mut backend) = setup(mode, |l| l).await;
     let (mut client, mut broker, connect) = open_flow(&running, &mut backend, "counted").await;
     let up = pattern(12_345, 8);
     let down = pattern(54_321, 9);
@@ -265,26 +264,20 @@ async fn bytes_counted(mode: Mode) {
     );
     wait_closed(&running).await;
 
-    let stats = running.stats();
+    let stats = running.typed_stats();
     let to_server = (connect.len() + up.len()) as u64;
     let from_server = down.len() as u64;
+    let servers = upstream_servers(&stats);
+    let counted: Vec<(u64, u64)> = servers
+        .iter()
+        .map(|s| (s.bytes_to_server, s.bytes_from_server))
+        .collect();
+    assert_eq!(counted, vec![(to_server, from_server)], "{stats:?}");
+    let listener = &stats.listeners["mqtt"];
     assert_eq!(
-        proxy::server_field(&stats, "bytes_to_server"),
-        vec![to_server],
-        "{stats}"
-    );
-    assert_eq!(
-        proxy::server_field(&stats, "bytes_from_server"),
-        vec![from_server],
-        "{stats}"
-    );
-    assert_eq!(
-        stats["listeners"]["mqtt"]["bytes_from_clients"], to_server,
-        "{stats}"
-    );
-    assert_eq!(
-        stats["listeners"]["mqtt"]["bytes_to_clients"], from_server,
-        "{stats}"
+        (listener.bytes_from_clients, listener.bytes_to_clients),
+        (to_server, from_server),
+        "{stats:?}"
     );
 }
 

@@ -12,9 +12,7 @@
 //! `Mode::runnable`). The cases run one at a time: they share two cores, and a hang is judged by
 //! time.
 
-use mqsplice_tests::flows::{
-    Graceful, MIB, config_with, connect_flow, flow_backend, linger_zero, stats, wait_for,
-};
+use mqsplice_tests::flows::{Graceful, MIB, connect_flow, flow_backend, linger_zero, wait_for};
 use mqsplice_tests::held_bytes::{self, Sampler};
 use mqsplice_tests::numbered::client::{FlowSpec, paho_disconnect, run_flows};
 use mqsplice_tests::numbered::pauses::Pauses;
@@ -22,6 +20,8 @@ use mqsplice_tests::numbered::summary::Summary;
 use mqsplice_tests::numbered::upstream::{await_disconnect, echo_backend};
 use mqsplice_tests::numbered::{Checker, Numbering};
 use mqsplice_tests::settle::settled;
+use mqsplice_tests::setup::Setup;
+use mqsplice_tests::stats::{fetch, fetch_json as stats, splice};
 use mqsplice_tests::{Mode, numbered};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -56,33 +56,24 @@ impl Path {
         }
     }
 
-    /// A config for `brokers` with default limits plus `extra_dataplane` keys.
-    fn config(
-        self,
-        brokers: &[SocketAddr],
-        extra_dataplane: &str,
-    ) -> (String, SocketAddr, SocketAddr) {
-        let mode = match self {
-            Path::Explicit(Mode::Userspace) => Mode::Userspace,
-            Path::Default | Path::Explicit(Mode::Sockmap) => Mode::Sockmap,
-        };
-        let (text, listen, stats) = config_with(mode, brokers, "", extra_dataplane);
+    /// The setup for `brokers` with default limits; the caller adds dataplane keys.
+    fn setup(self, brokers: &[SocketAddr]) -> Setup {
         match self {
+            Path::Explicit(mode) => Setup::tcp(mode, brokers),
             // Keeps the unique `bpffs_pin`: `auto` pins there when it loads the programs.
-            Path::Default => (text.replacen("mode = \"sockmap\"\n", "", 1), listen, stats),
-            Path::Explicit(_) => (text, listen, stats),
+            Path::Default => Setup::tcp(Mode::Sockmap, brokers).default_mode(),
         }
     }
 }
 
 /// The daemon for one case, and the path it reports it runs.
-fn start(path: Path, brokers: &[SocketAddr], extra_dataplane: &str) -> (Graceful, String) {
-    let (text, listen, stats_addr) = path.config(brokers, extra_dataplane);
-    let daemon = Graceful::start(&text, listen, stats_addr);
-    let running = stats(stats_addr)["dataplane"]["mode"]
-        .as_str()
-        .unwrap_or("?")
-        .to_string();
+fn start(
+    path: Path,
+    brokers: &[SocketAddr],
+    limits: impl FnOnce(Setup) -> Setup,
+) -> (Graceful, String) {
+    let daemon = limits(path.setup(brokers)).spawn_graceful();
+    let running = fetch(daemon.stats).dataplane.mode;
     if path == Path::Explicit(Mode::Sockmap) {
         assert_eq!(running, "sockmap", "mode = \"sockmap\" runs {running}");
     }
@@ -173,7 +164,7 @@ fn numbered_flows(path: Path, load: Load) {
     let _serial = serial();
     let slow = load.slow_broker;
     let broker = echo_backend(move |i| slow.then(|| Pauses::slow_broker(i as u64)));
-    let (daemon, running) = start(path, &[broker], "");
+    let (daemon, running) = start(path, &[broker], |s| s);
     let what = format!("{path:?} ({running}): {}", load.name);
     let mut all = Summary::default();
     let started = Instant::now();
@@ -210,25 +201,25 @@ fn numbered_flows(path: Path, load: Load) {
         }
         all.merge(&summary);
     }
-    let json = stats(daemon.stats);
+    let json = fetch(daemon.stats);
     if running == "sockmap" {
-        let spliced = json["dataplane"]["spliced_total"].as_u64().unwrap_or(0);
+        let spliced = splice(&json).map_or(0, |s| s.spliced_total);
         assert!(
             spliced >= all.flows,
             "{what}: only {spliced} of {} flows were spliced",
             all.flows
         );
         // Otherwise this case would not reach the throttle and hand-back it is here for.
-        let throttles = json["dataplane"]["throttles_total"].as_u64().unwrap_or(0);
+        let throttles = splice(&json).map_or(0, |s| s.throttles_total);
         assert!(
             !load.pausing_reader || throttles > 0,
             "{what}: pausing readers never throttled a direction (throttles_total {throttles})"
         );
     }
     println!(
-        "{what}: {all} in {:.1}s; dataplane {}",
+        "{what}: {all} in {:.1}s; dataplane {:?}",
         started.elapsed().as_secs_f64(),
-        json["dataplane"]
+        json.dataplane
     );
 }
 
@@ -313,7 +304,7 @@ fn paho_disconnects(path: Path) {
         let disconnect = await_disconnect(s);
         results.lock().unwrap().insert(i, disconnect);
     });
-    let (daemon, running) = start(path, &[broker], "");
+    let (daemon, running) = start(path, &[broker], |s| s);
     let what = format!("{path:?} ({running}): {CLIENTS} paho-style disconnects");
     let clients: Vec<_> = (0..CLIENTS)
         .map(|i| {
@@ -346,11 +337,11 @@ fn paho_disconnects(path: Path) {
         missing.is_empty(),
         "{what}: the DISCONNECT did not reach the broker for flows {missing:?}"
     );
-    let json = stats(daemon.stats);
+    let json = fetch(daemon.stats);
     println!(
-        "{what}: settled {settled_in:?} after the last reset ({:?} since); dataplane {}",
+        "{what}: settled {settled_in:?} after the last reset ({:?} since); dataplane {:?}",
         closed_at.elapsed(),
-        json["dataplane"]
+        json.dataplane
     );
     // Counted as what it was: the client closed (its FIN came first), or it reset.
     let log = daemon.stderr();
@@ -369,11 +360,11 @@ fn paho_disconnects(path: Path) {
         closes.len()
     );
     if running == "sockmap" {
-        let c = &json["dataplane"]["closes"];
-        let counted = c["fin_drained"].as_u64().unwrap_or(0) + c["rst"].as_u64().unwrap_or(0);
+        let c = &splice(&json).expect("splice figures").closes;
+        let counted = c.fin_drained + c.rst;
         assert!(
-            c["drain_timeout"] == 0 && c["idle_timeout"] == 0 && counted == CLIENTS as u64,
-            "{what}: closes counted {c}, expected {CLIENTS} as fin_drained or rst"
+            c.drain_timeout == 0 && c.idle_timeout == 0 && counted == CLIENTS as u64,
+            "{what}: closes counted {c:?}, expected {CLIENTS} as fin_drained or rst"
         );
     }
 }
@@ -425,11 +416,9 @@ fn client_vanishes_mid_throttle(path: Path) {
         };
         let _ = tx.send((offset, result.kind(), Instant::now()));
     });
-    let (daemon, running) = start(
-        path,
-        &[broker],
-        &format!("close_drain_timeout = \"{}s\"", DRAIN.as_secs()),
-    );
+    let (daemon, running) = start(path, &[broker], |s| {
+        s.close_drain_timeout(&format!("{}s", DRAIN.as_secs()))
+    });
     let what = format!("{path:?} ({running}): a client vanishing mid-throttle");
     let sampler = Sampler::start(daemon.stats, Duration::from_secs(60));
     let mut client = connect_flow(daemon.listen, 7);
@@ -443,9 +432,7 @@ fn client_vanishes_mid_throttle(path: Path) {
     }
     let throttled = if running == "sockmap" {
         wait_for(Duration::from_secs(10), || {
-            stats(daemon.stats)["dataplane"]["throttles_total"]
-                .as_u64()
-                .is_some_and(|n| n > 0)
+            splice(&fetch(daemon.stats)).is_some_and(|s| s.throttles_total > 0)
         })
     } else {
         thread::sleep(Duration::from_secs(2));
@@ -460,14 +447,15 @@ fn client_vanishes_mid_throttle(path: Path) {
     let broker_end = rx.recv_timeout(DRAIN + SLACK);
     let after = stats(daemon.stats);
     let samples = sampler.finish(&after);
+    let closes = splice(&fetch(daemon.stats)).map(|s| s.closes.clone());
     println!(
-        "{what}: settled {gone:?} after the reset; the broker's write ended {:?}; closes {}",
+        "{what}: settled {gone:?} after the reset; the broker's write ended {:?}; closes {:?}",
         broker_end.as_ref().map(|(sent, kind, at)| (
             sent >> 20,
             kind,
             at.saturating_duration_since(reset_at)
         )),
-        after["dataplane"]["closes"]
+        closes
     );
     if let Err(e) = gone {
         panic!("{what}: not gone within close_drain_timeout ({DRAIN:?}) + {SLACK:?}: {e}");

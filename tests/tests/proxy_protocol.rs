@@ -1,9 +1,10 @@
 //! The PROXY header on the broker leg, parsed by an independent implementation (the `ppp`
 //! crate): it names the real client and the address it reached, and the CONNECT follows intact.
 
-use mqsplice_tests::backend::Backend;
+use mqsplice_tests::Mode;
+use mqsplice_tests::fake::FakeBroker;
 use mqsplice_tests::raw::{self, connect_v311};
-use mqsplice_tests::{Mode, proxy};
+use mqsplice_tests::setup::Setup;
 use ppp::PartialResult;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -96,14 +97,11 @@ async fn proxy_header(mode: Mode, version: Version) {
         Version::V1 => "v1",
         Version::V2 => "v2",
     };
-    let mut backend = Backend::start().await;
-    let running = proxy::start(&proxy::config(
-        mode,
-        &proxy::servers(&[backend.addr], ""),
-        &format!("proxy_protocol = \"{setting}\""),
-        "",
-    ))
-    .await;
+    let mut backend = FakeBroker::start().await;
+    let running = Setup::tcp(mode, &[backend.addr])
+        .upstream_with(|u| u.proxy_protocol(setting))
+        .start()
+        .await;
     let listener = running.listener_addr("mqtt").unwrap();
 
     let connect = connect_v311(&format!("pp-{setting}"));

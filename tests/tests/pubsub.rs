@@ -1,20 +1,16 @@
 //! Publish/subscribe through mqsplice between real clients and real brokers.
 
+use mqsplice_tests::Mode;
 use mqsplice_tests::broker::EmbeddedBroker;
 use mqsplice_tests::client::connect;
-use mqsplice_tests::{Mode, proxy};
+use mqsplice_tests::setup::Setup;
+use mqsplice_tests::stats::{REJECT_REASONS, fetch_async, totals, upstream_servers};
 use rumqttc::QoS;
 use std::time::Duration;
 
 async fn roundtrip_through_proxy(mode: Mode) {
     let broker = EmbeddedBroker::start();
-    let running = proxy::start(&proxy::config(
-        mode,
-        &proxy::servers(&[broker.addr], ""),
-        "",
-        "",
-    ))
-    .await;
+    let running = Setup::tcp(mode, &[broker.addr]).start().await;
     let addr = running.listener_addr("mqtt").unwrap();
 
     let mut subscriber = connect(addr, "sub-1").await.unwrap();
@@ -40,29 +36,27 @@ async fn roundtrip_through_proxy(mode: Mode) {
         assert_eq!(&got.payload[..], &vec![i as u8; 1000][..]);
     }
 
-    let stats = running.stats();
-    assert_eq!(stats["dataplane"]["mode"], mode.config_value());
-    assert_eq!(stats["connections"]["handled"], 2);
-    assert_eq!(stats["connections"]["active"], 2);
-    assert_eq!(proxy::totals(&stats), vec![2]);
+    let stats = running.typed_stats();
+    assert_eq!(stats.dataplane.mode, mode.config_value());
+    assert_eq!(stats.connections.handled, 2);
+    assert_eq!(stats.connections.active, 2);
+    assert_eq!(totals(&stats), vec![2]);
     publisher.disconnect().await;
     subscriber.disconnect().await;
     assert!(
-        mqsplice_tests::wait_until(
-            Duration::from_secs(5),
-            || running.stats()["connections"]["active"] == 0
-        )
+        mqsplice_tests::wait_until(Duration::from_secs(5), || running
+            .typed_stats()
+            .connections
+            .active
+            == 0)
         .await,
-        "connections did not close: {}",
-        running.stats()
+        "connections did not close: {:?}",
+        running.typed_stats()
     );
     // Per-server bytes of spliced flows are added when the flow ends; check after the close.
-    let to_server = proxy::server_field(&running.stats(), "bytes_to_server")[0]
-        .as_u64()
-        .unwrap();
-    let from_server = proxy::server_field(&running.stats(), "bytes_from_server")[0]
-        .as_u64()
-        .unwrap();
+    let stats = running.typed_stats();
+    let to_server = upstream_servers(&stats)[0].bytes_to_server;
+    let from_server = upstream_servers(&stats)[0].bytes_from_server;
     assert!(to_server > 3000, "bytes to server {to_server}");
     assert!(from_server > 3000, "bytes from server {from_server}");
 }
@@ -75,35 +69,22 @@ async fn userspace_publish_subscribe_roundtrip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_endpoint_serves_json_over_http() {
     let broker = EmbeddedBroker::start();
-    let running = proxy::start(&proxy::config(
-        Mode::Userspace,
-        &proxy::servers(&[broker.addr], ""),
-        "",
-        "",
-    ))
-    .await;
+    let running = Setup::tcp(Mode::Userspace, &[broker.addr]).start().await;
     let client = connect(running.listener_addr("mqtt").unwrap(), "stats-1")
         .await
         .unwrap();
-    let stats = proxy::fetch_stats(running.stats_addr().unwrap()).await;
-    assert_eq!(stats["connections"]["accepted"], 1);
-    assert_eq!(stats["listeners"]["mqtt"]["handled"], 1);
-    assert_eq!(stats["listeners"]["mqtt"]["data_path"], "userspace");
-    assert_eq!(stats["listeners"]["mqtt"]["data_path_reason"], "mode");
-    let server = &stats["upstreams"]["brokers"]["servers"][0];
-    assert_eq!(server["addr"], broker.addr.to_string());
-    assert_eq!(server["state"], "up");
-    assert_eq!(server["active"], 1);
-    for reason in [
-        "malformed",
-        "bad_protocol",
-        "too_large",
-        "connect_timeout",
-        "no_upstream",
-        "over_limit",
-        "closed",
-    ] {
-        assert_eq!(stats["connections"]["rejected"][reason], 0, "{reason}");
+    let stats = fetch_async(running.stats_addr().unwrap()).await;
+    assert_eq!(stats.connections.accepted, 1);
+    let listener = &stats.listeners["mqtt"];
+    assert_eq!(listener.connections.handled, 1);
+    assert_eq!(listener.data_path, "userspace");
+    assert_eq!(listener.data_path_reason, "mode");
+    let server = &upstream_servers(&stats)[0];
+    assert_eq!(server.addr, broker.addr.to_string());
+    assert_eq!(server.state, "up");
+    assert_eq!(server.active, 1);
+    for reason in REJECT_REASONS {
+        assert_eq!(stats.connections.rejected[reason], 0, "{reason}");
     }
     client.disconnect().await;
 }

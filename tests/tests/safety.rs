@@ -4,14 +4,14 @@
 //! does not wake the daemon; `auto` falls back to userspace and says why. The daemon runs as the
 //! built binary (`MQSPLICE_BIN`); the eBPF tests need root (see `Mode::runnable`).
 
-use mqsplice_tests::daemon::{config_for, write_config};
+use mqsplice_tests::daemon::write_config;
 use mqsplice_tests::flows::{
-    End, Graceful, KIB, MIB, Received, Rng, bytes_acked, config_with, connect_flow, flow_backend,
-    flow_connect, linger_zero, read_stream, stats, voluntary_ctxt_switches, wait_for,
-    world_readable, write_stream,
+    End, KIB, MIB, Received, Rng, bytes_acked, connect_flow, flow_backend, flow_connect,
+    linger_zero, read_stream, voluntary_ctxt_switches, wait_for, world_readable, write_stream,
 };
+use mqsplice_tests::setup::Setup;
+use mqsplice_tests::stats::{Stats, fetch, splice};
 use mqsplice_tests::{Mode, maps, unique_pin_dir};
-use serde_json::Value;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -25,18 +25,18 @@ type Results<T> = Arc<Mutex<HashMap<usize, T>>>;
 
 /// Waits (bounded) until the daemon has no connection open, then checks that the eBPF maps are
 /// empty; returns the last stats.
-fn settled(mode: Mode, stats_addr: SocketAddr) -> Value {
-    let mut json = stats(stats_addr);
+fn settled(mode: Mode, stats_addr: SocketAddr) -> Stats {
+    let mut json = fetch(stats_addr);
     wait_for(Duration::from_secs(15), || {
-        json = stats(stats_addr);
-        json["connections"]["active"] == 0
+        json = fetch(stats_addr);
+        json.connections.active == 0
     });
     assert_eq!(
-        json["connections"]["active"], 0,
-        "{mode:?}: flows left open: {json}"
+        json.connections.active, 0,
+        "{mode:?}: flows left open: {json:?}"
     );
     if mode == Mode::Sockmap {
-        let pin = json["dataplane"]["bpffs_pin"].as_str().unwrap();
+        let pin = &splice(&json).expect("splice figures").bpffs_pin;
         assert_eq!(
             maps::flow_entries(pin),
             [0, 0, 0],
@@ -161,8 +161,8 @@ fn close_three_ways(mode: Mode) {
         let r = broker_role(i, s, roles[i]);
         results.lock().unwrap().insert(i, r);
     });
-    let (text, listen, stats_addr) = config_for(mode, &[broker], "");
-    let daemon = Graceful::start(&text, listen, stats_addr);
+    let daemon = Setup::tcp(mode, &[broker]).spawn_graceful();
+    let (listen, stats_addr) = (daemon.listen, daemon.stats);
     let baseline = daemon.open_fds();
 
     let workers: Vec<_> = (0..AT_ONCE)
@@ -207,7 +207,7 @@ fn close_three_ways(mode: Mode) {
         );
     }
     let json = settled(mode, stats_addr);
-    println!("{mode:?}: dataplane {}", json["dataplane"]);
+    println!("{mode:?}: dataplane {:?}", json.dataplane);
     assert!(
         wait_for(Duration::from_secs(10), || daemon.open_fds() <= baseline),
         "{mode:?}: descriptors {baseline} at start, {} after {FLOWS} flows",
@@ -252,13 +252,11 @@ fn ebpf_global_limit_throttles_100_fast_clients_to_one_slow_broker() {
         );
         results.lock().unwrap().insert(i, got);
     });
-    let (text, listen, stats_addr) = config_with(
-        Mode::Sockmap,
-        &[broker],
-        "",
-        "max_inflight_per_flow = \"64MiB\"\nmax_inflight_total = \"16MiB\"",
-    );
-    let _daemon = Graceful::start(&text, listen, stats_addr);
+    let daemon = Setup::tcp(Mode::Sockmap, &[broker])
+        .max_inflight_per_flow("64MiB")
+        .max_inflight_total("16MiB")
+        .spawn_graceful();
+    let (listen, stats_addr) = (daemon.listen, daemon.stats);
 
     let stop = Arc::new(AtomicBool::new(false));
     let peak = Arc::new(AtomicU64::new(0));
@@ -268,7 +266,7 @@ fn ebpf_global_limit_throttles_100_fast_clients_to_one_slow_broker() {
         thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(120);
             while !stop.load(Relaxed) && Instant::now() < deadline {
-                if let Some(n) = stats(stats_addr)["dataplane"]["inflight_bytes"].as_u64() {
+                if let Some(n) = splice(&fetch(stats_addr)).map(|s| s.inflight_bytes) {
                     peak.fetch_max(n, Relaxed);
                     polls.fetch_add(1, Relaxed);
                 }
@@ -318,10 +316,11 @@ fn ebpf_global_limit_throttles_100_fast_clients_to_one_slow_broker() {
         );
     }
     let json = settled(Mode::Sockmap, stats_addr);
-    let dataplane = &json["dataplane"];
+    let dataplane = &json.dataplane;
+    let throttles = splice(&json).map(|s| s.throttles_total);
     let peak = peak.load(Relaxed);
     println!(
-        "{CLIENTS} × 8 MiB in {took:?}: peak inflight_bytes {} KiB over {} polls; {dataplane}",
+        "{CLIENTS} × 8 MiB in {took:?}: peak inflight_bytes {} KiB over {} polls; {dataplane:?}",
         peak / KIB,
         polls.load(Relaxed)
     );
@@ -329,10 +328,9 @@ fn ebpf_global_limit_throttles_100_fast_clients_to_one_slow_broker() {
     if polls.load(Relaxed) == 0 {
         failures.push("dataplane.inflight_bytes was never reported".to_string());
     }
-    if dataplane["throttles_total"].as_u64().is_none_or(|n| n == 0) {
+    if throttles.is_none_or(|n| n == 0) {
         failures.push(format!(
-            "dataplane.throttles_total is {}, not > 0",
-            dataplane["throttles_total"]
+            "dataplane.throttles_total is {throttles:?}, not > 0"
         ));
     }
     if peak > 24 * MIB {
@@ -378,13 +376,11 @@ fn ebpf_throttled_full_duplex_flows_stay_within_the_daemon_bounds_and_give_memor
         let sent = writer.join().unwrap();
         results.lock().unwrap().insert(i, (sent, got));
     });
-    let (text, listen, stats_addr) = config_with(
-        Mode::Sockmap,
-        &[broker],
-        "",
-        &format!("max_inflight_per_flow = \"64KiB\"\nmax_daemon_held_total = {HELD_TOTAL}"),
-    );
-    let daemon = Graceful::start(&text, listen, stats_addr);
+    let daemon = Setup::tcp(Mode::Sockmap, &[broker])
+        .max_inflight_per_flow("64KiB")
+        .max_daemon_held_total(HELD_TOTAL)
+        .spawn_graceful();
+    let (listen, stats_addr) = (daemon.listen, daemon.stats);
     // A warmed-up idle instance: one flow through it first.
     {
         let mut s = connect_flow(listen, WARM_UP);
@@ -400,7 +396,7 @@ fn ebpf_throttled_full_duplex_flows_stay_within_the_daemon_bounds_and_give_memor
         thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(120);
             while !stop.load(Relaxed) && Instant::now() < deadline {
-                if let Some(n) = stats(stats_addr)["dataplane"]["daemon_held_bytes"].as_u64() {
+                if let Some(n) = splice(&fetch(stats_addr)).map(|s| s.daemon_held_bytes) {
                     peak.fetch_max(n, Relaxed);
                 }
                 thread::sleep(Duration::from_millis(10));
@@ -461,7 +457,11 @@ fn ebpf_throttled_full_duplex_flows_stay_within_the_daemon_bounds_and_give_memor
         );
     }
     let json = settled(Mode::Sockmap, stats_addr);
-    let dataplane = &json["dataplane"];
+    let dataplane = &json.dataplane;
+    let (throttles, held) = match splice(&json) {
+        Some(s) => (Some(s.throttles_total), Some(s.daemon_held_bytes)),
+        None => (None, None),
+    };
     let peak = peak.load(Relaxed);
     // Memory freed by the allocator may take a moment to be returned.
     let mut rss_kib = daemon.rss_kib();
@@ -471,26 +471,20 @@ fn ebpf_throttled_full_duplex_flows_stay_within_the_daemon_bounds_and_give_memor
     });
     println!(
         "{FLOWS} flows × 8 MiB each way in {took:?}: peak daemon_held_bytes {} KiB; RSS {} KiB idle \
-         before, {} KiB after; {dataplane}",
+         before, {} KiB after; {dataplane:?}",
         peak / KIB,
         fresh_kib,
         rss_kib
     );
     let mut failures = Vec::new();
-    if dataplane["throttles_total"]
-        .as_u64()
-        .is_none_or(|n| n < FLOWS as u64)
-    {
-        failures.push(format!("only {} throttles", dataplane["throttles_total"]));
+    if throttles.is_none_or(|n| n < FLOWS as u64) {
+        failures.push(format!("only {throttles:?} throttles"));
     }
     if peak > HELD_TOTAL {
         failures.push(format!("peak daemon_held_bytes {peak} > {HELD_TOTAL}"));
     }
-    if dataplane["daemon_held_bytes"] != 0 {
-        failures.push(format!(
-            "{} bytes still held",
-            dataplane["daemon_held_bytes"]
-        ));
+    if held != Some(0) {
+        failures.push(format!("{held:?} bytes still held"));
     }
     if rss_kib > fresh_kib + 10 * 1024 {
         failures.push(format!(
@@ -504,14 +498,12 @@ fn ebpf_throttled_full_duplex_flows_stay_within_the_daemon_bounds_and_give_memor
 // Resets mid-flow.
 
 /// The stats' `dataplane.closes.rst` counted at least once (eBPF only).
-fn rst_counted(mode: Mode, json: &Value) {
+fn rst_counted(mode: Mode, json: &Stats) {
     if mode == Mode::Sockmap {
         assert!(
-            json["dataplane"]["closes"]["rst"]
-                .as_u64()
-                .is_some_and(|n| n >= 1),
-            "closes.rst not counted: {}",
-            json["dataplane"]
+            splice(json).is_some_and(|s| s.closes.rst >= 1),
+            "closes.rst not counted: {:?}",
+            json.dataplane
         );
     }
 }
@@ -532,8 +524,8 @@ fn client_rst_while_sending(mode: Mode) {
         );
         let _ = tx.send(got);
     });
-    let (text, listen, stats_addr) = config_for(mode, &[broker], "");
-    let _daemon = Graceful::start(&text, listen, stats_addr);
+    let daemon = Setup::tcp(mode, &[broker]).spawn_graceful();
+    let (listen, stats_addr) = (daemon.listen, daemon.stats);
     let mut client = connect_flow(listen, 0);
     let mut peeked = [0u8; 1];
     assert_eq!(
@@ -597,8 +589,8 @@ fn broker_rst(mode: Mode) {
         drop(s);
         let _ = tx.send((got, Instant::now()));
     });
-    let (text, listen, stats_addr) = config_for(mode, &[broker], "");
-    let _daemon = Graceful::start(&text, listen, stats_addr);
+    let daemon = Setup::tcp(mode, &[broker]).spawn_graceful();
+    let (listen, stats_addr) = (daemon.listen, daemon.stats);
     let client = connect_flow(listen, 0);
     let mut tx = client.try_clone().unwrap();
     let writer = thread::spawn(move || {
@@ -647,8 +639,8 @@ fn client_rst(mode: Mode) {
         let _ = tx.send((got, Instant::now()));
         writer.join().unwrap();
     });
-    let (text, listen, stats_addr) = config_for(mode, &[broker], "");
-    let _daemon = Graceful::start(&text, listen, stats_addr);
+    let daemon = Setup::tcp(mode, &[broker]).spawn_graceful();
+    let (listen, stats_addr) = (daemon.listen, daemon.stats);
     let mut client = connect_flow(listen, 0);
     let got = read_stream(&mut client, Some(4 * MIB), Duration::from_secs(10), None);
     assert_eq!(got.end, End::Limit, "{mode:?}: client read {got:?}");
@@ -729,15 +721,15 @@ fn ebpf_512_mib_spliced_transfer_costs_under_2000_voluntary_context_switches() {
             None,
         ));
     });
-    let (text, listen, stats_addr) = config_for(Mode::Sockmap, &[broker], "");
-    let daemon = Graceful::start(&text, listen, stats_addr);
+    let daemon = Setup::tcp(Mode::Sockmap, &[broker]).spawn_graceful();
+    let (listen, stats_addr) = (daemon.listen, daemon.stats);
     let mut client = connect_flow(listen, 0);
     assert!(
         wait_for(Duration::from_secs(5), || {
-            stats(stats_addr)["dataplane"]["spliced_active"] == 1
+            splice(&fetch(stats_addr)).is_some_and(|s| s.spliced_active == 1)
         }),
-        "the flow was not spliced: {}",
-        stats(stats_addr)["dataplane"]
+        "the flow was not spliced: {:?}",
+        fetch(stats_addr).dataplane
     );
     let pid = daemon.child.id();
     let before = voluntary_ctxt_switches(pid);
@@ -804,15 +796,11 @@ impl Drop for Spawned {
     }
 }
 
-/// A userspace config switched to `mode = "auto"` with pins under `pin`.
-fn auto_config(brokers: &[SocketAddr], pin: &str) -> (String, SocketAddr, SocketAddr) {
-    let (text, listen, stats) = config_for(Mode::Userspace, brokers, "");
-    let text = text.replacen(
-        "mode = \"userspace\"",
-        &format!("mode = \"auto\"\nbpffs_pin = \"{pin}\""),
-        1,
-    );
-    (text, listen, stats)
+/// `mode = "auto"` spelled out, with pins under `pin`.
+fn auto(brokers: &[SocketAddr], pin: &str) -> Setup {
+    Setup::tcp(Mode::Userspace, brokers)
+        .auto_mode()
+        .bpffs_pin(pin)
 }
 
 /// A broker stand-in that answers CONNACK and drains.
@@ -825,10 +813,10 @@ fn drain_broker() -> SocketAddr {
 /// The daemon at `listen` passes a CONNECT/CONNACK and reports the userspace path.
 fn serves_on_userspace(listen: SocketAddr, stats_addr: SocketAddr, stderr: &str) {
     drop(connect_flow(listen, 0));
-    let dataplane = &stats(stats_addr)["dataplane"];
+    let dataplane = fetch(stats_addr).dataplane;
     assert_eq!(
-        dataplane["mode"], "userspace",
-        "{dataplane}\nstderr:\n{stderr}"
+        dataplane.mode, "userspace",
+        "{dataplane:?}\nstderr:\n{stderr}"
     );
 }
 
@@ -838,7 +826,7 @@ fn auto_without_privilege_or_with_a_locked_pin_dir_serves_on_userspace_and_says_
     let broker = drain_broker();
 
     // (a) As `nobody`, which may not load BPF programs (when not root, as ourselves).
-    let (text, listen, stats_addr) = auto_config(&[broker], &unique_pin_dir());
+    let (text, listen, stats_addr) = auto(&[broker], &unique_pin_dir()).for_binary();
     let path = write_config(&text);
     world_readable(path.parent().unwrap());
     world_readable(&path);
@@ -872,14 +860,14 @@ fn auto_without_privilege_or_with_a_locked_pin_dir_serves_on_userspace_and_says_
         assert!(failures.is_empty(), "{}", failures.join("\n"));
         return;
     }
-    let (text, listen, stats_addr) = config_for(Mode::Sockmap, &[broker], "");
-    let holder = Graceful::start(&text, listen, stats_addr);
-    let pin = stats(stats_addr)["dataplane"]["bpffs_pin"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let (text, listen, stats_addr) = auto_config(&[broker], &pin);
-    let second = Graceful::start(&text, listen, stats_addr);
+    let holder = Setup::tcp(Mode::Sockmap, &[broker]).spawn_graceful();
+    let stats_addr = holder.stats;
+    let pin = splice(&fetch(stats_addr))
+        .expect("splice figures")
+        .bpffs_pin
+        .clone();
+    let second = auto(&[broker], &pin).spawn_graceful();
+    let (listen, stats_addr) = (second.listen, second.stats);
     serves_on_userspace(listen, stats_addr, &second.stderr());
     if !second
         .stderr()
@@ -907,23 +895,22 @@ fn auto_splices_in_the_kernel_when_the_programs_load_and_check_the_stream() {
     }
     let broker = drain_broker();
     let pin = unique_pin_dir();
-    let (text, listen, stats_addr) = auto_config(&[broker], &pin);
-    let auto = Graceful::start(&text, listen, stats_addr);
+    let auto = auto(&[broker], &pin).spawn_graceful();
+    let (listen, stats_addr) = (auto.listen, auto.stats);
     drop(connect_flow(listen, 0));
-    let dataplane = &stats(stats_addr)["dataplane"];
-    assert_eq!(dataplane["requested"], "auto", "{dataplane}");
+    let dataplane = fetch(stats_addr).dataplane;
+    assert_eq!(dataplane.requested, "auto", "{dataplane:?}");
     assert_eq!(
-        dataplane["mode"],
+        dataplane.mode,
         "sockmap",
-        "{dataplane}\nstderr:\n{}",
+        "{dataplane:?}\nstderr:\n{}",
         auto.stderr()
     );
-    assert_eq!(dataplane["stream_check"], true, "{dataplane}");
+    let splice = dataplane.splice.as_ref();
+    assert_eq!(splice.map(|s| s.stream_check), Some(true), "{dataplane:?}");
     assert!(
-        dataplane["max_inflight_per_flow"].as_u64().unwrap_or(0) >= 64 << 10
-            && dataplane["max_inflight_per_flow_source"]
-                .as_str()
-                .is_some_and(|s| s.starts_with("auto")),
-        "{dataplane}"
+        splice.is_some_and(|s| s.max_inflight_per_flow >= 64 << 10
+            && s.max_inflight_per_flow_source.starts_with("auto")),
+        "{dataplane:?}"
     );
 }

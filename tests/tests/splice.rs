@@ -2,9 +2,13 @@
 //! hand-over race with a client that says everything at once, map hygiene over many cycles,
 //! privileges and the pin directory's lock. The eBPF tests need root (see `Mode::runnable`).
 
-use mqsplice_tests::daemon::{Daemon, config_for};
+use mqsplice::stats::SpliceStats;
+use mqsplice_tests::fake::{Behaviour, FakeBroker};
+use mqsplice_tests::proxy::{self, run_binary};
 use mqsplice_tests::raw::{connect_v311, publish_qos0};
-use mqsplice_tests::{Mode, maps, proxy, unique_pin_dir, wait_until};
+use mqsplice_tests::setup::Setup;
+use mqsplice_tests::stats::{Stats, fetch, fetch_async, upstream_servers};
+use mqsplice_tests::{Mode, maps, unique_pin_dir, wait_until};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
@@ -70,24 +74,13 @@ fn receive(mut stream: TcpStream) -> (u64, u64) {
     }
 }
 
-/// A broker stand-in for one connection: answers the CONNECT, then hands the socket to the test.
-fn backend() -> (SocketAddr, mpsc::Receiver<TcpStream>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { break };
-            let mut connect = vec![0u8; connect_v311("bulk").len()];
-            if stream.read_exact(&mut connect).is_err() || stream.write_all(&CONNACK).is_err() {
-                continue;
-            }
-            if tx.send(stream).is_err() {
-                break;
-            }
-        }
-    });
-    (addr, rx)
+/// The splice's own figures, which a daemon on the sockmap path reports.
+fn splice_stats(stats: &Stats) -> SpliceStats {
+    stats
+        .dataplane
+        .splice
+        .clone()
+        .expect("splice figures on the sockmap path")
 }
 
 /// Connects through the proxy at `addr` and waits for the CONNACK.
@@ -107,21 +100,20 @@ fn client(addr: SocketAddr) -> TcpStream {
 /// Moves `mib` MiB each way through a daemon on `mode`, checks both checksums, and returns the
 /// CPU time the daemon spent meanwhile.
 fn bulk_each_way(mode: Mode, mib: usize) -> Duration {
-    let (broker, accepted) = backend();
-    let (text, listen, stats) = config_for(mode, &[broker], "");
+    let mut broker = FakeBroker::blocking(Behaviour::Connack(0));
     // This measures the splice itself. On these 2 cores the four test threads, not the proxy,
     // are the bottleneck, so with the default limits backpressure throttles the flow and the
     // daemon copies it (bounded memory, NGINX's CPU); lift the limits to keep it spliced.
-    let text = text.replace(
-        "[dataplane]\n",
-        "[dataplane]\nmax_inflight_per_flow = \"1GiB\"\nmax_inflight_total = \"2GiB\"\n",
-    );
-    let daemon = Daemon::start(&text, listen, stats);
+    let daemon = Setup::tcp(mode, &[broker.addr])
+        .max_inflight_per_flow("1GiB")
+        .max_inflight_total("2GiB")
+        .spawn_binary();
+    let (listen, stats) = (daemon.listen, daemon.stats);
     let (up_block, down_block) = (block(1), block(2));
     let cpu_before = daemon.cpu_ns();
 
     let client = client(listen);
-    let server = accepted.recv_timeout(Duration::from_secs(10)).unwrap();
+    let server = broker.next_std(Duration::from_secs(10));
     let (client_tx, server_tx) = (client.try_clone().unwrap(), server.try_clone().unwrap());
     let (up, down) = (up_block.clone(), down_block.clone());
     let senders = [
@@ -136,14 +128,9 @@ fn bulk_each_way(mode: Mode, mib: usize) -> Duration {
     }
     let cpu = Duration::from_nanos(daemon.cpu_ns() - cpu_before);
     if mode == Mode::Sockmap {
-        let stats = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(proxy::fetch_stats(stats));
         println!(
-            "ebpf data plane after the bulk transfer: {}",
-            stats["dataplane"]
+            "ebpf data plane after the bulk transfer: {:?}",
+            fetch(stats).dataplane
         );
     }
     assert_eq!(
@@ -185,15 +172,9 @@ enum Close {
 }
 
 async fn lossless_close(mode: Mode, close: Close, mib: usize, rounds: usize) {
-    let (broker, accepted) = backend();
-    let accepted = std::sync::Arc::new(std::sync::Mutex::new(accepted));
-    let running = proxy::start(&proxy::config(
-        mode,
-        &format!("[{{ addr = \"{broker}\" }}]"),
-        "",
-        "",
-    ))
-    .await;
+    let broker = FakeBroker::with(Behaviour::Connack(0)).await;
+    let running = Setup::tcp(mode, &[broker.addr]).start().await;
+    let accepted = std::sync::Arc::new(std::sync::Mutex::new(broker));
     let addr = running.listener_addr("mqtt").unwrap();
     let (a, b) = (std::sync::Arc::new(block(3)), std::sync::Arc::new(block(4)));
     for round in 0..rounds {
@@ -201,11 +182,7 @@ async fn lossless_close(mode: Mode, close: Close, mib: usize, rounds: usize) {
         let (got_up, got_down) = tokio::task::spawn_blocking(move || {
             let (a, b) = (a2, b2);
             let client = client(addr);
-            let server = accepted
-                .lock()
-                .unwrap()
-                .recv_timeout(Duration::from_secs(10))
-                .unwrap();
+            let server = accepted.lock().unwrap().next_std(Duration::from_secs(10));
             match close {
                 Close::ClientFirst => {
                     send(client.try_clone().unwrap(), &a, mib, false);
@@ -239,32 +216,28 @@ async fn lossless_close(mode: Mode, close: Close, mib: usize, rounds: usize) {
             "{mode:?} {close:?} round {round}: broker → client"
         );
         assert!(
-            wait_until(
-                Duration::from_secs(10),
-                || running.stats()["connections"]["active"] == 0
-            )
+            wait_until(Duration::from_secs(10), || running
+                .typed_stats()
+                .connections
+                .active
+                == 0)
             .await,
-            "flows did not close: {}",
-            running.stats()
+            "flows did not close: {:?}",
+            running.typed_stats()
         );
     }
     if mode == Mode::Sockmap {
-        let stats = running.stats();
-        let pin = stats["dataplane"]["bpffs_pin"].as_str().unwrap();
+        let splice = splice_stats(&running.typed_stats());
+        let pin = &splice.bpffs_pin;
         assert_eq!(
             maps::flow_entries(pin),
             [0, 0, 0],
             "socks/peers/counters entries left in {pin}"
         );
         assert_eq!(
-            stats["dataplane"]["closes"]["rst"], 0,
-            "{}",
-            stats["dataplane"]
-        );
-        assert_eq!(
-            stats["dataplane"]["redirect_failed"], 0,
-            "{}",
-            stats["dataplane"]
+            (splice.closes.rst, splice.redirect_failed),
+            (0, 0),
+            "(closes.rst, redirect_failed): {splice:?}"
         );
     }
 }
@@ -308,15 +281,8 @@ async fn ebpf_client_that_writes_and_closes_at_once_loses_nothing() {
 /// CONNECT, PUBLISH, DISCONNECT and FIN in one go, without waiting for the CONNACK: the broker
 /// must get every byte, whether the pair was spliced or the splice was refused.
 async fn everything_at_once(mode: Mode) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let broker = listener.local_addr().unwrap();
-    let running = proxy::start(&proxy::config(
-        mode,
-        &format!("[{{ addr = \"{broker}\" }}]"),
-        "",
-        "",
-    ))
-    .await;
+    let mut broker = FakeBroker::start().await;
+    let running = Setup::tcp(mode, &[broker.addr]).start().await;
     let addr = running.listener_addr("mqtt").unwrap();
     let mut burst = connect_v311("at-once");
     burst.extend(publish_qos0("t/at-once", b"last words"));
@@ -326,7 +292,7 @@ async fn everything_at_once(mode: Mode) {
         let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
         client.write_all(&burst).await.unwrap();
         client.shutdown().await.unwrap();
-        let (mut server, _) = listener.accept().await.unwrap();
+        let mut server = broker.next(Duration::from_secs(10)).await;
         let mut got = Vec::new();
         tokio::time::timeout(Duration::from_secs(10), server.read_to_end(&mut got))
             .await
@@ -340,25 +306,21 @@ async fn everything_at_once(mode: Mode) {
         drop(client);
     }
     assert!(
-        wait_until(
-            Duration::from_secs(10),
-            || running.stats()["connections"]["active"] == 0
-        )
+        wait_until(Duration::from_secs(10), || running
+            .typed_stats()
+            .connections
+            .active
+            == 0)
         .await
     );
     if mode == Mode::Sockmap {
-        let dataplane = &running.stats()["dataplane"];
+        let splice = splice_stats(&running.typed_stats());
         println!(
             "ebpf: {} spliced, {} refused (served on userspace)",
-            dataplane["spliced_total"], dataplane["splice_refused"]
+            splice.spliced_total, splice.splice_refused
         );
-        assert_eq!(
-            dataplane["spliced_total"].as_u64().unwrap()
-                + dataplane["splice_refused"].as_u64().unwrap(),
-            20
-        );
-        let pin = dataplane["bpffs_pin"].as_str().unwrap();
-        assert_eq!(maps::flow_entries(pin), [0, 0, 0]);
+        assert_eq!(splice.spliced_total + splice.splice_refused, 20);
+        assert_eq!(maps::flow_entries(&splice.bpffs_pin), [0, 0, 0]);
     }
 }
 
@@ -374,42 +336,15 @@ async fn ebpf_connect_publish_disconnect_fin_in_one_go_all_reach_the_broker() {
     }
 }
 
-/// A broker stand-in for many connections: CONNACK, then echo.
-async fn echo_broker() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut buf = vec![0u8; 4096];
-                let mut answered = false;
-                loop {
-                    let n = match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    let reply = if answered { &buf[..n] } else { &CONNACK[..] };
-                    answered = true;
-                    if stream.write_all(reply).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_20000_cycles_leave_the_maps_empty_and_descriptors_at_baseline() {
     if !Mode::Sockmap.runnable() {
         return;
     }
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let broker = echo_broker().await;
-    let (text, listen, stats) = config_for(Mode::Sockmap, &[broker], "");
-    let daemon = Daemon::start(&text, listen, stats);
+    let broker = FakeBroker::with(Behaviour::Echo).await;
+    let daemon = Setup::tcp(Mode::Sockmap, &[broker.addr]).spawn_binary();
+    let (listen, stats) = (daemon.listen, daemon.stats);
     let baseline = daemon.open_fds();
     let publish = publish_qos0("t/cycle", &[7u8; 100]);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
@@ -444,29 +379,27 @@ async fn ebpf_20000_cycles_leave_the_maps_empty_and_descriptors_at_baseline() {
     while let Some(result) = workers.join_next().await {
         result.unwrap();
     }
-    let stats_json = || async { proxy::fetch_stats(stats).await };
-    let mut json = stats_json().await;
+    let mut json = fetch_async(stats).await;
     for _ in 0..200 {
-        if json["connections"]["active"] == 0 {
+        if json.connections.active == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-        json = stats_json().await;
+        json = fetch_async(stats).await;
     }
-    assert_eq!(json["connections"]["active"], 0, "{json}");
-    assert_eq!(json["connections"]["handled"], 20_000);
-    let dataplane = &json["dataplane"];
+    assert_eq!(json.connections.active, 0, "{json:?}");
+    assert_eq!(json.connections.handled, 20_000);
+    let splice = splice_stats(&json);
     assert_eq!(
-        dataplane["spliced_total"].as_u64().unwrap()
-            + dataplane["splice_refused"].as_u64().unwrap(),
+        splice.spliced_total + splice.splice_refused,
         20_000,
-        "{dataplane}"
+        "{splice:?}"
     );
     println!(
-        "20,000 cycles: {} spliced, {} refused; closes {}",
-        dataplane["spliced_total"], dataplane["splice_refused"], dataplane["closes"]
+        "20,000 cycles: {} spliced, {} refused; closes {:?}",
+        splice.spliced_total, splice.splice_refused, splice.closes
     );
-    let pin = dataplane["bpffs_pin"].as_str().unwrap();
+    let pin = &splice.bpffs_pin;
     assert_eq!(maps::flow_entries(pin), [0, 0, 0], "entries left in {pin}");
     assert!(
         wait_until(Duration::from_secs(10), || daemon.open_fds() <= baseline).await,
@@ -478,7 +411,7 @@ async fn ebpf_20000_cycles_leave_the_maps_empty_and_descriptors_at_baseline() {
 #[test]
 fn ebpf_without_the_privilege_to_load_programs_refuses_to_start_and_says_why() {
     use std::os::unix::process::CommandExt;
-    let (text, _, _) = config_for(Mode::Sockmap, &["127.0.0.1:1".parse().unwrap()], "");
+    let (text, _, _) = Setup::tcp(Mode::Sockmap, &["127.0.0.1:1".parse().unwrap()]).for_binary();
     let path = mqsplice_tests::daemon::write_config(&text);
     // `nobody` must be able to read the file and its directory.
     let dir = path.parent().unwrap();
@@ -510,12 +443,8 @@ fn ebpf_a_killed_instance_pins_are_cleaned_and_a_live_instance_keeps_its_directo
     }
     let pin = unique_pin_dir();
     let broker = "127.0.0.1:1".parse().unwrap();
-    let config = || {
-        let (text, listen, stats) = config_for(Mode::Sockmap, &[broker], "");
-        (with_pin(&text, &pin), listen, stats)
-    };
-    let (text, listen, stats) = config();
-    let mut first = Daemon::start(&text, listen, stats);
+    let setup = || Setup::tcp(Mode::Sockmap, &[broker]).bpffs_pin(&pin);
+    let mut first = setup().spawn_binary();
     assert!(std::path::Path::new(&pin).join("mqs_socks").exists());
     first.kill();
     assert!(
@@ -523,21 +452,15 @@ fn ebpf_a_killed_instance_pins_are_cleaned_and_a_live_instance_keeps_its_directo
         "SIGKILL leaves the pins behind"
     );
 
-    let (text2, listen2, stats2) = config();
-    let mut second = Daemon::start(&text2, listen2, stats2);
+    let mut second = setup().spawn_binary();
     assert!(
         second.stderr().contains("removed stale pin"),
         "{}",
         second.stderr()
     );
 
-    let (text3, _, _) = config();
-    let path = mqsplice_tests::daemon::write_config(&text3);
-    let out = std::process::Command::new(proxy::binary())
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let (text3, _, _) = setup().for_binary();
+    let out = run_binary("run", &text3);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -551,34 +474,17 @@ fn ebpf_a_killed_instance_pins_are_cleaned_and_a_live_instance_keeps_its_directo
     );
 }
 
-/// `text` with its `bpffs_pin` line pointing at `pin`.
-fn with_pin(text: &str, pin: &str) -> String {
-    text.lines()
-        .map(|line| {
-            if line.starts_with("bpffs_pin") {
-                format!("bpffs_pin = \"{pin}\"")
-            } else {
-                line.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_program_warnings_reach_the_daemon_log() {
     if !Mode::Sockmap.runnable() {
         return;
     }
-    let (broker, accepted) = backend();
-    let (text, listen, stats) = config_for(Mode::Sockmap, &[broker], "");
-    let daemon = Daemon::start(&text, listen, stats);
+    let mut broker = FakeBroker::with(Behaviour::Connack(0)).await;
+    let daemon = Setup::tcp(Mode::Sockmap, &[broker.addr]).spawn_binary();
+    let (listen, stats) = (daemon.listen, daemon.stats);
     let mut client = client(listen);
-    let _server = accepted.recv_timeout(Duration::from_secs(10)).unwrap();
-    let pin = proxy::fetch_stats(stats).await["dataplane"]["bpffs_pin"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let _server = broker.next(Duration::from_secs(10)).await;
+    let pin = splice_stats(&fetch_async(stats).await).bpffs_pin;
     // Pull the broker's socket out of mqs_socks behind the daemon's back, as an operator with
     // bpftool could: the next client bytes cannot be redirected, and the program says so.
     let peers = std::process::Command::new("bpftool")
@@ -622,12 +528,7 @@ async fn ebpf_program_warnings_reach_the_daemon_log() {
         "no program warning in the daemon log:\n{}",
         daemon.stderr()
     );
-    assert!(
-        proxy::fetch_stats(stats).await["dataplane"]["redirect_failed"]
-            .as_u64()
-            .unwrap()
-            >= 1
-    );
+    assert!(splice_stats(&fetch_async(stats).await).redirect_failed >= 1);
 }
 
 /// Paho's way out: DISCONNECT with the FIN, and a reset right after. The broker takes every byte
@@ -635,7 +536,7 @@ async fn ebpf_program_warnings_reach_the_daemon_log() {
 /// `close_drain_timeout` as if bytes were missing.
 #[test]
 fn ebpf_disconnect_fin_then_reset_ends_the_pair_at_once() {
-    use mqsplice_tests::flows::{connect_flow, flow_backend, linger_zero, stats, wait_for};
+    use mqsplice_tests::flows::{connect_flow, flow_backend, linger_zero, wait_for};
     if !Mode::Sockmap.runnable() {
         return;
     }
@@ -646,8 +547,8 @@ fn ebpf_disconnect_fin_then_reset_ends_the_pair_at_once() {
         let _ = s.read_to_end(&mut rest);
         let _ = tx.send((index, rest));
     });
-    let (text, listen, stats_addr) = config_for(Mode::Sockmap, &[broker], "");
-    let daemon = Daemon::start(&text, listen, stats_addr);
+    let daemon = Setup::tcp(Mode::Sockmap, &[broker]).spawn_binary();
+    let (listen, stats_addr) = (daemon.listen, daemon.stats);
     let mut goodbye = publish_qos0("t/bye", b"last words");
     goodbye.extend([0xe0, 0x00]); // DISCONNECT
     for index in 0..PAIRS {
@@ -667,15 +568,15 @@ fn ebpf_disconnect_fin_then_reset_ends_the_pair_at_once() {
         );
     }
     let ended = wait_for(Duration::from_secs(3), || {
-        stats(stats_addr)["connections"]["active"] == 0
+        fetch(stats_addr).connections.active == 0
     });
-    let json = stats(stats_addr);
-    let closes = &json["dataplane"]["closes"];
+    let json = fetch(stats_addr);
+    let closes = &splice_stats(&json).closes;
     assert!(
         ended,
-        "pairs still active 3 s after their last byte was acknowledged: {json}"
+        "pairs still active 3 s after their last byte was acknowledged: {json:?}"
     );
-    assert_eq!(closes["drain_timeout"], 0, "{closes}");
+    assert_eq!(closes.drain_timeout, 0, "{closes:?}");
     assert!(
         !daemon.stderr().contains("did not reach"),
         "{}",
@@ -690,29 +591,20 @@ fn sockmap_server_and_listener_bytes_move_while_a_spliced_flow_is_open() {
     if !Mode::Sockmap.runnable() {
         return;
     }
-    let (broker, accepted) = backend();
-    let (text, listen, stats_addr) = config_for(Mode::Sockmap, &[broker], "");
-    let daemon = Daemon::start(&text, listen, stats_addr);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let stats = || runtime.block_on(proxy::fetch_stats(stats_addr));
-    let figures = |stats: &serde_json::Value| {
-        let listener = &stats["listeners"]["mqtt"];
+    let mut broker = FakeBroker::blocking(Behaviour::Connack(0));
+    let daemon = Setup::tcp(Mode::Sockmap, &[broker.addr]).spawn_binary();
+    let stats = || fetch(daemon.stats);
+    let figures = |stats: &Stats| {
+        let (server, listener) = (&upstream_servers(stats)[0], &stats.listeners["mqtt"]);
         [
-            proxy::server_field(stats, "bytes_to_server")[0]
-                .as_u64()
-                .unwrap(),
-            proxy::server_field(stats, "bytes_from_server")[0]
-                .as_u64()
-                .unwrap(),
-            listener["bytes_from_clients"].as_u64().unwrap(),
-            listener["bytes_to_clients"].as_u64().unwrap(),
+            server.bytes_to_server,
+            server.bytes_from_server,
+            listener.bytes_from_clients,
+            listener.bytes_to_clients,
         ]
     };
-    let mut client = client(listen);
-    let mut server = accepted.recv_timeout(Duration::from_secs(10)).unwrap();
+    let mut client = client(daemon.listen);
+    let mut server = broker.next_std(Duration::from_secs(10));
     let connect_len = connect_v311("bulk").len() as u64;
     let (up, down) = (vec![0x5a_u8; 300_000], vec![0xa5_u8; 200_000]);
     client.write_all(&up).unwrap();
@@ -728,11 +620,8 @@ fn sockmap_server_and_listener_bytes_move_while_a_spliced_flow_is_open() {
         CONNACK.len() as u64 + down.len() as u64,
     );
     let live = stats();
-    assert_eq!(
-        live["dataplane"]["spliced_active"], 1,
-        "{}",
-        live["dataplane"]
-    );
+    let splice = splice_stats(&live);
+    assert_eq!(splice.spliced_active, 1, "{splice:?}");
     assert_eq!(
         figures(&live),
         [open.0, open.1, open.0, open.1],
@@ -742,7 +631,7 @@ fn sockmap_server_and_listener_bytes_move_while_a_spliced_flow_is_open() {
     drop(server);
     assert!(
         mqsplice_tests::flows::wait_for(Duration::from_secs(10), || {
-            stats()["dataplane"]["spliced_active"] == 0
+            splice_stats(&stats()).spliced_active == 0
         }),
         "the flow did not close"
     );

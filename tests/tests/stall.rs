@@ -4,11 +4,10 @@
 //! These judge the host's `MemAvailable`, so they run one at a time and beside no other test file.
 
 use mqsplice_tests::Mode;
-use mqsplice_tests::daemon::config_for;
 use mqsplice_tests::flows::{
-    End, Graceful, KIB, MIB, chunk, connect_flow, flow_backend, mem_available_kib, read_stream,
-    tcp_mem_pages,
+    End, KIB, MIB, chunk, connect_flow, flow_backend, mem_available_kib, read_stream, tcp_mem_pages,
 };
+use mqsplice_tests::setup::Setup;
 use sha2::{Digest, Sha256};
 use std::io::{ErrorKind, Write};
 use std::net::{Shutdown, TcpStream};
@@ -97,8 +96,8 @@ fn stalled_reader_blocks_the_writer(mode: Mode, client_writes: bool) {
     let broker = flow_backend(move |_, s| {
         let _ = tx.send(s);
     });
-    let (text, listen, stats) = config_for(mode, &[broker], "");
-    let _daemon = Graceful::start(&text, listen, stats);
+    let daemon = Setup::tcp(mode, &[broker]).spawn_graceful();
+    let listen = daemon.listen;
     let client = connect_flow(listen, 0);
     let server = rx.recv_timeout(Duration::from_secs(10)).unwrap();
     let (mut writer, mut reader) = if client_writes {

@@ -3,20 +3,21 @@
 //! real client publishing and subscribing through TLS. The PKI is generated per test (rcgen).
 
 use mqsplice::mqtt::parse_connect;
-use mqsplice_tests::backend::Backend;
+use mqsplice::stats::TlsStats;
 use mqsplice_tests::broker::EmbeddedBroker;
 use mqsplice_tests::client::Client;
-use mqsplice_tests::daemon::{Daemon, write_config};
+
+use mqsplice_tests::fake::FakeBroker;
 use mqsplice_tests::pki::{self, Issued, Pki, Spec};
-use mqsplice_tests::proxy::{binary, fetch_stats};
+use mqsplice_tests::proxy::run_binary;
 use mqsplice_tests::raw::connect_v311;
+use mqsplice_tests::setup::{Kind, Setup, Tls};
+use mqsplice_tests::stats::fetch_async;
 use mqsplice_tests::wait_until;
 use rumqttc::{MqttOptions, QoS, TlsConfiguration, Transport};
 use rustls::pki_types::ServerName;
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,39 +27,25 @@ use tokio_rustls::client::TlsStream;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// A one-listener config: a `tls` listener whose table has `tls_extra` keys, with
-/// `listener_extra` lines, in front of `broker`.
-fn config(pki: &Pki, broker: SocketAddr, tls_extra: &str, listener_extra: &str) -> String {
-    format!(
-        r#"
-[stats]
-listen = "127.0.0.1:0"
-[dataplane]
-mode = "auto"
-[log]
-access = "off"
-[[upstream]]
-name = "brokers"
-servers = [{{ addr = "{broker}" }}]
-[[listener]]
-name = "mqtts"
-kind = "tls"
-listen = "127.0.0.1:0"
-upstream = "brokers"
-connect_packet_timeout = "3s"
-tls = {{ cert = "{cert}", key = "{key}", client_ca = "{ca}"{tls_extra} }}
-{listener_extra}
-"#,
-        cert = pki.server_cert.display(),
-        key = pki.server_key.display(),
-        ca = pki.ca_path.display(),
-    )
+/// The server certificate, and the test CA for client certificates (not asked for by default).
+fn server_tls(pki: &Pki) -> Tls {
+    Tls::server(pki).client_ca(&pki.ca_path)
 }
 
-const REQUIRED: &str = r#", verify_client = "required""#;
+/// [`server_tls`] with client certificates required.
+fn required(pki: &Pki) -> Tls {
+    server_tls(pki).verify_client("required")
+}
 
-async fn start(toml: &str) -> (mqsplice::Running, SocketAddr) {
-    let running = mqsplice_tests::proxy::start(toml).await;
+/// A one-listener config: a `tls` listener `mqtts` with `tls`, in front of `broker`.
+fn setup(broker: SocketAddr, tls: Tls) -> Setup {
+    Setup::one(Kind::Tls, "mqtts", &[broker])
+        .auto_mode()
+        .listener_with("mqtts", |l| l.connect_packet_timeout("3s").tls(tls))
+}
+
+async fn start(setup: Setup) -> (mqsplice::Running, SocketAddr) {
+    let running = setup.start().await;
     let addr = running.listener_addr("mqtts").unwrap();
     (running, addr)
 }
@@ -74,12 +61,13 @@ async fn tls_connect(
         .await
 }
 
-fn tls_stats(running: &mqsplice::Running) -> Value {
-    running.stats()["listeners"]["mqtts"]["tls"].clone()
+fn tls_stats(running: &mqsplice::Running) -> TlsStats {
+    let stats = running.typed_stats();
+    stats.listeners["mqtts"].tls.clone().expect("tls stats")
 }
 
 /// Reads everything `backend`'s next connection receives until it has `len` bytes.
-async fn backend_reads(backend: &mut Backend, len: usize) -> Vec<u8> {
+async fn backend_reads(backend: &mut FakeBroker, len: usize) -> Vec<u8> {
     let mut conn = backend.next(WAIT).await;
     let mut got = vec![0u8; len];
     tokio::time::timeout(WAIT, conn.read_exact(&mut got))
@@ -92,8 +80,8 @@ async fn backend_reads(backend: &mut Backend, len: usize) -> Vec<u8> {
 #[tokio::test]
 async fn server_auth_carries_the_connect_unchanged_on_the_userspace_path() {
     let pki = Pki::new();
-    let mut backend = Backend::start().await;
-    let (running, addr) = start(&config(&pki, backend.addr, "", "")).await;
+    let mut backend = FakeBroker::start().await;
+    let (running, addr) = start(setup(backend.addr, server_tls(&pki))).await;
 
     let mut tls = tls_connect(addr, pki.client_config(None)).await.unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"mqtt"[..]));
@@ -104,21 +92,22 @@ async fn server_auth_carries_the_connect_unchanged_on_the_userspace_path() {
     assert_eq!(&got[..connect.len()], &connect[..]);
     assert_eq!(&got[connect.len()..], b"after");
 
-    let stats = running.stats();
-    let listener = &stats["listeners"]["mqtts"];
-    assert_eq!(listener["kind"], "tls");
-    assert_eq!(listener["data_path"], "userspace");
-    assert_eq!(listener["data_path_reason"], "client_tls");
-    assert_eq!(listener["handled"], 1);
-    assert_eq!(listener["tls"]["handshakes_ok"], 1);
-    assert!(listener["tls"]["handshake_time_total_us"].as_u64().unwrap() > 0);
+    let stats = running.typed_stats();
+    let listener = &stats.listeners["mqtts"];
+    assert_eq!(listener.kind, "tls");
+    assert_eq!(listener.data_path, "userspace");
+    assert_eq!(listener.data_path_reason, "client_tls");
+    assert_eq!(listener.connections.handled, 1);
+    let tls = listener.tls.as_ref().expect("tls stats");
+    assert_eq!(tls.handshakes_ok, 1);
+    assert!(tls.handshake_time_total_us > 0);
 }
 
 #[tokio::test]
 async fn mutual_tls_accepts_a_client_of_the_ca_directly_and_within_verify_depth() {
     let pki = Pki::new();
-    let mut backend = Backend::start().await;
-    let (running, addr) = start(&config(&pki, backend.addr, REQUIRED, "")).await;
+    let mut backend = FakeBroker::start().await;
+    let (running, addr) = start(setup(backend.addr, required(&pki))).await;
     // verify_depth defaults to 1: one intermediate is fine.
     for intermediates in [0, 1] {
         let client = pki.client_via(intermediates, &Spec::leaf("device"));
@@ -129,14 +118,14 @@ async fn mutual_tls_accepts_a_client_of_the_ca_directly_and_within_verify_depth(
         tls.write_all(&connect).await.unwrap();
         assert_eq!(backend_reads(&mut backend, connect.len()).await, connect);
     }
-    assert_eq!(tls_stats(&running)["handshakes_ok"], 2);
+    assert_eq!(tls_stats(&running).handshakes_ok, 2);
 }
 
 /// Connects with `client` (or none), sends a CONNECT, and expects the connection to end
 /// without the CONNECT reaching any broker; the failure is counted under `reason`.
-async fn refused(pki: &Pki, tls_extra: &str, client: Option<&Issued>, reason: &str) {
-    let backend = Backend::start().await;
-    let (running, addr) = start(&config(pki, backend.addr, tls_extra, "")).await;
+async fn refused(pki: &Pki, tls: Tls, client: Option<&Issued>, reason: &str) {
+    let backend = FakeBroker::start().await;
+    let (running, addr) = start(setup(backend.addr, tls)).await;
     // With TLS 1.3 the client finishes its side before the server has checked its certificate,
     // so the refusal shows as an alert or EOF on the first read.
     if let Ok(mut tls) = tls_connect(addr, pki.client_config(client)).await {
@@ -148,16 +137,17 @@ async fn refused(pki: &Pki, tls_extra: &str, client: Option<&Issued>, reason: &s
         assert!(matches!(read, Ok(0) | Err(_)), "{reason}: got {read:?}");
     }
     assert!(
-        wait_until(WAIT, || tls_stats(&running)["handshakes_failed"][reason]
-            == 1)
+        wait_until(WAIT, || tls_stats(&running).handshakes_failed.get(reason)
+            == Some(&1))
         .await,
-        "{reason}: {}",
+        "{reason}: {:?}",
         tls_stats(&running)
     );
-    assert_eq!(tls_stats(&running)["handshakes_ok"], 0, "{reason}");
-    let stats = running.stats();
-    assert_eq!(stats["listeners"]["mqtts"]["rejected"]["tls_handshake"], 1);
-    assert_eq!(stats["listeners"]["mqtts"]["handled"], 0);
+    assert_eq!(tls_stats(&running).handshakes_ok, 0, "{reason}");
+    let stats = running.typed_stats();
+    let listener = &stats.listeners["mqtts"].connections;
+    assert_eq!(listener.rejected["tls_handshake"], 1);
+    assert_eq!(listener.handled, 0);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(backend.accepted(), 0, "{reason}: a broker was reached");
 }
@@ -167,40 +157,29 @@ async fn mutual_tls_refusals_are_counted_and_reach_no_broker() {
     let pki = Pki::new();
     let other_root = pki::root("another root");
     let foreign = pki::issue(&other_root, &Spec::leaf("foreign"));
-    refused(&pki, REQUIRED, Some(&foreign), "unknown_ca").await;
+    refused(&pki, required(&pki), Some(&foreign), "unknown_ca").await;
 
     let expired = pki.client(&Spec {
         expires: Some((2021, 1, 1)),
         ..Spec::leaf("expired")
     });
-    refused(&pki, REQUIRED, Some(&expired), "expired").await;
+    refused(&pki, required(&pki), Some(&expired), "expired").await;
 
     let deep = pki.client_via(2, &Spec::leaf("deep"));
-    refused(&pki, REQUIRED, Some(&deep), "chain_too_long").await;
+    refused(&pki, required(&pki), Some(&deep), "chain_too_long").await;
     // The same chain passes when verify_depth allows two intermediates.
-    let mut backend = Backend::start().await;
-    let (_running, addr) = start(&config(
-        &pki,
-        backend.addr,
-        &format!("{REQUIRED}, verify_depth = 2"),
-        "",
-    ))
-    .await;
+    let mut backend = FakeBroker::start().await;
+    let (_running, addr) = start(setup(backend.addr, required(&pki).verify_depth(2))).await;
     let mut tls = tls_connect(addr, pki.client_config(Some(&deep)))
         .await
         .unwrap();
     tls.write_all(&connect_v311("deep")).await.unwrap();
     backend_reads(&mut backend, connect_v311("deep").len()).await;
 
-    refused(&pki, REQUIRED, None, "no_certificate").await;
+    refused(&pki, required(&pki), None, "no_certificate").await;
     // `optional` still refuses a certificate that does not verify.
-    refused(
-        &pki,
-        r#", verify_client = "optional""#,
-        Some(&foreign),
-        "unknown_ca",
-    )
-    .await;
+    let optional = server_tls(&pki).verify_client("optional");
+    refused(&pki, optional, Some(&foreign), "unknown_ca").await;
 }
 
 #[tokio::test]
@@ -229,13 +208,12 @@ async fn client_id_and_username_are_taken_from_the_certificate() {
         ),
     ];
     for (id_field, user_field, want_id, want_user) in cases {
-        let mut backend = Backend::start().await;
-        let (running, addr) = start(&config(
-            &pki,
-            backend.addr,
-            REQUIRED,
-            &format!("rewrite_client_id = \"{id_field}\"\nrewrite_username = \"{user_field}\""),
-        ))
+        let mut backend = FakeBroker::start().await;
+        let (running, addr) = start(
+            setup(backend.addr, required(&pki)).listener_with("mqtts", |l| {
+                l.rewrite_client_id(id_field).rewrite_username(user_field)
+            }),
+        )
         .await;
         let mut tls = tls_connect(addr, pki.client_config(Some(&client)))
             .await
@@ -252,28 +230,32 @@ async fn client_id_and_username_are_taken_from_the_certificate() {
         assert_eq!(connect.username.as_deref(), Some(want_user.as_str()));
         assert_eq!(connect.keep_alive, 60);
         assert_eq!(&got[connect.packet_len..], b"\xc0\x00");
-        assert_eq!(running.stats()["listeners"]["mqtts"]["handled"], 1);
+        assert_eq!(
+            running.typed_stats().listeners["mqtts"].connections.handled,
+            1
+        );
     }
 }
 
 #[tokio::test]
 async fn optional_client_without_certificate_is_refused_when_its_identity_is_needed() {
     let pki = Pki::new();
-    let backend = Backend::start().await;
-    let (running, addr) = start(&config(
-        &pki,
-        backend.addr,
-        r#", verify_client = "optional""#,
-        "rewrite_client_id = \"cert_serial\"",
-    ))
+    let backend = FakeBroker::start().await;
+    let (running, addr) = start(
+        setup(backend.addr, server_tls(&pki).verify_client("optional"))
+            .listener_with("mqtts", |l| l.rewrite_client_id("cert_serial")),
+    )
     .await;
     let mut tls = tls_connect(addr, pki.client_config(None)).await.unwrap();
     tls.write_all(&connect_v311("anonymous")).await.unwrap();
     let mut connack = [0u8; 4];
     tls.read_exact(&mut connack).await.unwrap();
     assert_eq!(connack, [0x20, 0x02, 0x00, 0x05], "not authorized");
-    let stats = running.stats();
-    assert_eq!(stats["listeners"]["mqtts"]["rejected"]["cert_identity"], 1);
+    let stats = running.typed_stats();
+    assert_eq!(
+        stats.listeners["mqtts"].connections.rejected["cert_identity"],
+        1
+    );
     assert_eq!(backend.accepted(), 0);
 }
 
@@ -281,7 +263,7 @@ async fn optional_client_without_certificate_is_refused_when_its_identity_is_nee
 async fn second_handshake_resumes_on_tls13_and_tls12() {
     let pki = Pki::new();
     let broker = EmbeddedBroker::start();
-    let (running, addr) = start(&config(&pki, broker.addr, "", "")).await;
+    let (running, addr) = start(setup(broker.addr, server_tls(&pki))).await;
     let mut resumed = 0;
     for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
         // One client configuration, so its session store carries the ticket across connections.
@@ -307,15 +289,15 @@ async fn second_handshake_resumes_on_tls13_and_tls12() {
         }
     }
     let stats = tls_stats(&running);
-    assert_eq!(stats["resumed"], resumed);
-    assert_eq!(stats["handshakes_ok"], 4);
+    assert_eq!(stats.resumed, resumed);
+    assert_eq!(stats.handshakes_ok, 4);
 }
 
 #[tokio::test]
 async fn garbage_and_plain_mqtt_on_the_tls_port_are_refused() {
     let pki = Pki::new();
-    let backend = Backend::start().await;
-    let (running, addr) = start(&config(&pki, backend.addr, "", "")).await;
+    let backend = FakeBroker::start().await;
+    let (running, addr) = start(setup(backend.addr, server_tls(&pki))).await;
     let inputs: [&[u8]; 2] = [
         &connect_v311("plain"),
         b"GET / HTTP/1.1\r\n\r\n\x00\xff\xfe garbage",
@@ -337,12 +319,12 @@ async fn garbage_and_plain_mqtt_on_the_tls_port_are_refused() {
         assert!(end.is_ok(), "the connection was not closed");
     }
     assert!(
-        wait_until(
-            WAIT,
-            || tls_stats(&running)["handshakes_failed"]["malformed"] == 2
-        )
+        wait_until(WAIT, || tls_stats(&running)
+            .handshakes_failed
+            .get("malformed")
+            == Some(&2))
         .await,
-        "{}",
+        "{:?}",
         tls_stats(&running)
     );
     assert_eq!(backend.accepted(), 0);
@@ -382,7 +364,7 @@ async fn rumqttc_connect(options: MqttOptions) -> Client {
 async fn rumqttc_publishes_and_subscribes_through_mutual_tls() {
     let pki = Pki::new();
     let broker = EmbeddedBroker::start();
-    let (running, addr) = start(&config(&pki, broker.addr, REQUIRED, "")).await;
+    let (running, addr) = start(setup(broker.addr, required(&pki))).await;
     let sub_id = pki.client(&Spec::leaf("subscriber"));
     let pub_id = pki.client(&Spec::leaf("publisher"));
     let mut sub = rumqttc_connect(rumqttc_tls(addr, "sub", pki.client_config(Some(&sub_id)))).await;
@@ -396,43 +378,32 @@ async fn rumqttc_publishes_and_subscribes_through_mutual_tls() {
         .unwrap();
     let got = sub.next_publish(WAIT).await.unwrap();
     assert_eq!(got.payload.as_ref(), &payload[..]);
-    assert_eq!(tls_stats(&running)["handshakes_ok"], 2);
+    assert_eq!(tls_stats(&running).handshakes_ok, 2);
 }
 
 #[test]
 fn check_refuses_old_protocols_and_openssl_cipher_strings() {
     let pki = Pki::new();
-    let base = config(&pki, "127.0.0.1:1883".parse().unwrap(), "", "");
+    let broker: SocketAddr = "127.0.0.1:1883".parse().unwrap();
+    let base = setup(broker, server_tls(&pki)).render();
     let run_check = |text: &str| {
-        let out = Command::new(binary())
-            .args(["check", "--config"])
-            .arg(write_config(text))
-            .output()
-            .unwrap();
+        let out = run_binary("check", text);
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
     assert_eq!(run_check(&base).0, Some(0), "{}", run_check(&base).1);
-    let (code, stderr) = run_check(&config(
-        &pki,
-        "127.0.0.1:1883".parse().unwrap(),
-        r#", protocols = ["TLSv1", "TLSv1.1", "TLSv1.2"]"#,
-        "",
-    ));
+    let old = server_tls(&pki).protocols(&["TLSv1", "TLSv1.1", "TLSv1.2"]);
+    let (code, stderr) = run_check(&setup(broker, old).render());
     assert_eq!(code, Some(2));
     assert!(stderr.contains("listener[0].tls.protocols"), "{stderr}");
     assert!(
         stderr.contains("rustls speaks TLS 1.2 and 1.3 only"),
         "{stderr}"
     );
-    let (code, stderr) = run_check(&config(
-        &pki,
-        "127.0.0.1:1883".parse().unwrap(),
-        r#", ciphers = "HIGH:!aNULL:!MD5""#,
-        "",
-    ));
+    let openssl = server_tls(&pki).ciphers("HIGH:!aNULL:!MD5");
+    let (code, stderr) = run_check(&setup(broker, openssl).render());
     assert_eq!(code, Some(2));
     assert!(stderr.contains("IANA/rustls suite names"), "{stderr}");
     // The files themselves are checked too.
@@ -448,23 +419,9 @@ fn check_refuses_old_protocols_and_openssl_cipher_strings() {
 #[tokio::test]
 async fn sighup_serves_a_new_certificate_keeps_established_connections_and_survives_a_bad_file() {
     let pki = Pki::new();
-    let mut backend = Backend::start().await;
-    let listen: SocketAddr = format!("127.0.0.1:{}", mqsplice_tests::free_port())
-        .parse()
-        .unwrap();
-    let stats: SocketAddr = format!("127.0.0.1:{}", mqsplice_tests::free_port())
-        .parse()
-        .unwrap();
-    let text = config(&pki, backend.addr, "", "")
-        .replace(
-            "127.0.0.1:0\"\n[dataplane]",
-            &format!("{stats}\"\n[dataplane]"),
-        )
-        .replace(
-            "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"{listen}\""),
-        );
-    let mut daemon = Daemon::start(&text, listen, stats);
+    let mut backend = FakeBroker::start().await;
+    let mut daemon = setup(backend.addr, server_tls(&pki)).spawn_binary();
+    let (listen, stats) = (daemon.listen, daemon.stats);
 
     let server_serial = |tls: &TlsStream<TcpStream>| {
         let der = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
@@ -489,11 +446,7 @@ async fn sighup_serves_a_new_certificate_keeps_established_connections_and_survi
         },
     );
     renewed.write(&pki.dir, "server");
-    let status = Command::new("kill")
-        .args(["-HUP", &daemon.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    assert!(daemon.signal("HUP"));
     assert!(
         wait_until(WAIT, || daemon.stderr().contains("reloaded")).await,
         "{}",
@@ -511,15 +464,12 @@ async fn sighup_serves_a_new_certificate_keeps_established_connections_and_survi
     established.write_all(b"\xd0\x00").await.unwrap();
     before.read_exact(&mut ping).await.unwrap();
     assert_eq!(ping, [0xd0, 0x00]);
-    let json = fetch_stats(stats).await;
-    assert_eq!(json["listeners"]["mqtts"]["tls"]["reloads"], 1);
+    let reloaded = fetch_async(stats).await.listeners["mqtts"].tls.clone();
+    assert_eq!(reloaded.expect("tls stats").reloads, 1);
 
     // A broken key file on the next SIGHUP: the error is logged, the last good files stay.
     std::fs::write(&pki.server_key, "not a key").unwrap();
-    Command::new("kill")
-        .args(["-HUP", &daemon.child.id().to_string()])
-        .status()
-        .unwrap();
+    daemon.signal("HUP");
     assert!(
         wait_until(WAIT, || daemon.stderr().contains("not reloaded")).await,
         "{}",
@@ -527,16 +477,15 @@ async fn sighup_serves_a_new_certificate_keeps_established_connections_and_survi
     );
     let still = tls_connect(listen, pki.client_config(None)).await.unwrap();
     assert_eq!(server_serial(&still), "0BADC0DE");
-    let json = fetch_stats(stats).await;
-    assert_eq!(json["listeners"]["mqtts"]["tls"]["reload_failures"], 1);
+    let failed = fetch_async(stats).await.listeners["mqtts"].tls.clone();
+    assert_eq!(failed.expect("tls stats").reload_failures, 1);
     daemon.terminate();
 }
 
 #[tokio::test]
 async fn upstream_tls_speaks_tls_to_the_broker_after_a_plain_proxy_header() {
     let pki = Pki::new();
-    let broker = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let broker_addr = broker.local_addr().unwrap();
+    let mut broker = FakeBroker::start().await;
     let server_config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
@@ -546,35 +495,20 @@ async fn upstream_tls_speaks_tls_to_the_broker_after_a_plain_proxy_header() {
     .with_single_cert(pki.server.full_chain(), pki.server.key_der())
     .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
-    let text = format!(
-        r#"
-[stats]
-listen = "off"
-[log]
-access = "off"
-[[upstream]]
-name = "brokers"
-servers = [{{ addr = "{broker_addr}" }}]
-proxy_protocol = "v1"
-upstream_tls = {{ ca = "{ca}", server_name = "localhost" }}
-[[listener]]
-name = "mqtt"
-kind = "tcp"
-listen = "127.0.0.1:0"
-upstream = "brokers"
-"#,
-        ca = pki.ca_path.display()
-    );
-    let running = mqsplice_tests::proxy::start(&text).await;
+    let running = Setup::one(Kind::Tcp, "mqtt", &[broker.addr])
+        .stats_listen("off")
+        .upstream_with(|u| {
+            u.proxy_protocol("v1")
+                .upstream_tls(&pki.ca_path, "localhost")
+        })
+        .start()
+        .await;
     let addr = running.listener_addr("mqtt").unwrap();
     let mut client = TcpStream::connect(addr).await.unwrap();
     let connect = connect_v311("to-a-tls-broker");
     client.write_all(&connect).await.unwrap();
 
-    let (mut tcp, _) = tokio::time::timeout(WAIT, broker.accept())
-        .await
-        .unwrap()
-        .unwrap();
+    let mut tcp = broker.next(WAIT).await;
     // The PROXY header comes in the clear, before the handshake, as brokers expect it.
     let mut header = Vec::new();
     while !header.ends_with(b"\r\n") {
@@ -598,9 +532,9 @@ upstream = "brokers"
         .unwrap()
         .unwrap();
     assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
-    let stats = running.stats();
-    assert_eq!(stats["listeners"]["mqtt"]["data_path"], "userspace");
-    assert_eq!(stats["listeners"]["mqtt"]["data_path_reason"], "broker_tls");
+    let stats = running.typed_stats();
+    assert_eq!(stats.listeners["mqtt"].data_path, "userspace");
+    assert_eq!(stats.listeners["mqtt"].data_path_reason, "broker_tls");
 }
 
 #[tokio::test]
@@ -610,13 +544,11 @@ async fn a_resumed_session_keeps_its_client_certificate_for_the_rewrite() {
         serial: Some(&[0x01, 0x02, 0x03]),
         ..Spec::leaf("device")
     });
-    let mut backend = Backend::start().await;
-    let (running, addr) = start(&config(
-        &pki,
-        backend.addr,
-        REQUIRED,
-        "rewrite_client_id = \"cert_serial\"",
-    ))
+    let mut backend = FakeBroker::start().await;
+    let (running, addr) = start(
+        setup(backend.addr, required(&pki))
+            .listener_with("mqtts", |l| l.rewrite_client_id("cert_serial")),
+    )
     .await;
     let config = pki.client_config(Some(&client));
     for attempt in 0..2 {
@@ -634,5 +566,5 @@ async fn a_resumed_session_keeps_its_client_certificate_for_the_rewrite() {
         tls.read_exact(&mut connack).await.unwrap();
         tls.shutdown().await.unwrap();
     }
-    assert_eq!(tls_stats(&running)["resumed"], 1);
+    assert_eq!(tls_stats(&running).resumed, 1);
 }

@@ -5,14 +5,16 @@
 //! bytes refused as TLS handshake failures.
 
 use futures_util::{SinkExt, StreamExt};
-use mqsplice_tests::backend::Backend;
+use mqsplice::stats::{ListenerStats, WsStats};
 use mqsplice_tests::broker::EmbeddedBroker;
-use mqsplice_tests::daemon::write_config;
+use mqsplice_tests::fake::FakeBroker;
+
 use mqsplice_tests::pki::Pki;
+use mqsplice_tests::proxy::run_binary;
 use mqsplice_tests::raw::{self, Closed, connect_v311};
+use mqsplice_tests::setup::{Kind, Listener, Setup, Tls};
+use mqsplice_tests::wait_until;
 use mqsplice_tests::ws::{self, frame, packet_len, publish_qos1, subscribe, upgrade_request};
-use mqsplice_tests::{proxy, wait_until};
-use serde_json::Value;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,74 +25,55 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 const WAIT: Duration = Duration::from_secs(5);
 const CONNACK_OK: &[u8] = &[0x20, 0x02, 0x00, 0x00];
 
-/// A tcp listener `mqtt` and a ws listener `ws` on one upstream (dataplane.mode = auto: the ws
-/// listener must be userspace regardless).
-fn config(servers: &str, upstream_extra: &str, ws_extra: &str) -> String {
-    format!(
-        r#"
-[stats]
-listen = "127.0.0.1:0"
-[log]
-access = "off"
-[[upstream]]
-name = "brokers"
-servers = {servers}
-{upstream_extra}
-{TCP_LISTENER}[[listener]]
-name = "ws"
-kind = "ws"
-listen = "127.0.0.1:0"
-upstream = "brokers"
-{ws_extra}
-"#
-    )
+/// A tcp listener `mqtt` and a ws listener `ws` on upstream `brokers` with `servers`
+/// (dataplane.mode = auto: the ws listener must be userspace regardless).
+fn setup(servers: &[SocketAddr]) -> Setup {
+    Setup::one(Kind::Tcp, "mqtt", servers).listener(Listener::new("ws", Kind::Ws, "brokers"))
 }
 
-const TCP_LISTENER: &str = "[[listener]]\nname = \"mqtt\"\nkind = \"tcp\"\nlisten = \"127.0.0.1:0\"\nupstream = \"brokers\"\n";
-
-/// [`config`] without the tcp listener (an `upstream_protocol = "ws"` upstream is for ws only).
-fn ws_only_config(servers: &str, upstream_extra: &str, ws_extra: &str) -> String {
-    config(servers, upstream_extra, ws_extra).replace(TCP_LISTENER, "")
+/// Only the ws listener (an `upstream_protocol = "ws"` upstream is for ws only).
+fn ws_only(servers: &[SocketAddr]) -> Setup {
+    Setup::one(Kind::Ws, "ws", servers)
 }
 
-fn ws_stats(stats: &Value) -> &Value {
-    &stats["listeners"]["ws"]["ws"]
+fn ws_stats(running: &mqsplice::Running) -> WsStats {
+    let stats = running.typed_stats();
+    stats.listeners["ws"].ws.clone().expect("ws stats")
 }
 
 fn failed(running: &mqsplice::Running, reason: &str) -> u64 {
-    ws_stats(&running.stats())["upgrades_failed"][reason]
-        .as_u64()
-        .unwrap()
+    ws_stats(running).upgrades_failed[reason]
 }
 
 fn closed_for(running: &mqsplice::Running, reason: &str) -> u64 {
-    ws_stats(&running.stats())["closed_for"][reason]
-        .as_u64()
-        .unwrap()
+    ws_stats(running).closed_for[reason]
 }
 
-#[tokio::test]
-async fn mqtt_over_ws_subscribes_and_publishes_through_a_broker() {
-    let broker = EmbeddedBroker::start();
-    let running = proxy::start(&config(&proxy::servers(&[broker.addr], ""), "", "")).await;
-    let addr = running.listener_addr("ws").unwrap();
-    let mut client = ws::connect(addr, "/mqtt", Some("mqtt"), &[]).await.unwrap();
-    client.send(&connect_v311("ws-pubsub")).await.unwrap();
+/// CONNECT as `id`, subscribe to `topic` at QoS 1, then publish on it at QoS 0 and QoS 1: the
+/// CONNACK, SUBACK, both deliveries and the PUBACK come back through the proxy.
+async fn pubsub_roundtrip<S>(client: &mut ws::WsClient<S>, id: &str, topic: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    client.send(&connect_v311(id)).await.unwrap();
     assert_eq!(client.packet(WAIT).await.unwrap(), CONNACK_OK);
-    client.send(&subscribe(1, "ws/t", 1)).await.unwrap();
+    client.send(&subscribe(1, topic, 1)).await.unwrap();
     assert_eq!(
         client.packet(WAIT).await.unwrap(),
         [0x90, 0x03, 0x00, 0x01, 0x01]
     );
     client
-        .send(&raw::publish_qos0("ws/t", b"zero"))
+        .send(&raw::publish_qos0(topic, b"zero"))
         .await
         .unwrap();
     // Delivered at the broker's choice of QoS (rumqttd uses the subscription's).
     let delivered = client.packet(WAIT).await.unwrap();
     assert_eq!(delivered[0] & 0xf0, 0x30, "{delivered:02x?}");
-    assert!(delivered[4..8] == *b"ws/t" && delivered.ends_with(b"zero"));
-    client.send(&publish_qos1(7, "ws/t", b"one")).await.unwrap();
+    assert!(
+        delivered[4..4 + topic.len()] == *topic.as_bytes() && delivered.ends_with(b"zero"),
+        "{delivered:02x?}"
+    );
+    client.send(&publish_qos1(7, topic, b"one")).await.unwrap();
     // The PUBACK for our id 7 and the delivery (QoS 1, broker's id), in either order.
     let mut got_puback = false;
     let mut got_delivery = false;
@@ -105,23 +88,33 @@ async fn mqtt_over_ws_subscribes_and_publishes_through_a_broker() {
         }
     }
     assert!(got_puback && got_delivery);
+}
 
-    let stats = running.stats();
-    let listener = &stats["listeners"]["ws"];
-    assert_eq!(listener["kind"], "ws");
-    assert_eq!(listener["data_path"], "userspace");
-    assert_eq!(listener["data_path_reason"], "websocket");
-    assert_eq!(ws_stats(&stats)["upgrades_ok"], 1);
-    assert!(ws_stats(&stats)["frames_in"].as_u64().unwrap() >= 4);
-    assert!(ws_stats(&stats)["frames_out"].as_u64().unwrap() >= 4);
-    assert!(ws_stats(&stats)["bytes_in"].as_u64().unwrap() > 0);
-    assert!(ws_stats(&stats)["handshake_ms_max"].as_f64().unwrap() > 0.0);
+#[tokio::test]
+async fn mqtt_over_ws_subscribes_and_publishes_through_a_broker() {
+    let broker = EmbeddedBroker::start();
+    let running = setup(&[broker.addr]).start().await;
+    let addr = running.listener_addr("ws").unwrap();
+    let mut client = ws::connect(addr, "/mqtt", Some("mqtt"), &[]).await.unwrap();
+    pubsub_roundtrip(&mut client, "ws-pubsub", "ws/t").await;
+
+    let stats = running.typed_stats();
+    let listener = &stats.listeners["ws"];
+    assert_eq!(listener.kind, "ws");
+    assert_eq!(listener.data_path, "userspace");
+    assert_eq!(listener.data_path_reason, "websocket");
+    let ws = listener.ws.as_ref().expect("ws stats");
+    assert_eq!(ws.upgrades_ok, 1);
+    assert!(ws.frames_in >= 4);
+    assert!(ws.frames_out >= 4);
+    assert!(ws.bytes_in > 0);
+    assert!(ws.handshake_ms_max > 0.0);
 }
 
 #[tokio::test]
 async fn packets_split_across_frames_and_many_packets_in_one_frame_reach_the_broker_intact() {
-    let mut backend = Backend::start().await;
-    let running = proxy::start(&config(&proxy::servers(&[backend.addr], ""), "", "")).await;
+    let mut backend = FakeBroker::start().await;
+    let running = setup(&[backend.addr]).start().await;
     let addr = running.listener_addr("ws").unwrap();
     // No subprotocol offered: accepted as MQTT.
     let mut client = ws::connect(addr, "/mqtt", None, &[]).await.unwrap();
@@ -159,18 +152,16 @@ async fn packets_split_across_frames_and_many_packets_in_one_frame_reach_the_bro
 async fn client_id_goes_to_the_same_broker_over_ws_and_tcp() {
     let mut backends = Vec::new();
     for _ in 0..3 {
-        backends.push(Backend::start().await);
+        backends.push(FakeBroker::start().await);
     }
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let running = proxy::start(&config(
-        &proxy::servers(&addrs, ""),
-        "balance = \"client_id\"",
-        "",
-    ))
-    .await;
+    let running = setup(&addrs)
+        .upstream_with(|u| u.balance("client_id"))
+        .start()
+        .await;
     let tcp_addr = running.listener_addr("mqtt").unwrap();
     let ws_addr = running.listener_addr("ws").unwrap();
-    let which = |backends: &[Backend], before: &[usize]| {
+    let which = |backends: &[FakeBroker], before: &[usize]| {
         backends
             .iter()
             .zip(before)
@@ -179,13 +170,13 @@ async fn client_id_goes_to_the_same_broker_over_ws_and_tcp() {
     let mut used = std::collections::HashSet::new();
     for i in 0..12 {
         let id = format!("sticky-{i}");
-        let before: Vec<usize> = backends.iter().map(Backend::accepted).collect();
+        let before: Vec<usize> = backends.iter().map(FakeBroker::accepted).collect();
         let mut tcp = TcpStream::connect(tcp_addr).await.unwrap();
         tcp.write_all(&connect_v311(&id)).await.unwrap();
         assert!(wait_until(WAIT, || which(&backends, &before).is_some()).await);
         let over_tcp = which(&backends, &before).unwrap();
 
-        let before: Vec<usize> = backends.iter().map(Backend::accepted).collect();
+        let before: Vec<usize> = backends.iter().map(FakeBroker::accepted).collect();
         let mut client = ws::connect(ws_addr, "/mqtt", Some("mqtt"), &[])
             .await
             .unwrap();
@@ -205,28 +196,23 @@ async fn client_id_goes_to_the_same_broker_over_ws_and_tcp() {
 async fn trusted_proxy_forwarded_for_becomes_the_proxy_protocol_source() {
     for (trusted, header, expected) in [
         (
-            "[\"127.0.0.0/8\"]",
+            "127.0.0.0/8",
             ("X-Forwarded-For", "198.51.100.1, 203.0.113.7"),
             "203.0.113.7",
         ),
+        ("127.0.0.1", ("X-Real-IP", "203.0.113.9"), "203.0.113.9"),
         (
-            "[\"127.0.0.1\"]",
-            ("X-Real-IP", "203.0.113.9"),
-            "203.0.113.9",
-        ),
-        (
-            "[\"10.0.0.0/8\"]",
+            "10.0.0.0/8",
             ("X-Forwarded-For", "203.0.113.7"),
             "127.0.0.1",
         ),
     ] {
-        let mut backend = Backend::start().await;
-        let running = proxy::start(&config(
-            &proxy::servers(&[backend.addr], ""),
-            "proxy_protocol = \"v1\"",
-            &format!("trust_forwarded_for = {trusted}"),
-        ))
-        .await;
+        let mut backend = FakeBroker::start().await;
+        let running = setup(&[backend.addr])
+            .upstream_with(|u| u.proxy_protocol("v1"))
+            .listener_with("ws", |l| l.trust_forwarded_for(&[trusted]))
+            .start()
+            .await;
         let addr = running.listener_addr("ws").unwrap();
         let mut client = ws::connect(addr, "/mqtt", Some("mqtt"), &[header])
             .await
@@ -254,17 +240,40 @@ async fn trusted_proxy_forwarded_for_becomes_the_proxy_protocol_source() {
     }
 }
 
+/// A flow through a fresh proxy's ws listener: the client (offering `subprotocol`) has sent
+/// `id`'s CONNECT; `broker` is the fake broker's end, the CONNECT not yet read from it.
+struct WsFlow {
+    _running: mqsplice::Running,
+    client: ws::WsClient,
+    broker: TcpStream,
+    connect: Vec<u8>,
+}
+
+async fn ws_flow(id: &str, subprotocol: Option<&str>) -> WsFlow {
+    let mut backend = FakeBroker::start().await;
+    let running = setup(&[backend.addr]).start().await;
+    let addr = running.listener_addr("ws").unwrap();
+    let mut client = ws::connect(addr, "/mqtt", subprotocol, &[]).await.unwrap();
+    let connect = connect_v311(id);
+    client.send(&connect).await.unwrap();
+    let broker = backend.next(WAIT).await;
+    WsFlow {
+        _running: running,
+        client,
+        broker,
+        connect,
+    }
+}
+
 #[tokio::test]
 async fn ping_is_answered_and_a_close_frame_ends_the_broker_leg() {
-    let mut backend = Backend::start().await;
-    let running = proxy::start(&config(&proxy::servers(&[backend.addr], ""), "", "")).await;
-    let addr = running.listener_addr("ws").unwrap();
-    let mut client = ws::connect(addr, "/mqtt", Some("mqttv3.1"), &[])
-        .await
-        .unwrap();
-    client.send(&connect_v311("pinger")).await.unwrap();
-    let mut broker = backend.next(WAIT).await;
-    raw::read_exactly(&mut broker, connect_v311("pinger").len(), WAIT).await;
+    let WsFlow {
+        _running,
+        mut client,
+        mut broker,
+        connect,
+    } = ws_flow("pinger", Some("mqttv3.1")).await;
+    raw::read_exactly(&mut broker, connect.len(), WAIT).await;
     client.ws.send(Message::Ping("hi".into())).await.unwrap();
     let pong = tokio::time::timeout(WAIT, client.ws.next()).await.unwrap();
     assert!(matches!(pong, Some(Ok(Message::Pong(p))) if &p[..] == b"hi"));
@@ -284,13 +293,14 @@ async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> (String, Closed) {
 
 #[tokio::test]
 async fn bad_requests_get_http_errors_and_are_counted() {
-    let backend = Backend::start().await;
-    let running = proxy::start(&config(
-        &proxy::servers(&[backend.addr], ""),
-        "",
-        "path = [\"/mqtt\", \"/ws\"]\nallowed_origins = [\"https://app.example\"]",
-    ))
-    .await;
+    let backend = FakeBroker::start().await;
+    let running = setup(&[backend.addr])
+        .listener_with("ws", |l| {
+            l.paths(&["/mqtt", "/ws"])
+                .allowed_origins(&["https://app.example"])
+        })
+        .start()
+        .await;
     let addr = running.listener_addr("ws").unwrap();
     let origin = "Origin: https://app.example\r\n";
     let cases: Vec<(String, &str, &str)> = vec![
@@ -367,8 +377,13 @@ async fn bad_requests_get_http_errors_and_are_counted() {
         "{response:?}"
     );
     // Counted as rejected once the refused client is gone (the proxy drains it after its FIN).
-    let rejected = || running.stats()["listeners"]["ws"]["rejected"]["ws_handshake"] == 9;
-    assert!(wait_until(WAIT, rejected).await, "{}", running.stats());
+    let rejected =
+        || running.typed_stats().listeners["ws"].connections.rejected["ws_handshake"] == 9;
+    assert!(
+        wait_until(WAIT, rejected).await,
+        "{:?}",
+        running.typed_stats()
+    );
     assert_eq!(backend.accepted(), 0);
     // The same listener still upgrades a good request on its second path.
     let good = ws::connect(
@@ -383,13 +398,11 @@ async fn bad_requests_get_http_errors_and_are_counted() {
 
 #[tokio::test]
 async fn subprotocol_can_be_required() {
-    let backend = Backend::start().await;
-    let running = proxy::start(&config(
-        &proxy::servers(&[backend.addr], ""),
-        "",
-        "require_subprotocol = true",
-    ))
-    .await;
+    let backend = FakeBroker::start().await;
+    let running = setup(&[backend.addr])
+        .listener_with("ws", |l| l.require_subprotocol(true))
+        .start()
+        .await;
     let addr = running.listener_addr("ws").unwrap();
     let (response, _) = raw_exchange(addr, upgrade_request(addr, "/mqtt", "").as_bytes()).await;
     assert!(response.starts_with("HTTP/1.1 400 "), "{response:?}");
@@ -399,13 +412,11 @@ async fn subprotocol_can_be_required() {
 
 #[tokio::test]
 async fn slow_handshake_and_silent_clients_are_closed_and_counted() {
-    let backend = Backend::start().await;
-    let running = proxy::start(&config(
-        &proxy::servers(&[backend.addr], ""),
-        "",
-        "handshake_timeout = \"1s\"",
-    ))
-    .await;
+    let backend = FakeBroker::start().await;
+    let running = setup(&[backend.addr])
+        .listener_with("ws", |l| l.handshake_timeout("1s"))
+        .start()
+        .await;
     let addr = running.listener_addr("ws").unwrap();
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     tcp.write_all(b"GET /mqtt HTTP/1.1\r\nHost: slow\r\n")
@@ -443,13 +454,11 @@ fn close_code(got: &[u8]) -> Option<u16> {
 
 #[tokio::test]
 async fn bad_frames_are_closed_with_a_code_and_counted() {
-    let backend = Backend::start().await;
-    let running = proxy::start(&config(
-        &proxy::servers(&[backend.addr], ""),
-        "",
-        "max_frame_size = \"1KiB\"",
-    ))
-    .await;
+    let backend = FakeBroker::start().await;
+    let running = setup(&[backend.addr])
+        .listener_with("ws", |l| l.max_frame_size("1KiB"))
+        .start()
+        .await;
     let addr = running.listener_addr("ws").unwrap();
     let key = Some([1, 2, 3, 4]);
     let cases = [
@@ -491,7 +500,7 @@ async fn bad_frames_are_closed_with_a_code_and_counted() {
 #[tokio::test]
 async fn arbitrary_bytes_never_take_the_listener_down() {
     let broker = EmbeddedBroker::start();
-    let running = proxy::start(&config(&proxy::servers(&[broker.addr], ""), "", "")).await;
+    let running = setup(&[broker.addr]).start().await;
     let addr = running.listener_addr("ws").unwrap();
     // A deterministic spread of garbage: before the upgrade and after it.
     let mut seed: u32 = 0x1234_5678;
@@ -580,12 +589,11 @@ async fn ws_broker() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Seen>)
 #[tokio::test]
 async fn ws_upstream_gets_the_clients_path_subprotocol_host_and_addresses() {
     let (broker, mut upgrades) = ws_broker().await;
-    let running = proxy::start(&ws_only_config(
-        &proxy::servers(&[broker], ""),
-        "upstream_protocol = \"ws\"\nbalance = \"client_id\"",
-        "path = \"/mqtt\"",
-    ))
-    .await;
+    let running = ws_only(&[broker])
+        .upstream_with(|u| u.upstream_protocol("ws").balance("client_id"))
+        .listener_with("ws", |l| l.path("/mqtt"))
+        .start()
+        .await;
     let addr = running.listener_addr("ws").unwrap();
     let mut client = ws::connect(addr, "/mqtt?v=1", Some("mqtt"), &[])
         .await
@@ -609,12 +617,10 @@ async fn ws_upstream_gets_the_clients_path_subprotocol_host_and_addresses() {
     assert_eq!(client.packet(WAIT).await.unwrap(), publish);
 
     // upstream_host replaces the client's Host.
-    let running = proxy::start(&ws_only_config(
-        &proxy::servers(&[broker], ""),
-        "upstream_protocol = \"ws\"\nupstream_host = \"brokers.internal\"",
-        "",
-    ))
-    .await;
+    let running = ws_only(&[broker])
+        .upstream_with(|u| u.upstream_protocol("ws").upstream_host("brokers.internal"))
+        .start()
+        .await;
     let addr = running.listener_addr("ws").unwrap();
     let mut client = ws::connect(addr, "/mqtt", None, &[]).await.unwrap();
     client.send(&connect).await.unwrap();
@@ -625,6 +631,38 @@ async fn ws_upstream_gets_the_clients_path_subprotocol_host_and_addresses() {
         .unwrap();
     assert!(seen.contains("host: brokers.internal\n"), "{seen}");
     assert!(!seen.contains("sec-websocket-protocol"), "{seen}");
+}
+
+/// Which end of a [`WsFlow`] [`counted_writes`] writes into.
+enum Writer {
+    /// The fake broker's socket, towards the client.
+    Broker(TcpStream),
+    /// The ws client (binary frames), towards the broker.
+    Client(Box<ws::WsClient>),
+}
+
+/// Writes `data` into `writer` in 64 KiB pieces on a task, counting the bytes written so far;
+/// the task hands the writer back once everything is written.
+fn counted_writes(
+    mut writer: Writer,
+    data: Vec<u8>,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<Writer>,
+) {
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = written.clone();
+    let task = tokio::spawn(async move {
+        for chunk in data.chunks(64 << 10) {
+            match &mut writer {
+                Writer::Broker(broker) => broker.write_all(chunk).await.unwrap(),
+                Writer::Client(client) => client.send(chunk).await.unwrap(),
+            }
+            counter.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+        writer
+    });
+    (written, task)
 }
 
 /// The writer whose progress is `progress` must have stopped, far short of `total`, while its
@@ -642,24 +680,16 @@ async fn assert_stalls(progress: &std::sync::atomic::AtomicUsize, total: usize, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_stops_the_broker_and_loses_nothing() {
     const TOTAL: usize = 64 << 20;
-    let mut backend = Backend::start().await;
-    let running = proxy::start(&config(&proxy::servers(&[backend.addr], ""), "", "")).await;
-    let addr = running.listener_addr("ws").unwrap();
-    let mut client = ws::connect(addr, "/mqtt", Some("mqtt"), &[]).await.unwrap();
-    client.send(&connect_v311("slow-reader")).await.unwrap();
-    let mut broker = backend.next(WAIT).await;
-    raw::read_exactly(&mut broker, connect_v311("slow-reader").len(), WAIT).await;
-    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = written.clone();
+    let WsFlow {
+        _running,
+        mut client,
+        mut broker,
+        connect,
+    } = ws_flow("slow-reader", Some("mqtt")).await;
+    raw::read_exactly(&mut broker, connect.len(), WAIT).await;
     let data = raw::pattern(TOTAL, 9);
     let expected = data.clone();
-    let writer = tokio::spawn(async move {
-        for chunk in data.chunks(64 << 10) {
-            broker.write_all(chunk).await.unwrap();
-            counter.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
-        }
-        broker
-    });
+    let (written, writer) = counted_writes(Writer::Broker(broker), data);
     // The client reads nothing: the broker must stall once the socket buffers on the way are
     // full (mqsplice holds at most one frame), far short of everything.
     assert_stalls(
@@ -676,24 +706,15 @@ async fn a_client_that_stops_reading_stops_the_broker_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_stops_reading_stops_the_client_and_loses_nothing() {
     const TOTAL: usize = 64 << 20;
-    let mut backend = Backend::start().await;
-    let running = proxy::start(&config(&proxy::servers(&[backend.addr], ""), "", "")).await;
-    let addr = running.listener_addr("ws").unwrap();
-    let mut client = ws::connect(addr, "/mqtt", Some("mqtt"), &[]).await.unwrap();
-    let connect = connect_v311("slow-broker");
-    client.send(&connect).await.unwrap();
-    let mut broker = backend.next(WAIT).await;
-    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = sent.clone();
+    let WsFlow {
+        _running,
+        client,
+        mut broker,
+        connect,
+    } = ws_flow("slow-broker", Some("mqtt")).await;
     let data = raw::pattern(TOTAL, 5);
     let expected = data.clone();
-    let sender = tokio::spawn(async move {
-        for chunk in data.chunks(64 << 10) {
-            client.send(chunk).await.unwrap();
-            counter.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
-        }
-        client
-    });
+    let (sent, sender) = counted_writes(Writer::Client(Box::new(client)), data);
     assert_stalls(
         &sent,
         TOTAL,
@@ -708,33 +729,17 @@ async fn a_broker_that_stops_reading_stops_the_client_and_loses_nothing() {
     drop(sender.await.unwrap());
 }
 
-/// A `wss` listener `wss` (no `alpn` key: the default must be `http/1.1`) with `wss_extra`
-/// lines, in front of `servers` (dataplane.mode = auto: wss must be userspace regardless).
-fn wss_config(pki: &Pki, servers: &str, upstream_extra: &str, wss_extra: &str) -> String {
-    format!(
-        r#"
-[stats]
-listen = "127.0.0.1:0"
-[dataplane]
-mode = "auto"
-[log]
-access = "off"
-[[upstream]]
-name = "brokers"
-servers = {servers}
-{upstream_extra}
-[[listener]]
-name = "wss"
-kind = "wss"
-listen = "127.0.0.1:0"
-upstream = "brokers"
-connect_packet_timeout = "3s"
-tls = {{ cert = "{cert}", key = "{key}" }}
-{wss_extra}
-"#,
-        cert = pki.server_cert.display(),
-        key = pki.server_key.display(),
-    )
+/// A `wss` listener `wss` (no `alpn` key: the default must be `http/1.1`) in front of
+/// `servers` (dataplane.mode = auto: wss must be userspace regardless).
+fn wss(pki: &Pki, servers: &[SocketAddr]) -> Setup {
+    wss_with(servers, Tls::server(pki))
+}
+
+/// [`wss`] with the `tls` table given.
+fn wss_with(servers: &[SocketAddr], tls: Tls) -> Setup {
+    Setup::one(Kind::Wss, "wss", servers)
+        .auto_mode()
+        .listener_with("wss", |l| l.connect_packet_timeout("3s").tls(tls))
 }
 
 /// What a browser offers: ALPN `http/1.1` only.
@@ -744,13 +749,7 @@ const BROWSER_ALPN: &[&str] = &["http/1.1"];
 async fn mqtt_over_wss_subscribes_and_publishes_through_a_broker() {
     let pki = Pki::new();
     let broker = EmbeddedBroker::start();
-    let running = proxy::start(&wss_config(
-        &pki,
-        &proxy::servers(&[broker.addr], ""),
-        "",
-        "",
-    ))
-    .await;
+    let running = wss(&pki, &[broker.addr]).start().await;
     let addr = running.listener_addr("wss").unwrap();
     let mut client = ws::connect_tls(
         addr,
@@ -764,37 +763,7 @@ async fn mqtt_over_wss_subscribes_and_publishes_through_a_broker() {
         client.ws.get_ref().get_ref().1.alpn_protocol(),
         Some(&b"http/1.1"[..])
     );
-    client.send(&connect_v311("wss-pubsub")).await.unwrap();
-    assert_eq!(client.packet(WAIT).await.unwrap(), CONNACK_OK);
-    client.send(&subscribe(1, "wss/t", 1)).await.unwrap();
-    assert_eq!(
-        client.packet(WAIT).await.unwrap(),
-        [0x90, 0x03, 0x00, 0x01, 0x01]
-    );
-    client
-        .send(&raw::publish_qos0("wss/t", b"zero"))
-        .await
-        .unwrap();
-    let delivered = client.packet(WAIT).await.unwrap();
-    assert_eq!(delivered[0] & 0xf0, 0x30, "{delivered:02x?}");
-    assert!(delivered[4..9] == *b"wss/t" && delivered.ends_with(b"zero"));
-    client
-        .send(&publish_qos1(7, "wss/t", b"one"))
-        .await
-        .unwrap();
-    let mut got_puback = false;
-    let mut got_delivery = false;
-    for _ in 0..2 {
-        let p = client.packet(WAIT).await.unwrap();
-        if p == [0x40, 0x02, 0x00, 0x07] {
-            got_puback = true;
-        } else {
-            assert_eq!(p[0], 0x32, "unexpected packet {p:02x?}");
-            assert!(p.ends_with(b"one"));
-            got_delivery = true;
-        }
-    }
-    assert!(got_puback && got_delivery);
+    pubsub_roundtrip(&mut client, "wss-pubsub", "wss/t").await;
     // A client that offers no ALPN at all (some MQTT SDKs) is served too.
     let mut quiet = ws::connect_tls(addr, "/mqtt", None, pki.client_config_alpn(&[]))
         .await
@@ -802,38 +771,33 @@ async fn mqtt_over_wss_subscribes_and_publishes_through_a_broker() {
     quiet.send(&connect_v311("wss-no-alpn")).await.unwrap();
     assert_eq!(quiet.packet(WAIT).await.unwrap(), CONNACK_OK);
 
-    let stats = running.stats();
-    let listener = &stats["listeners"]["wss"];
-    assert_eq!(listener["kind"], "wss", "{stats}");
-    assert_eq!(listener["data_path"], "userspace", "{stats}");
-    assert_eq!(listener["tls"]["handshakes_ok"], 2, "{stats}");
-    assert_eq!(listener["ws"]["upgrades_ok"], 2, "{stats}");
-    assert_eq!(listener["handled"], 2, "{stats}");
-    assert!(
-        listener["ws"]["frames_in"].as_u64().unwrap() >= 5,
-        "{stats}"
-    );
-    assert!(
-        listener["bytes_from_clients"].as_u64().unwrap() > 0,
-        "{stats}"
-    );
+    let listener = wss_stats(&running);
+    let (tls, ws) = (listener.tls.clone().unwrap(), listener.ws.clone().unwrap());
+    assert_eq!(listener.kind, "wss", "{listener:?}");
+    assert_eq!(listener.data_path, "userspace", "{listener:?}");
+    assert_eq!(tls.handshakes_ok, 2, "{listener:?}");
+    assert_eq!(ws.upgrades_ok, 2, "{listener:?}");
+    assert_eq!(listener.connections.handled, 2, "{listener:?}");
+    assert!(ws.frames_in >= 5, "{listener:?}");
+    assert!(listener.bytes_from_clients > 0, "{listener:?}");
 }
 
-fn wss_stats(running: &mqsplice::Running) -> Value {
-    running.stats()["listeners"]["wss"].clone()
+fn wss_stats(running: &mqsplice::Running) -> ListenerStats {
+    running.typed_stats().listeners["wss"].clone()
+}
+
+/// Whether listener `wss` counted `n` failed TLS handshakes for `reason`, each refused.
+fn tls_refused(running: &mqsplice::Running, reason: &str, n: u64) -> bool {
+    let listener = wss_stats(running);
+    let tls = listener.tls.expect("tls stats");
+    tls.handshakes_failed[reason] == n && listener.connections.rejected["tls_handshake"] == n
 }
 
 #[tokio::test]
 async fn wss_refuses_a_client_offering_only_alpn_mqtt() {
     let pki = Pki::new();
-    let backend = Backend::start().await;
-    let running = proxy::start(&wss_config(
-        &pki,
-        &proxy::servers(&[backend.addr], ""),
-        "",
-        "",
-    ))
-    .await;
+    let backend = FakeBroker::start().await;
+    let running = wss(&pki, &[backend.addr]).start().await;
     let addr = running.listener_addr("wss").unwrap();
     let refused = ws::connect_tls(
         addr,
@@ -850,28 +814,23 @@ async fn wss_refuses_a_client_offering_only_alpn_mqtt() {
             || format!("{error:#}").contains("no_application_protocol"),
         "{error:#}"
     );
-    let counted = || {
-        let l = wss_stats(&running);
-        l["tls"]["handshakes_failed"]["no_alpn"] == 1 && l["rejected"]["tls_handshake"] == 1
-    };
-    assert!(wait_until(WAIT, counted).await, "{}", wss_stats(&running));
+    let counted = || tls_refused(&running, "no_alpn", 1);
+    assert!(wait_until(WAIT, counted).await, "{:?}", wss_stats(&running));
     let listener = wss_stats(&running);
-    assert_eq!(listener["tls"]["handshakes_ok"], 0, "{listener}");
-    assert_eq!(listener["ws"]["upgrades_ok"], 0, "{listener}");
+    assert_eq!(
+        listener.tls.as_ref().unwrap().handshakes_ok,
+        0,
+        "{listener:?}"
+    );
+    assert_eq!(listener.ws.as_ref().unwrap().upgrades_ok, 0, "{listener:?}");
     assert_eq!(backend.accepted(), 0);
 }
 
 #[tokio::test]
 async fn plain_ws_on_the_wss_port_is_refused_as_a_tls_handshake_failure() {
     let pki = Pki::new();
-    let backend = Backend::start().await;
-    let running = proxy::start(&wss_config(
-        &pki,
-        &proxy::servers(&[backend.addr], ""),
-        "",
-        "",
-    ))
-    .await;
+    let backend = FakeBroker::start().await;
+    let running = wss(&pki, &[backend.addr]).start().await;
     let addr = running.listener_addr("wss").unwrap();
     // A raw upgrade request: closed after at most a TLS alert, never an HTTP answer.
     let mut tcp = TcpStream::connect(addr).await.unwrap();
@@ -886,14 +845,14 @@ async fn plain_ws_on_the_wss_port_is_refused_as_a_tls_handshake_failure() {
     );
     // A real ws:// client fails its upgrade.
     assert!(ws::connect(addr, "/mqtt", Some("mqtt"), &[]).await.is_err());
-    let counted = || {
-        let l = wss_stats(&running);
-        l["tls"]["handshakes_failed"]["malformed"] == 2 && l["rejected"]["tls_handshake"] == 2
-    };
-    assert!(wait_until(WAIT, counted).await, "{}", wss_stats(&running));
+    let counted = || tls_refused(&running, "malformed", 2);
+    assert!(wait_until(WAIT, counted).await, "{:?}", wss_stats(&running));
     let listener = wss_stats(&running);
-    assert_eq!(listener["ws"]["upgrades_ok"], 0, "{listener}");
-    assert_eq!(listener["rejected"]["ws_handshake"], 0, "{listener}");
+    assert_eq!(listener.ws.as_ref().unwrap().upgrades_ok, 0, "{listener:?}");
+    assert_eq!(
+        listener.connections.rejected["ws_handshake"], 0,
+        "{listener:?}"
+    );
     assert_eq!(backend.accepted(), 0);
 }
 
@@ -901,13 +860,10 @@ async fn plain_ws_on_the_wss_port_is_refused_as_a_tls_handshake_failure() {
 async fn wss_listener_forwards_to_a_ws_upstream() {
     let pki = Pki::new();
     let (broker, mut upgrades) = ws_broker().await;
-    let running = proxy::start(&wss_config(
-        &pki,
-        &proxy::servers(&[broker], ""),
-        "upstream_protocol = \"ws\"",
-        "",
-    ))
-    .await;
+    let running = wss(&pki, &[broker])
+        .upstream_with(|u| u.upstream_protocol("ws"))
+        .start()
+        .await;
     let addr = running.listener_addr("wss").unwrap();
     let mut client = ws::connect_tls(
         addr,
@@ -937,22 +893,32 @@ async fn wss_listener_forwards_to_a_ws_upstream() {
 fn check_accepts_a_wss_listener_and_refuses_one_without_a_tls_table() {
     let pki = Pki::new();
     let run_check = |text: &str| {
-        let out = std::process::Command::new(proxy::binary())
-            .args(["check", "--config"])
-            .arg(write_config(text))
-            .output()
-            .unwrap();
+        let out = run_binary("check", text);
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).into_owned()
                 + &String::from_utf8_lossy(&out.stderr),
         )
     };
-    let good = wss_config(
-        &pki,
-        "[{ addr = \"127.0.0.1:1883\" }]",
-        "",
-        "path = [\"/mqtt\", \"/ws\"]\nrequire_subprotocol = true",
+    // Raw TOML: this test is about what the parser says of the file's own lines.
+    let good = format!(
+        r#"
+[log]
+access = "off"
+[[upstream]]
+name = "brokers"
+servers = [{{ addr = "127.0.0.1:1883" }}]
+[[listener]]
+name = "wss"
+kind = "wss"
+listen = "127.0.0.1:0"
+upstream = "brokers"
+tls = {{ cert = "{cert}", key = "{key}" }}
+path = ["/mqtt", "/ws"]
+require_subprotocol = true
+"#,
+        cert = pki.server_cert.display(),
+        key = pki.server_key.display(),
     );
     let (code, output) = run_check(&good);
     assert_eq!(code, Some(0), "{output}");
@@ -978,10 +944,9 @@ fn check_accepts_a_wss_listener_and_refuses_one_without_a_tls_table() {
 #[tokio::test]
 async fn a_tls_mqtt_client_let_through_by_alpn_gets_400_not_a_broker() {
     let pki = Pki::new();
-    let backend = Backend::start().await;
-    let both = wss_config(&pki, &proxy::servers(&[backend.addr], ""), "", "")
-        .replace("key = ", "alpn = [\"http/1.1\", \"mqtt\"], key = ");
-    let running = proxy::start(&both).await;
+    let backend = FakeBroker::start().await;
+    let both = Tls::server(&pki).alpn(&["http/1.1", "mqtt"]);
+    let running = wss_with(&[backend.addr], both).start().await;
     let addr = running.listener_addr("wss").unwrap();
     let tcp = TcpStream::connect(addr).await.unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(pki.client_config(None))
@@ -998,10 +963,15 @@ async fn a_tls_mqtt_client_let_through_by_alpn_gets_400_not_a_broker() {
     let response = String::from_utf8_lossy(&got);
     assert!(response.starts_with("HTTP/1.1 400 "), "{response:?}");
     let listener = wss_stats(&running);
-    assert_eq!(listener["tls"]["handshakes_ok"], 1, "{listener}");
     assert_eq!(
-        listener["ws"]["upgrades_failed"]["bad_request"], 1,
-        "{listener}"
+        listener.tls.as_ref().unwrap().handshakes_ok,
+        1,
+        "{listener:?}"
+    );
+    assert_eq!(
+        listener.ws.as_ref().unwrap().upgrades_failed["bad_request"],
+        1,
+        "{listener:?}"
     );
     assert_eq!(backend.accepted(), 0);
 }

@@ -46,7 +46,9 @@ const FD_RESERVE: u64 = 256;
 /// Time a proxy gets to settle (free what a phase used) before its memory is read.
 const SETTLE: Duration = Duration::from_millis(300);
 
-/// Benchmark sizes, from the command line.
+/// Benchmark sizes, from the command line. Which benchmarks run: `tls` (`--tls`) is the TLS
+/// benchmark instead of the plain one; `ws` adds the WebSocket comparison (`--no-ws` turns it
+/// off) and `ws_only` runs nothing else.
 #[derive(Debug, Clone)]
 struct Args {
     rounds: usize,
@@ -54,13 +56,10 @@ struct Args {
     stream: Duration,
     window: u64,
     conns: usize,
-    paths: Option<Vec<String>>,
-    /// `--tls`: the TLS benchmark instead of the plain one.
-    tls: Option<tls::TlsArgs>,
-    /// Run the WebSocket comparison (`--no-ws` turns it off).
     ws: bool,
-    /// Run only the WebSocket comparison.
     ws_only: bool,
+    tls: Option<tls::TlsArgs>,
+    paths: Option<Vec<String>>,
 }
 
 impl Args {

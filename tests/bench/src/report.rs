@@ -6,28 +6,27 @@ use crate::paths::PathKind;
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
 
-/// Every figure of one path in one round; proxy figures are `None` for `direct`.
+/// Every figure of one path in one round; proxy figures are `None` for `direct`. `duplex` is
+/// the full-speed full-duplex stream (no window); of the bytes the splice carried in it (both
+/// ways), `duplex_daemon_share` is the share its daemon copied because a direction was
+/// throttled, and `duplex_copies_resumed` the throttled copies its progress check moved on
+/// (wake-ups the kernel did not deliver), both `None` off the splice. `conns_held` is the
+/// connections actually held in the memory phase; `splice` the eBPF daemon's `dataplane` stats at
+/// the end of the round (splice counters).
 #[derive(Debug, Clone)]
 pub struct Sample {
-    pub round: usize,
-    pub p50_us: f64,
-    pub p99_us: f64,
-    pub small: Throughput,
-    pub bulk: Throughput,
-    /// The full-speed full-duplex stream (no window).
-    pub duplex: Throughput,
-    /// Of the bytes the splice carried in the full-duplex stream (both ways), the share its
-    /// daemon copied because a direction was throttled; `None` off the splice.
-    pub duplex_daemon_share: Option<f64>,
-    /// Throttled copies moved on by the daemon's progress check during the full-duplex stream
-    /// (wake-ups the kernel did not deliver); `None` off the splice.
-    pub duplex_copies_resumed: Option<u64>,
-    /// Connections actually held in the memory phase.
-    pub conns_held: Option<usize>,
-    pub rss_before_kib: Option<u64>,
-    pub rss_bytes_per_conn: Option<f64>,
-    /// The eBPF daemon's `dataplane` stats at the end of the round (splice counters).
-    pub splice: Option<Value>,
+    pub(crate) round: usize,
+    pub(crate) p50_us: f64,
+    pub(crate) p99_us: f64,
+    pub(crate) small: Throughput,
+    pub(crate) bulk: Throughput,
+    pub(crate) duplex: Throughput,
+    pub(crate) duplex_daemon_share: Option<f64>,
+    pub(crate) duplex_copies_resumed: Option<u64>,
+    pub(crate) conns_held: Option<usize>,
+    pub(crate) rss_before_kib: Option<u64>,
+    pub(crate) rss_bytes_per_conn: Option<f64>,
+    pub(crate) splice: Option<Value>,
 }
 
 /// A reported metric: JSON key, table header, getter.

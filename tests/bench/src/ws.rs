@@ -28,13 +28,6 @@ use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::{self, Bytes, Message, WebSocket};
 
-/// Read timeout of every client and broker socket: a path that stops echoing fails.
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Round trips before the timed ones.
-const WARMUP: usize = 200;
-/// Size of the PUBLISH bounced in the latency phase and streamed in the throughput phase.
-const PUBLISH_SIZE_PAYLOAD: usize = 64;
-
 /// The WebSocket paths compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WsPath {
@@ -67,6 +60,13 @@ impl WsPath {
         matches!(self, WsPath::MqspliceWss | WsPath::NginxWss)
     }
 }
+
+/// Read timeout of every client and broker socket: a path that stops echoing fails.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Round trips before the timed ones.
+const WARMUP: usize = 200;
+/// Size of the PUBLISH bounced in the latency phase and streamed in the throughput phase.
+const PUBLISH_SIZE_PAYLOAD: usize = 64;
 
 /// A client's transport: TCP, or rustls over TCP.
 trait Io: Read + Write {}

@@ -4,11 +4,10 @@
 //! balancing by client identifier, ten clients that subscribe and publish through it; then the
 //! per-broker distribution and the stats JSON, and everything stops.
 
-use mqsplice_tests::Mode;
 use mqsplice_tests::broker::EmbeddedBroker;
 use mqsplice_tests::client::connect;
-use mqsplice_tests::daemon::{Daemon, config_for};
-use mqsplice_tests::proxy::fetch_stats;
+use mqsplice_tests::daemon::Daemon;
+use mqsplice_tests::setup::{Kind, Setup};
 use rumqttc::QoS;
 use std::time::Duration;
 
@@ -18,9 +17,9 @@ async fn main() -> anyhow::Result<()> {
     for (i, broker) in brokers.iter().enumerate() {
         println!("broker {} (rumqttd) on {broker}", i + 1);
     }
-    let (config, listen, stats) = config_for(Mode::Userspace, &brokers, "balance = \"client_id\"");
-    // The default data path choice, as a new operator would get it.
-    let config = config.replace("mode = \"userspace\"", "mode = \"auto\"");
+    // The default data path choice (`auto`), as a new operator would get it.
+    let setup = Setup::one(Kind::Tcp, "mqtt", &brokers).upstream_with(|u| u.balance("client_id"));
+    let (config, listen, stats) = setup.for_binary();
     let mut daemon = Daemon::start(&config, listen, stats);
     println!(
         "\nmqsplice on {listen}, stats on http://{stats}/stats, with {}:\n",
@@ -50,22 +49,19 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
-    let json = fetch_stats(stats).await;
-    let servers = json["upstreams"]["brokers"]["servers"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let distribution: Vec<String> = servers.iter().map(|s| s["active"].to_string()).collect();
+    let typed = mqsplice_tests::stats::fetch_async(stats).await;
+    let servers = mqsplice_tests::stats::upstream_servers(&typed);
+    let distribution: Vec<String> = servers.iter().map(|s| s.active.to_string()).collect();
     println!("\nclients per broker: {}", distribution.join("/"));
     for (i, server) in servers.iter().enumerate() {
         println!(
             "  broker {} {}: {} client(s)",
             i + 1,
-            server["addr"],
-            server["active"]
+            server.addr,
+            server.active
         );
     }
-    println!("\nGET /stats:\n{}", serde_json::to_string_pretty(&json)?);
+    println!("\nGET /stats:\n{}", serde_json::to_string_pretty(&typed)?);
 
     for (_, client) in clients {
         client.disconnect().await;

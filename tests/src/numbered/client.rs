@@ -5,7 +5,7 @@
 
 use super::pauses::{Pauses, Schedule};
 use super::{Checker, Mismatch, Numbering};
-use crate::flows::{CONNACK, End, flow_connect, linger_zero};
+use crate::flows::{End, linger_zero, try_connect_flow};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -73,26 +73,6 @@ pub struct FlowReport {
     pub elapsed: Duration,
 }
 
-/// Connects through the proxy as flow `index` and waits (bounded) for the CONNACK.
-pub fn connect(addr: SocketAddr, index: usize) -> Result<TcpStream, String> {
-    let mut stream =
-        TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|e| e.to_string())?;
-    stream
-        .write_all(&flow_connect(index))
-        .map_err(|e| format!("CONNECT: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    let mut connack = [0u8; 4];
-    stream
-        .read_exact(&mut connack)
-        .map_err(|e| format!("no CONNACK: {e}"))?;
-    if connack != CONNACK {
-        return Err(format!("CONNACK expected, got {connack:02x?}"));
-    }
-    Ok(stream)
-}
-
 /// What the two threads share: progress for the watchdog, and the flag that stops them.
 #[derive(Default)]
 struct Progress {
@@ -111,7 +91,7 @@ pub fn run_flow(addr: SocketAddr, spec: FlowSpec) -> FlowReport {
         pauses,
         elapsed: started.elapsed(),
     };
-    let stream = match connect(addr, spec.index) {
+    let stream = match try_connect_flow(addr, spec.index) {
         Ok(s) => s,
         Err(e) => return report(Outcome::Failed(e), 0),
     };
@@ -253,7 +233,7 @@ pub fn run_flows(addr: SocketAddr, specs: &[FlowSpec]) -> Vec<FlowReport> {
 /// FIN (`MSG_MORE`, then `shutdown(Write)`), and the socket is reset right after (`SO_LINGER` 0,
 /// close), as paho does when a client disconnects.
 pub fn paho_disconnect(addr: SocketAddr, index: usize) -> Result<(), String> {
-    let stream = connect(addr, index)?;
+    let stream = try_connect_flow(addr, index)?;
     socket2::SockRef::from(&stream)
         .send_with_flags(&DISCONNECT, libc::MSG_MORE)
         .map_err(|e| format!("DISCONNECT: {e}"))?;

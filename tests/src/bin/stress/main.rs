@@ -10,7 +10,8 @@ mod report;
 use anyhow::{Context, bail};
 use mix::Tally;
 use mqsplice_tests::Mode;
-use mqsplice_tests::flows::{Graceful, config_with};
+use mqsplice_tests::flows::Graceful;
+use mqsplice_tests::setup::Setup;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::thread;
@@ -70,8 +71,8 @@ fn main() -> anyhow::Result<()> {
         }
         let tally = Arc::new(Tally::default());
         let broker = mix::backend(tally.clone());
-        let (text, listen, stats) = config_with(mode, &[broker], "", "");
-        let daemon = Graceful::start(&text, listen, stats);
+        let daemon = Setup::tcp(mode, &[broker]).spawn_graceful();
+        let (listen, stats) = (daemon.listen, daemon.stats);
         let worker = {
             let tally = tally.clone();
             thread::spawn(move || mix::run(listen, stats, until, &tally))

@@ -3,8 +3,8 @@
 
 use super::mix::Tally;
 use mqsplice_tests::daemon::Daemon;
-use mqsplice_tests::flows::stats;
 use mqsplice_tests::held_bytes;
+use mqsplice_tests::stats::fetch_json as stats;
 use std::sync::atomic::Ordering::Relaxed;
 
 /// One line: flows done, corrupted, hung, short; throttles, held bytes, trims and copies resumed

@@ -343,7 +343,13 @@ fn paho_disconnects(path: Path) {
         closed_at.elapsed(),
         json.dataplane
     );
-    // Counted as what it was: the client closed (its FIN came first), or it reset.
+    // Counted as what it was: the client closed (its FIN came first), or it reset. A flow's
+    // record is written after its counters drop (and reaches us through a pipe), so the lines
+    // may trail the settled stats a little.
+    let flow_lines = |log: &str| log.matches("client_id=\"flow-").count();
+    wait_for(Duration::from_secs(5), || {
+        flow_lines(&daemon.stderr()) >= CLIENTS
+    });
     let log = daemon.stderr();
     let closes: Vec<&str> = log
         .lines()

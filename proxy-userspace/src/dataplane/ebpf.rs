@@ -334,6 +334,19 @@ impl Shared {
         setup: FlowSetup,
         meters: Vec<Arc<ByteMeter>>,
     ) -> FlowEnd {
+        // Counted before the kick: from then on the kernel may carry the whole exchange before
+        // this task runs again, and stats read meanwhile must already show the flow.
+        let cookies = setup.cookies;
+        self.counters.spliced_active.fetch_add(1, Relaxed);
+        self.counters.spliced_total.fetch_add(1, Relaxed);
+        self.live_flows().insert(
+            cookies[0],
+            LiveFlow {
+                cookies,
+                meters,
+                reported: [0, 0],
+            },
+        );
         // A throttle passes to the socket whatever its peer may still send, up to the window
         // the socket has advertised, and the daemon copies all of it. Spliced, a socket's queue
         // is always empty, so its window would be its whole (autotuned) buffer, megabytes: the
@@ -352,17 +365,6 @@ impl Shared {
                 tracing::warn!("SO_RCVLOWAT kick failed: {e}");
             }
         }
-        let cookies = setup.cookies;
-        self.counters.spliced_active.fetch_add(1, Relaxed);
-        self.counters.spliced_total.fetch_add(1, Relaxed);
-        self.live_flows().insert(
-            cookies[0],
-            LiveFlow {
-                cookies,
-                meters,
-                reported: [0, 0],
-            },
-        );
         let (done, ended) = tokio::sync::oneshot::channel();
         self.watcher.add(Spliced {
             sockets,

@@ -11,6 +11,23 @@ pub mod packet;
 mod userspace;
 
 pub use ebpf::EbpfSplice;
+
+/// For the data planes' tests that need root (BPF programs, `TCP_REPAIR`): true when they can
+/// run; otherwise prints `SKIPPED: <what> needs root` and returns false, except under `CI=true`,
+/// where a missing privilege fails the test.
+#[cfg(test)]
+pub(crate) fn root_or_skip(what: &str) -> bool {
+    let root =
+        std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0);
+    if !root {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true and {what} needs root"
+        );
+        println!("SKIPPED: {what} needs root");
+    }
+    root
+}
 pub use userspace::UserspaceCopy;
 
 use crate::stats::ByteMeter;
@@ -127,12 +144,13 @@ impl DataPath {
     }
 }
 
-/// A connected pair and the limits that apply to it.
+/// A connected pair and the limits that apply to it. `S` is the shape of its two sides: any
+/// stream ([`ClientStream`]), or bare TCP once a splice has checked (see [`Flow::into_tcp`]).
 #[derive(Debug)]
-pub struct Flow {
-    pub client: ClientStream,
+pub struct Flow<S = ClientStream> {
+    pub client: S,
     /// Bare TCP, or TLS to the broker (`upstream_tls`): the same two shapes as a client's.
-    pub broker: ClientStream,
+    pub broker: S,
     /// Close both sides when nothing moved either way for this long.
     pub idle_timeout: Duration,
     /// Per-direction buffer of the userspace copy path.
@@ -142,6 +160,41 @@ pub struct Flow {
     /// Bytes the daemon wrote into the broker socket that did not come from the client (the
     /// PROXY header): the close rule must not count them as forwarded client bytes.
     pub broker_preamble_len: u64,
+}
+
+impl Flow {
+    /// The flow with both sides as bare TCP sockets, which a splice can take; the flow as it was
+    /// when a side is layered (TLS, WebSocket), which only the daemon can move.
+    pub fn into_tcp(self) -> Result<Flow<TcpStream>, Box<Flow>> {
+        match (self.client, self.broker) {
+            (ClientStream::Tcp(client), ClientStream::Tcp(broker)) => Ok(Flow {
+                client,
+                broker,
+                idle_timeout: self.idle_timeout,
+                buffer_size: self.buffer_size,
+                meters: self.meters,
+                broker_preamble_len: self.broker_preamble_len,
+            }),
+            (client, broker) => Err(Box::new(Flow {
+                client,
+                broker,
+                ..self
+            })),
+        }
+    }
+}
+
+impl From<Flow<TcpStream>> for Flow {
+    fn from(flow: Flow<TcpStream>) -> Flow {
+        Flow {
+            client: ClientStream::Tcp(flow.client),
+            broker: ClientStream::Tcp(flow.broker),
+            idle_timeout: flow.idle_timeout,
+            buffer_size: flow.buffer_size,
+            meters: flow.meters,
+            broker_preamble_len: flow.broker_preamble_len,
+        }
+    }
 }
 
 /// How a flow ended, for the access log.

@@ -15,9 +15,7 @@ mod watch;
 pub use control::Limits;
 pub use loader::{EbpfPrograms, EbpfUnavailable, Maps, ProgramLogger};
 
-use super::{
-    ClientStream, ConnectHandling, DataPath, DataPlane, Flow, FlowEnd, FlowFuture, UserspaceCopy,
-};
+use super::{ConnectHandling, DataPath, DataPlane, Flow, FlowEnd, FlowFuture, UserspaceCopy};
 use crate::config::{DataplaneConfig, InflightLimit, auto_inflight_per_flow};
 use crate::stats::{ByteMeter, Direction};
 use crate::stats::{SpliceCloses, SpliceStats};
@@ -30,8 +28,8 @@ use std::sync::{Arc, Mutex};
 use watch::{Spliced, Watcher};
 
 pub use sockopt::{
-    TcpBytes, peek, queued_in, reset_on_close, set_rcvlowat, socket_cookie, tcp_bytes, unacked_out,
-    wait_readable,
+    TcpBytes, peek, queued_in, reset_on_close, set_rcvlowat, socket_cookie, tcp_bytes, tcp_info,
+    unacked_out, wait_readable,
 };
 
 /// The maps, shared by the connection tasks (insert) and the watcher thread (counters, removal).
@@ -271,23 +269,15 @@ impl Shared {
     }
 
     async fn splice_or_copy(self: Arc<Self>, flow: Flow) -> FlowEnd {
-        let (client, broker) = match (flow.client, flow.broker) {
-            (ClientStream::Tcp(client), ClientStream::Tcp(broker)) => (client, broker),
-            // TLS or WebSocket: the bytes must pass through the daemon to be unwrapped. Such
-            // listeners get the userspace plane at start (server.rs); this keeps any other
-            // caller's flow whole.
-            (client, broker) => {
-                return UserspaceCopy
-                    .run(Flow {
-                        client,
-                        broker,
-                        ..flow
-                    })
-                    .await;
-            }
+        // TLS or WebSocket: the bytes must pass through the daemon to be unwrapped. Such
+        // listeners get the userspace plane at start (server.rs); this keeps any other caller's
+        // flow whole.
+        let flow = match flow.into_tcp() {
+            Ok(flow) => flow,
+            Err(layered) => return UserspaceCopy.run(*layered).await,
         };
         // Leave tokio's reactor: from here on only the watcher's epoll set looks at these sockets.
-        let (Ok(client), Ok(broker)) = (client.into_std(), broker.into_std()) else {
+        let (Ok(client), Ok(broker)) = (flow.client.into_std(), flow.broker.into_std()) else {
             return FlowEnd::nothing_moved(DataPath::Sockmap, super::CloseReason::ClientError);
         };
         match self.insert(&client, &broker) {
@@ -317,11 +307,11 @@ impl Shared {
                     );
                 };
                 let flow = Flow {
-                    client: ClientStream::Tcp(client),
-                    broker: ClientStream::Tcp(broker),
+                    client,
+                    broker,
                     ..flow
                 };
-                UserspaceCopy.run(flow).await
+                UserspaceCopy.run(flow.into()).await
             }
         }
     }

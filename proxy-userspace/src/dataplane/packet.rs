@@ -22,8 +22,7 @@ use aya::maps::{MapData, RingBuf};
 use tokio::sync::oneshot;
 
 use super::{
-    ClientStream, CloseReason, ConnectHandling, DataPath, DataPlane, Flow, FlowEnd, FlowFuture,
-    UserspaceCopy,
+    CloseReason, ConnectHandling, DataPath, DataPlane, Flow, FlowEnd, FlowFuture, UserspaceCopy,
 };
 use crate::config::PacketConfig;
 use crate::stats::Direction;
@@ -200,17 +199,9 @@ impl PacketSplice {
     }
 
     async fn splice_or_copy(self: Arc<Self>, flow: Flow) -> FlowEnd {
-        let (client, broker) = match (flow.client, flow.broker) {
-            (ClientStream::Tcp(client), ClientStream::Tcp(broker)) => (client, broker),
-            (client, broker) => {
-                return UserspaceCopy
-                    .run(Flow {
-                        client,
-                        broker,
-                        ..flow
-                    })
-                    .await;
-            }
+        let flow = match flow.into_tcp() {
+            Ok(flow) => flow,
+            Err(layered) => return UserspaceCopy.run(*layered).await,
         };
         let id = self.next_flow.fetch_add(1, Relaxed);
         let (done, ended) = oneshot::channel();
@@ -222,23 +213,23 @@ impl PacketSplice {
                 since_ns: repair::monotonic_ns(),
             },
         );
-        let spliced =
-            match splice::hand_over(&self.maps, id, client, broker, HANDOVER_TIMEOUT).await {
-                Ok(spliced) => spliced,
-                Err((reason, client, broker)) => {
-                    self.live
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&id);
-                    self.count_fallback(reason);
-                    let flow = Flow {
-                        client: ClientStream::Tcp(client),
-                        broker: ClientStream::Tcp(broker),
-                        ..flow
-                    };
-                    return UserspaceCopy.run(flow).await;
-                }
-            };
+        let handed = splice::hand_over(&self.maps, id, flow.client, flow.broker, HANDOVER_TIMEOUT);
+        let spliced = match handed.await {
+            Ok(spliced) => spliced,
+            Err((reason, client, broker)) => {
+                self.live
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                self.count_fallback(reason);
+                let flow = Flow {
+                    client,
+                    broker,
+                    ..flow
+                };
+                return UserspaceCopy.run(flow.into()).await;
+            }
+        };
         self.counters.spliced_active.fetch_add(1, Relaxed);
         self.counters.spliced_total.fetch_add(1, Relaxed);
         let ended = ended.await.unwrap_or(Ended::Closed);

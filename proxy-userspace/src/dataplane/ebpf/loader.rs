@@ -383,15 +383,7 @@ mod tests {
     /// except under `CI=true`.
     #[test]
     fn the_packet_classifier_passes_the_verifier() {
-        let is_root = std::fs::metadata("/proc/self")
-            .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-            .unwrap_or(false);
-        if !is_root {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true and loading a BPF program needs root"
-            );
-            println!("SKIPPED: loading a BPF program needs root");
+        if !crate::dataplane::root_or_skip("loading a BPF program") {
             return;
         }
         raise_memlock();

@@ -96,8 +96,10 @@ pub struct TcpBytes {
 const TCPI_BYTES_ACKED: usize = 120;
 const TCPI_BYTES_RECEIVED: usize = 128;
 
-/// Reads `tcpi_bytes_acked` and `tcpi_bytes_received`.
-pub fn tcp_bytes(fd: BorrowedFd<'_>) -> io::Result<TcpBytes> {
+/// The kernel's `struct tcp_info` for the socket, as bytes: the `libc` crate's struct stops
+/// before fields the data planes read, so they read them by offset (a stable ABI). Returns the
+/// bytes and how many the kernel filled.
+pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<([u8; 256], usize)> {
     let mut info = [0u8; 256];
     let mut len = info.len() as libc::socklen_t;
     // SAFETY: `info` is valid for writes of `len` bytes; the kernel writes at most `len`.
@@ -110,7 +112,13 @@ pub fn tcp_bytes(fd: BorrowedFd<'_>) -> io::Result<TcpBytes> {
             &raw mut len,
         )
     })?;
-    if (len as usize) < TCPI_BYTES_RECEIVED + 8 {
+    Ok((info, len as usize))
+}
+
+/// Reads `tcpi_bytes_acked` and `tcpi_bytes_received`.
+pub fn tcp_bytes(fd: BorrowedFd<'_>) -> io::Result<TcpBytes> {
+    let (info, len) = tcp_info(fd)?;
+    if len < TCPI_BYTES_RECEIVED + 8 {
         return Err(io::Error::other(
             "tcp_info too short: kernel older than 4.2",
         ));

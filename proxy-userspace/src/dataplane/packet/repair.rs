@@ -118,19 +118,8 @@ const TCPI_ADVMSS: usize = 84;
 
 /// Reads what the connection negotiated, from `TCP_INFO`.
 pub fn negotiated(fd: BorrowedFd<'_>) -> io::Result<Negotiated> {
-    let mut info = [0u8; 104];
-    let mut len = info.len() as libc::socklen_t;
-    // SAFETY: `info` is valid for writes of `len` bytes; the kernel writes at most `len`.
-    check(unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &raw mut len,
-        )
-    })?;
-    if (len as usize) < TCPI_ADVMSS + 4 {
+    let (info, len) = crate::dataplane::ebpf::tcp_info(fd)?;
+    if len < TCPI_ADVMSS + 4 {
         return Err(io::Error::other("tcp_info too short"));
     }
     let options = info[TCPI_OPTIONS];
@@ -171,12 +160,6 @@ mod tests {
     use std::os::fd::AsFd;
     use std::time::Duration;
 
-    fn is_root() -> bool {
-        std::fs::metadata("/proc/self")
-            .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-            .unwrap_or(false)
-    }
-
     /// A connected loopback pair: (the side that connected, the side that accepted).
     fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -199,12 +182,7 @@ mod tests {
     /// peer sees neither a FIN nor a RST. Needs CAP_NET_ADMIN.
     #[test]
     fn a_muted_socket_tells_its_sequence_numbers_and_closes_without_a_trace() {
-        if !is_root() {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true and TCP_REPAIR needs CAP_NET_ADMIN"
-            );
-            println!("SKIPPED: TCP_REPAIR needs CAP_NET_ADMIN");
+        if !crate::dataplane::root_or_skip("TCP_REPAIR") {
             return;
         }
         let (mut client, mut server) = pair();

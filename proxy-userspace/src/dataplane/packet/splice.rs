@@ -325,12 +325,6 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
 
-    fn is_root() -> bool {
-        std::fs::metadata("/proc/self")
-            .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-            .unwrap_or(false)
-    }
-
     /// Writes `words` 4-byte counters, starting at 0, as fast as the socket takes them.
     fn write_numbered(mut to: std::net::TcpStream, words: u32) -> std::net::TcpStream {
         let mut next = 0u32;
@@ -401,12 +395,7 @@ mod tests {
     /// Streams numbered bytes both ways through a proxy listening on `proxy`, to a broker on
     /// `broker`, from a client bound to `client` (any address when `None`).
     async fn numbered_flow(proxy: &str, broker: &str, client: Option<&str>) {
-        if !is_root() {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true and the packet splice needs root"
-            );
-            println!("SKIPPED: the packet splice needs root");
+        if !crate::dataplane::root_or_skip("the packet splice") {
             return;
         }
         const WORDS: u32 = 4 << 20; // 16 MiB each way

@@ -311,6 +311,10 @@ pub trait DataPlane: Send + Sync + 'static {
     fn splice_stats(&self) -> Option<crate::stats::SpliceStats> {
         None
     }
+    /// The packet splice's counters for `GET /stats` (`None` on the other paths).
+    fn packet_stats(&self) -> Option<crate::stats::PacketStats> {
+        None
+    }
     /// Brings the byte meters of running flows up to date before stats are read. The userspace
     /// path adds bytes as it copies them; a spliced flow's bytes never pass the daemon, so its
     /// meters are fed from the kernel's counters here (else a long session would show 0 until

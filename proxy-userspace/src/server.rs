@@ -355,6 +355,7 @@ fn stats(
             requested: dataplane.requested.as_str().to_string(),
             reason: dataplane.reason.clone(),
             splice: dataplane.plane.splice_stats(),
+            packet: dataplane.plane.packet_stats(),
         },
         connections: global.snapshot(),
         listeners,

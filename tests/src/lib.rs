@@ -24,6 +24,8 @@ pub enum Mode {
     Userspace,
     /// The in-kernel sockmap splice (needs root).
     Sockmap,
+    /// The packet splice on loopback (needs root; in development, so not in [`Mode::ALL`]).
+    Packet,
 }
 
 impl Mode {
@@ -35,6 +37,7 @@ impl Mode {
         match self {
             Mode::Userspace => "userspace",
             Mode::Sockmap => "sockmap",
+            Mode::Packet => "packet",
         }
     }
 

@@ -120,6 +120,12 @@ impl Setup {
             self.dataplane
                 .insert("bpffs_pin".into(), crate::unique_pin_dir().into());
         }
+        if mode == Mode::Packet {
+            // Client, proxy and broker all on loopback.
+            let mut packet = Table::new();
+            packet.insert("interfaces".into(), Value::Array(vec!["lo".into()]));
+            self.dataplane.insert("packet".into(), Value::Table(packet));
+        }
         self
     }
 

@@ -74,8 +74,9 @@ fn start(
 ) -> (Graceful, String) {
     let daemon = limits(path.setup(brokers)).spawn_graceful();
     let running = fetch(daemon.stats).dataplane.mode;
-    if path == Path::Explicit(Mode::Sockmap) {
-        assert_eq!(running, "sockmap", "mode = \"sockmap\" runs {running}");
+    if let Path::Explicit(mode @ (Mode::Sockmap | Mode::Packet)) = path {
+        let name = mode.config_value();
+        assert_eq!(running, name, "mode = \"{name}\" runs {running}");
     }
     (daemon, running)
 }
@@ -216,6 +217,16 @@ fn numbered_flows(path: Path, load: Load) {
             "{what}: pausing readers never throttled a direction (throttles_total {throttles})"
         );
     }
+    if running == "packet" {
+        let packet = json.dataplane.packet.clone().unwrap_or_default();
+        assert!(
+            packet.spliced_total >= all.flows && packet.fallbacks.is_empty(),
+            "{what}: {} of {} flows packet-spliced, fallbacks {:?}",
+            packet.spliced_total,
+            all.flows,
+            packet.fallbacks
+        );
+    }
     println!(
         "{what}: {all} in {:.1}s; dataplane {:?}",
         started.elapsed().as_secs_f64(),
@@ -225,6 +236,7 @@ fn numbered_flows(path: Path, load: Load) {
 
 const USERSPACE: Path = Path::Explicit(Mode::Userspace);
 const SOCKMAP: Path = Path::Explicit(Mode::Sockmap);
+const PACKET: Path = Path::Explicit(Mode::Packet);
 
 #[test]
 fn default_one_256_mib_full_duplex_flow_three_rounds_comes_back_whole() {
@@ -239,6 +251,11 @@ fn userspace_one_256_mib_full_duplex_flow_three_rounds_comes_back_whole() {
 #[test]
 fn sockmap_one_256_mib_full_duplex_flow_three_rounds_comes_back_whole() {
     numbered_flows(SOCKMAP, BULK);
+}
+
+#[test]
+fn packet_one_256_mib_full_duplex_flow_three_rounds_comes_back_whole() {
+    numbered_flows(PACKET, BULK);
 }
 
 #[test]
@@ -257,6 +274,11 @@ fn sockmap_50_parallel_16_mib_flows_three_rounds_come_back_whole() {
 }
 
 #[test]
+fn packet_50_parallel_16_mib_flows_three_rounds_come_back_whole() {
+    numbered_flows(PACKET, PARALLEL);
+}
+
+#[test]
 fn default_readers_pausing_at_random_moments_get_every_byte_once() {
     numbered_flows(Path::Default, PAUSING_READER);
 }
@@ -272,6 +294,11 @@ fn sockmap_readers_pausing_at_random_moments_get_every_byte_once() {
 }
 
 #[test]
+fn packet_readers_pausing_at_random_moments_get_every_byte_once() {
+    numbered_flows(PACKET, PAUSING_READER);
+}
+
+#[test]
 fn default_a_slowly_reading_broker_gets_and_echoes_every_byte_once() {
     numbered_flows(Path::Default, SLOW_BROKER);
 }
@@ -284,6 +311,11 @@ fn userspace_a_slowly_reading_broker_gets_and_echoes_every_byte_once() {
 #[test]
 fn sockmap_a_slowly_reading_broker_gets_and_echoes_every_byte_once() {
     numbered_flows(SOCKMAP, SLOW_BROKER);
+}
+
+#[test]
+fn packet_a_slowly_reading_broker_gets_and_echoes_every_byte_once() {
+    numbered_flows(PACKET, SLOW_BROKER);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -388,6 +420,11 @@ fn userspace_paho_style_disconnects_close_every_pair_within_5_s() {
 #[test]
 fn sockmap_paho_style_disconnects_close_every_pair_within_5_s() {
     paho_disconnects(SOCKMAP);
+}
+
+#[test]
+fn packet_paho_style_disconnects_close_every_pair_within_5_s() {
+    paho_disconnects(PACKET);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ use crate::stats::Direction;
 use handover::Fallback;
 use loader::{PacketMaps, PacketPrograms};
 use proxy_common::direction::{TO_CLIENT, TO_UPSTREAM};
-use proxy_common::packet::{PacketEndEvent, PacketFlowState};
+use proxy_common::packet::{PacketEndEvent, PacketFlowState, PacketTotals};
 
 /// How long the drain before the mute may take; a flow that does not drain is copied instead.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -69,6 +69,8 @@ pub struct PacketCounters {
 /// The packet splice data plane.
 pub struct PacketSplice {
     _programs: PacketPrograms,
+    interfaces: Vec<String>,
+    flow_table_size: u32,
     maps: Arc<Mutex<PacketMaps>>,
     live: Arc<Mutex<HashMap<u64, LiveFlow>>>,
     next_flow: AtomicU64,
@@ -115,6 +117,8 @@ impl PacketSplice {
         tracing::info!(?interfaces, "packet splice attached at ingress");
         Ok(PacketSplice {
             _programs: programs,
+            interfaces,
+            flow_table_size: config.flow_table_size,
             maps,
             live,
             next_flow: AtomicU64::new(1),
@@ -266,5 +270,44 @@ impl DataPlane for Arc<PacketSplice> {
 
     fn run(&self, flow: Flow) -> FlowFuture {
         Box::pin(self.clone().splice_or_copy(flow))
+    }
+
+    fn packet_stats(&self) -> Option<crate::stats::PacketStats> {
+        Some(self.stats())
+    }
+}
+
+impl PacketSplice {
+    /// The counters for `GET /stats`: the daemon's and the program's per-CPU totals summed.
+    fn stats(&self) -> crate::stats::PacketStats {
+        let totals = {
+            let m = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+            m.totals
+                .get(&0, 0)
+                .map(|per_cpu| per_cpu.iter().copied().collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        let sum = |f: fn(&PacketTotals) -> u64| totals.iter().map(f).sum();
+        let fallbacks = self
+            .counters
+            .fallbacks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect();
+        crate::stats::PacketStats {
+            interfaces: self.interfaces.clone(),
+            flow_table_size: self.flow_table_size as u64,
+            spliced_active: self.counters.spliced_active.load(Relaxed),
+            spliced_total: self.counters.spliced_total.load(Relaxed),
+            fallbacks,
+            segments: sum(|t| t.segments),
+            bytes: sum(|t| t.bytes),
+            frozen_drops: sum(|t| t.frozen_drops),
+            malformed_options: sum(|t| t.malformed_options),
+            rewrite_failed: sum(|t| t.rewrite_failed),
+            events_lost: sum(|t| t.events_lost),
+        }
     }
 }

@@ -22,7 +22,7 @@ pub struct Stats {
 /// The data path in use, and the splice's counters when it is the splice.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DataplaneStats {
-    /// The data path actually in use: `userspace` or `sockmap`.
+    /// The data path actually in use: `userspace`, `sockmap` or `packet`.
     pub mode: String,
     /// The configured `dataplane.mode`.
     pub requested: String,
@@ -31,6 +31,31 @@ pub struct DataplaneStats {
     /// Present on the splice.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub splice: Option<SpliceStats>,
+    /// Present on the packet splice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packet: Option<PacketStats>,
+}
+
+/// The packet splice's counters: flows, why flows were not taken, and the program's totals.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PacketStats {
+    /// Interfaces the program is attached to (ingress).
+    pub interfaces: Vec<String>,
+    pub flow_table_size: u64,
+    /// Flows the program carries now.
+    pub spliced_active: u64,
+    /// Flows handed to the program since start.
+    pub spliced_total: u64,
+    /// Flows not taken, copied in userspace instead, by reason.
+    pub fallbacks: BTreeMap<String, u64>,
+    /// Segments and payload bytes the program rewrote (retransmissions included).
+    pub segments: u64,
+    pub bytes: u64,
+    /// Data segments dropped while their flow's hand-over was in progress (sent again).
+    pub frozen_drops: u64,
+    pub malformed_options: u64,
+    pub rewrite_failed: u64,
+    pub events_lost: u64,
 }
 
 /// The in-kernel splice's counters: the program's totals, the watcher's, and the limits in force.
@@ -196,6 +221,10 @@ mod tests {
         Stats {
             dataplane: DataplaneStats {
                 splice: Some(SpliceStats::default()),
+                packet: Some(PacketStats {
+                    fallbacks: BTreeMap::from([("REASON".to_string(), 1)]),
+                    ..PacketStats::default()
+                }),
                 ..DataplaneStats::default()
             },
             connections,

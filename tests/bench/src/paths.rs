@@ -29,16 +29,19 @@ pub enum PathKind {
     /// redirect path alone, the daemon copying nothing (a row beside the defaults, never instead).
     MqspliceSockmapLifted,
     MqspliceUserspace,
+    /// The packet splice (in development; loopback only).
+    MqsplicePacket,
     Nginx,
     Haproxy,
 }
 
 impl PathKind {
     /// Every path, in table order.
-    pub const ALL: [PathKind; 6] = [
+    pub const ALL: [PathKind; 7] = [
         PathKind::Direct,
         PathKind::MqspliceSockmap,
         PathKind::MqspliceSockmapLifted,
+        PathKind::MqsplicePacket,
         PathKind::MqspliceUserspace,
         PathKind::Nginx,
         PathKind::Haproxy,
@@ -51,6 +54,7 @@ impl PathKind {
             PathKind::MqspliceSockmap => "mqsplice-sockmap",
             PathKind::MqspliceSockmapLifted => "mqsplice-sockmap-lifted",
             PathKind::MqspliceUserspace => "mqsplice-userspace",
+            PathKind::MqsplicePacket => "mqsplice-packet",
             PathKind::Nginx => "nginx",
             PathKind::Haproxy => "haproxy",
         }
@@ -354,6 +358,7 @@ pub fn start_peer(kind: PathKind, tools: &Tools, conns: usize) -> anyhow::Result
         PathKind::Direct => peer.listen = echo,
         PathKind::MqspliceSockmap
         | PathKind::MqspliceSockmapLifted
+        | PathKind::MqsplicePacket
         | PathKind::MqspliceUserspace => {
             let stats: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
             let dataplane = if kind.is_sockmap() {
@@ -366,6 +371,8 @@ pub fn start_peer(kind: PathKind, tools: &Tools, conns: usize) -> anyhow::Result
                 }
                 peer.pin_dir = Some(dir);
                 keys
+            } else if kind == PathKind::MqsplicePacket {
+                "mode = \"packet\"\n[dataplane.packet]\ninterfaces = [\"lo\"]".to_string()
             } else {
                 "mode = \"userspace\"".to_string()
             };

@@ -295,7 +295,7 @@ fn choose_dataplane(config: &DataplaneConfig) -> anyhow::Result<DataplaneChoice>
             Ok(plane) => Ok(DataplaneChoice {
                 plane: Arc::new(Arc::new(plane)),
                 requested: mode,
-                reason: "packet splice (in development: loopback only)".into(),
+                reason: "packet splice (in development)".into(),
             }),
             Err(e) => bail!("dataplane.mode = \"packet\": the packet splice cannot be used: {e}"),
         },

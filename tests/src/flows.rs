@@ -186,7 +186,14 @@ pub fn flow_backend<F>(role: F) -> SocketAddr
 where
     F: Fn(usize, TcpStream) + Send + Sync + 'static,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    flow_backend_on(TcpListener::bind("127.0.0.1:0").unwrap(), role)
+}
+
+/// [`flow_backend`] on a listener the caller bound (an address in a network namespace).
+pub fn flow_backend_on<F>(listener: TcpListener, role: F) -> SocketAddr
+where
+    F: Fn(usize, TcpStream) + Send + Sync + 'static,
+{
     let addr = listener.local_addr().unwrap();
     let role = Arc::new(role);
     thread::spawn(move || {

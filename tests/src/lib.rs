@@ -8,6 +8,7 @@ pub mod fake;
 pub mod flows;
 pub mod held_bytes;
 pub mod maps;
+pub mod netns;
 pub mod numbered;
 pub mod pki;
 pub mod proxy;

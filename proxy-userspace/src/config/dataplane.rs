@@ -119,8 +119,8 @@ pub enum DataplaneMode {
     Sockmap,
     /// Always the userspace copy path.
     Userspace,
-    /// The packet splice (in development: loopback only, flows it cannot take are copied in
-    /// userspace), or fail at start.
+    /// The packet splice (in development: flows it cannot take are copied in userspace), or
+    /// fail at start.
     Packet,
 }
 

@@ -2,8 +2,8 @@
 //! segment of the client's connection into a segment of the broker's and back, so the two run
 //! one TCP conversation and the proxy holds no bytes.
 //!
-//! In development: it runs where client, proxy and broker share one host's stack (loopback), a
-//! flow it cannot take is copied in userspace, and `auto` does not choose it yet.
+//! In development: a flow it cannot take is copied in userspace (not yet offered to the sockmap
+//! splice), and `auto` does not choose it yet.
 
 // The one module here that makes syscalls.
 #[allow(unsafe_code)]
@@ -11,6 +11,7 @@ pub mod repair;
 
 pub mod handover;
 pub mod loader;
+pub mod route;
 pub mod splice;
 
 use std::collections::HashMap;
@@ -83,7 +84,8 @@ impl std::fmt::Debug for PacketSplice {
     }
 }
 
-/// The interfaces to attach to when none are configured: every one that is up, loopback included.
+/// The interfaces to attach to when none are configured: every one that is up (`IFF_UP`; a veth
+/// whose peer just came up may still report its operational state as down), loopback included.
 fn interfaces_up() -> Vec<String> {
     let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
         return vec!["lo".into()];
@@ -92,8 +94,9 @@ fn interfaces_up() -> Vec<String> {
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            let state = std::fs::read_to_string(e.path().join("operstate")).unwrap_or_default();
-            (name == "lo" || state.trim() == "up").then_some(name)
+            let flags = std::fs::read_to_string(e.path().join("flags")).unwrap_or_default();
+            let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap_or(0);
+            (flags & 1 != 0).then_some(name)
         })
         .collect();
     up.sort();

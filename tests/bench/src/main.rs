@@ -372,7 +372,10 @@ fn main() -> anyhow::Result<()> {
     if order.contains(&PathKind::MqsplicePacket) {
         // The packet splice needs root (a TC program, TCP_REPAIR): tried once, like the sockmap.
         if let Err(e) = start_peer(PathKind::MqsplicePacket, &tools, 16).and_then(Peer::stop) {
-            skip("mqsplice-packet", format!("the packet splice did not start: {e:#}"));
+            skip(
+                "mqsplice-packet",
+                format!("the packet splice did not start: {e:#}"),
+            );
             order.retain(|k| *k != PathKind::MqsplicePacket);
         }
     }

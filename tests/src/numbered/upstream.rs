@@ -46,6 +46,11 @@ pub fn echo_backend(slow: impl Fn(usize) -> Option<Pauses> + Send + Sync + 'stat
     flow_backend(move |i, s| echo(s, slow(i)))
 }
 
+/// An echo broker on a listener the caller bound (an address in a network namespace).
+pub fn echo_backend_on(listener: std::net::TcpListener) -> SocketAddr {
+    crate::flows::flow_backend_on(listener, |_, s| echo(s, None))
+}
+
 /// Reads until the client's DISCONNECT and closes at once, as a broker does; true when the
 /// DISCONNECT arrived, as the last bytes the client sent.
 pub fn await_disconnect(mut s: TcpStream) -> bool {

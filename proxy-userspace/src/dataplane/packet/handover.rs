@@ -30,6 +30,8 @@ pub enum Fallback {
     AddressFamily,
     /// The flow table is full.
     TableFull,
+    /// No route to a peer in the main table.
+    NoRoute,
     /// The sockets did not drain in time (a peer that does not acknowledge).
     DrainTimeout,
 }
@@ -43,6 +45,7 @@ impl Fallback {
             Fallback::MssTooSmall => "mss_too_small",
             Fallback::AddressFamily => "address_family",
             Fallback::TableFull => "table_full",
+            Fallback::NoRoute => "no_route",
             Fallback::DrainTimeout => "drain_timeout",
         }
     }

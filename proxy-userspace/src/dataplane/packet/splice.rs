@@ -17,6 +17,7 @@ use super::handover::{
 };
 use super::loader::PacketMaps;
 use super::repair::{negotiated, peer_mss, queue_seqs, set_repair, timestamp_now};
+use super::route::{Egress, egress};
 use crate::dataplane::ebpf::{queued_in, unacked_out};
 
 /// How long a failed mute waits before the next try: the peers' acknowledgments are on their way.
@@ -92,6 +93,14 @@ fn leg_entry(
     leg
 }
 
+/// The interface a rewritten segment is sent out of; 0 lets it go on up this host's stack.
+fn ifindex(egress: &Egress) -> u32 {
+    match egress {
+        Egress::Local => 0,
+        Egress::Interface(_, index) => *index,
+    }
+}
+
 /// Moves whatever `from` holds into `to`; returns how many bytes.
 async fn move_available(
     from: &TcpStream,
@@ -160,6 +169,10 @@ pub async fn hand_over(
         incoming(client_local, client_peer),
         incoming(broker_local, broker_peer),
     ];
+    let redirect = match (egress(broker_peer.ip()), egress(client_peer.ip())) {
+        (Ok(to_broker), Ok(to_client)) => [ifindex(&to_broker), ifindex(&to_client)],
+        _ => return Err((Fallback::NoRoute, client, broker)),
+    };
     if let Err(reason) = install(maps, flow, &keys, leg_mode::FREEZE, None) {
         return Err((reason, client, broker));
     }
@@ -186,10 +199,13 @@ pub async fn hand_over(
                 return Err((reason, client, broker));
             }
             let (up, down) = rewrites(&muted[0], &muted[1]);
-            let entries = [
+            let mut entries = [
                 leg_entry(flow, TO_UPSTREAM, leg_mode::SPLICE, &keys[1], Some(&up)),
                 leg_entry(flow, TO_CLIENT, leg_mode::SPLICE, &keys[0], Some(&down)),
             ];
+            // A client's segment leaves where the broker is reached, and back.
+            entries[0].redirect_ifindex = redirect[0];
+            entries[1].redirect_ifindex = redirect[1];
             let mut m = maps.lock().unwrap_or_else(|p| p.into_inner());
             for (key, entry) in keys.iter().zip(entries) {
                 let _ = m.flows.insert(key, entry, 0);

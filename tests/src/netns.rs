@@ -34,13 +34,19 @@ fn ip(args: &[&str]) {
 }
 
 impl Topology {
-    /// Creates the namespaces (named after this process, so parallel test binaries do not meet).
+    /// Creates the namespaces, named after this process and a count, so that neither parallel
+    /// test binaries nor parallel tests meet.
     pub fn three() -> Topology {
-        let pid = std::process::id();
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let id = format!(
+            "mqs{}x{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         let topology = Topology {
-            client: format!("mqs{pid}c"),
-            proxy: format!("mqs{pid}p"),
-            broker: format!("mqs{pid}b"),
+            client: format!("{id}c"),
+            proxy: format!("{id}p"),
+            broker: format!("{id}b"),
         };
         topology.remove();
         let (c, p, b) = (&topology.client, &topology.proxy, &topology.broker);

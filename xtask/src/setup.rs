@@ -13,9 +13,12 @@ use anyhow::{Context as _, Result, bail, ensure};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the tests and the demo use (bpftool for inspecting maps, mosquitto as broker,
-/// chromium and node for the browser test).
+/// chromium and node for the browser test, iproute2 and nftables for the packet splice's network
+/// namespaces and the loss they inject).
 const DEB_PACKAGES: &[&str] = &[
     "bpftool",
+    "iproute2",
+    "nftables",
     "mosquitto",
     "mosquitto-clients",
     "chromium",

@@ -29,7 +29,7 @@ pub enum PathKind {
     /// redirect path alone, the daemon copying nothing (a row beside the defaults, never instead).
     MqspliceSockmapLifted,
     MqspliceUserspace,
-    /// The packet splice (in development; loopback only).
+    /// The packet splice (in development), on loopback like every path here.
     MqsplicePacket,
     Nginx,
     Haproxy,

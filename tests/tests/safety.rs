@@ -847,6 +847,9 @@ fn auto_without_privilege_or_with_a_locked_pin_dir_serves_on_userspace_and_says_
     serves_on_userspace(listen, stats_addr, &unprivileged.stderr());
     // Both halves run and report together, so one missing reason does not hide the other.
     let mut failures = Vec::new();
+    wait_for(Duration::from_secs(5), || {
+        unprivileged.stderr().contains("not permitted")
+    });
     let stderr = unprivileged.stderr();
     if !stderr.contains("not permitted") {
         failures.push(format!(
@@ -869,10 +872,14 @@ fn auto_without_privilege_or_with_a_locked_pin_dir_serves_on_userspace_and_says_
     let second = auto(&[broker], &pin).spawn_graceful();
     let (listen, stats_addr) = (second.listen, second.stats);
     serves_on_userspace(listen, stats_addr, &second.stderr());
-    if !second
-        .stderr()
-        .contains("in use by another mqsplice instance")
-    {
+    // The log line is written before stats are served, but reaches us through a pipe and a
+    // reader thread, so it may trail.
+    let said = wait_for(Duration::from_secs(5), || {
+        second
+            .stderr()
+            .contains("in use by another mqsplice instance")
+    });
+    if !said {
         failures.push(format!(
             "(b) auto with a held pin directory: stderr does not say \"in use by another \
              mqsplice instance\":\n{}",

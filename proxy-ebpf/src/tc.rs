@@ -196,7 +196,8 @@ fn try_splice(ctx: &TcContext) -> Result<i32, ()> {
                 }
             }
         }
-        if segment.payload_len > 0 || segment.flags & TCP_FIN != 0 {
+        if leg.mode == leg_mode::FREEZE && (segment.payload_len > 0 || segment.flags & TCP_FIN != 0)
+        {
             count(|t| t.frozen_drops += 1);
             return Ok(DROP);
         }

@@ -5,7 +5,8 @@
 //! The hand-over itself (proxy-ebpf/src/tc.rs has the program's side):
 //! 1. The flow is frozen: the program drops every segment of either leg that carries data or a
 //!    FIN (its sender sends it again later), and lets pure acknowledgments through, recording the
-//!    highest acknowledgment each peer sent, dropped segments included.
+//!    highest acknowledgment each peer sent, dropped segments included. (Known bug: a segment
+//!    dropped here and then abandoned by its sender's reset is lost; see docs/architecture.md.)
 //! 2. The daemon moves what its sockets already hold (and acknowledged) to the other socket, until
 //!    both receive queues are empty and each peer has acknowledged everything the proxy sent it
 //!    ([`drained`]): then nothing exists that only the proxy's sockets could retransmit.
@@ -34,6 +35,8 @@ pub enum Fallback {
     NoRoute,
     /// The sockets did not drain in time (a peer that does not acknowledge).
     DrainTimeout,
+    /// A side closed or reset during the hand-over; the copy path ends the flow.
+    PeerClosed,
 }
 
 impl Fallback {
@@ -47,6 +50,7 @@ impl Fallback {
             Fallback::TableFull => "table_full",
             Fallback::NoRoute => "no_route",
             Fallback::DrainTimeout => "drain_timeout",
+            Fallback::PeerClosed => "peer_closed",
         }
     }
 }

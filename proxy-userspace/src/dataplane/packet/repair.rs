@@ -109,6 +109,13 @@ pub struct Negotiated {
     pub announced_mss: u32,
 }
 
+/// Whether the connection is still established (`tcpi_state`): no FIN or RST has reached it.
+pub fn established(fd: BorrowedFd<'_>) -> bool {
+    const TCP_ESTABLISHED: u8 = 1;
+    crate::dataplane::ebpf::tcp_info(fd)
+        .is_ok_and(|(info, len)| len > 0 && info[0] == TCP_ESTABLISHED)
+}
+
 /// Offsets in `struct tcp_info` (stable ABI): the options byte, the two window scales packed in
 /// the next byte (send scale in the low nibble), and `tcpi_snd_mss`.
 const TCPI_OPTIONS: usize = 5;

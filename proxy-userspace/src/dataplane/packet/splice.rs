@@ -16,7 +16,7 @@ use super::handover::{
     Fallback, Muted, Rewrite, SocketQueues, check_legs, check_mss, drained, rewrites,
 };
 use super::loader::PacketMaps;
-use super::repair::{negotiated, peer_mss, queue_seqs, set_repair, timestamp_now};
+use super::repair::{established, negotiated, peer_mss, queue_seqs, set_repair, timestamp_now};
 use super::route::{Egress, egress};
 use crate::dataplane::ebpf::{queued_in, unacked_out};
 
@@ -101,7 +101,9 @@ fn ifindex(egress: &Egress) -> u32 {
     }
 }
 
-/// Moves whatever `from` holds into `to`; returns how many bytes.
+/// Moves whatever `from` holds into `to`; returns how many bytes. A FIN from `from`'s peer is
+/// an error here: a flow that is closing is left to the copy path, which passes the close on
+/// (spliced, the proxy's socket would have taken the FIN and its peer never hear of it).
 async fn move_available(
     from: &TcpStream,
     to: &mut TcpStream,
@@ -110,7 +112,12 @@ async fn move_available(
     let mut moved = 0;
     loop {
         match from.try_read(buf) {
-            Ok(0) => return Ok(moved),
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "closed during the hand-over",
+                ));
+            }
             Ok(n) => {
                 to.write_all(&buf[..n]).await?;
                 moved += n as u64;
@@ -186,11 +193,24 @@ pub async fn hand_over(
             std::io::Result::Ok(())
         }
         .await;
-        if moved.is_err() || Instant::now() > deadline {
+        if moved.is_err() {
+            // A side closed or reset during the hand-over: the copy path ends the flow as it
+            // ends any other, with every byte the proxy's sockets took delivered.
+            remove(maps, flow, &keys);
+            return Err((Fallback::PeerClosed, client, broker));
+        }
+        if Instant::now() > deadline {
             remove(maps, flow, &keys);
             return Err((Fallback::DrainTimeout, client, broker));
         }
-        if let Some(muted) = try_mute(maps, flow, &client, &broker) {
+        let muted = match try_mute(maps, flow, &client, &broker) {
+            Ok(muted) => muted,
+            Err(reason) => {
+                remove(maps, flow, &keys);
+                return Err((reason, client, broker));
+            }
+        };
+        if let Some(muted) = muted {
             if let Err(reason) = check_mss(&muted[0], &muted[1]) {
                 // Nothing was sent while muted: unmuted, the sockets go on as they were.
                 let _ = set_repair(client.as_fd(), false);
@@ -224,6 +244,25 @@ pub async fn hand_over(
 
 /// Mutes both sockets when they are drained; leaves them unmuted and returns `None` when not yet.
 fn try_mute(
+    maps: &Mutex<PacketMaps>,
+    flow: u64,
+    client: &TcpStream,
+    broker: &TcpStream,
+) -> Result<Option<[Muted; 2]>, Fallback> {
+    let muted = mute_if_drained(maps, flow, client, broker);
+    // A FIN or RST that reached a socket between the last read and the mute: the copy path
+    // must pass it on.
+    if !(established(client.as_fd()) && established(broker.as_fd())) {
+        if muted.is_some() {
+            let _ = set_repair(client.as_fd(), false);
+            let _ = set_repair(broker.as_fd(), false);
+        }
+        return Err(Fallback::PeerClosed);
+    }
+    Ok(muted)
+}
+
+fn mute_if_drained(
     maps: &Mutex<PacketMaps>,
     flow: u64,
     client: &TcpStream,

@@ -187,6 +187,9 @@ pub async fn hand_over(
     let mut buf = vec![0u8; 64 * 1024];
     let mut drained = [0u64; 2];
     loop {
+        // Not bounded by the deadline: cut short, a write would lose the bytes already read. A
+        // peer that stops reading holds the hand-over as it would hold the copy path, and the
+        // flow goes to the copy path once it reads again.
         let moved = async {
             drained[0] += move_available(&client, &mut broker, &mut buf).await?;
             drained[1] += move_available(&broker, &mut client, &mut buf).await?;

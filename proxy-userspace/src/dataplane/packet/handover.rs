@@ -163,7 +163,6 @@ mod tests {
             window_scaling: true,
             peer_wscale: wscale,
             own_wscale: wscale,
-            send_mss: mss,
             announced_mss: mss,
         }
     }

@@ -103,8 +103,6 @@ pub struct Negotiated {
     pub peer_wscale: u8,
     /// The scale this socket applies to the windows it sends (`tcpi_rcv_wscale`).
     pub own_wscale: u8,
-    /// The largest segment this socket sends (`tcpi_snd_mss`): what the peer announced, less options.
-    pub send_mss: u32,
     /// The MSS this socket announced to its peer (`tcpi_advmss`): the largest segment the peer sends.
     pub announced_mss: u32,
 }
@@ -117,10 +115,9 @@ pub fn established(fd: BorrowedFd<'_>) -> bool {
 }
 
 /// Offsets in `struct tcp_info` (stable ABI): the options byte, the two window scales packed in
-/// the next byte (send scale in the low nibble), and `tcpi_snd_mss`.
+/// the next byte (send scale in the low nibble), and `tcpi_advmss`.
 const TCPI_OPTIONS: usize = 5;
 const TCPI_WSCALE: usize = 6;
-const TCPI_SND_MSS: usize = 16;
 const TCPI_ADVMSS: usize = 84;
 
 /// Reads what the connection negotiated, from `TCP_INFO`.
@@ -138,7 +135,6 @@ pub fn negotiated(fd: BorrowedFd<'_>) -> io::Result<Negotiated> {
         window_scaling,
         peer_wscale: scales & 0x0f,
         own_wscale: scales >> 4,
-        send_mss: u32_at(&info, TCPI_SND_MSS),
         announced_mss: u32_at(&info, TCPI_ADVMSS),
     })
 }
@@ -181,7 +177,7 @@ mod tests {
         let n = negotiated(client.as_fd()).unwrap();
         // Linux's defaults (net.ipv4.tcp_timestamps, tcp_sack, tcp_window_scaling = 1).
         assert!(n.timestamps && n.sack && n.window_scaling, "{n:?}");
-        assert!(n.send_mss > 1000 && n.announced_mss > 1000, "{n:?}");
+        assert!(n.announced_mss > 1000, "{n:?}");
     }
 
     /// What the hand-over relies on: a muted socket's sequence numbers line up with its peer's

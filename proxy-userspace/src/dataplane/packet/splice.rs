@@ -180,7 +180,7 @@ pub async fn hand_over(
         (Ok(to_broker), Ok(to_client)) => [ifindex(&to_broker), ifindex(&to_client)],
         _ => return Err((Fallback::NoRoute, client, broker)),
     };
-    if let Err(reason) = install(maps, flow, &keys, leg_mode::FREEZE, None) {
+    if let Err(reason) = freeze(maps, flow, &keys) {
         return Err((reason, client, broker));
     }
     let deadline = Instant::now() + timeout;
@@ -321,21 +321,15 @@ pub fn flow_state(maps: &Mutex<PacketMaps>, flow: u64) -> Option<PacketFlowState
     m.state.get(&flow, 0).ok()
 }
 
-/// Writes the flow's state entry and both legs' entries in `mode`.
-fn install(
-    maps: &Mutex<PacketMaps>,
-    flow: u64,
-    keys: &[PacketKey; 2],
-    mode: u32,
-    rewrite: Option<(&Rewrite, &Rewrite)>,
-) -> Result<(), Fallback> {
+/// Writes the flow's state entry and both legs' entries, frozen.
+fn freeze(maps: &Mutex<PacketMaps>, flow: u64, keys: &[PacketKey; 2]) -> Result<(), Fallback> {
     let mut m = maps.lock().unwrap_or_else(|p| p.into_inner());
     m.state
         .insert(flow, PacketFlowState::default(), 0)
         .map_err(|_| Fallback::TableFull)?;
     let entries = [
-        leg_entry(flow, TO_UPSTREAM, mode, &keys[1], rewrite.map(|r| r.0)),
-        leg_entry(flow, TO_CLIENT, mode, &keys[0], rewrite.map(|r| r.1)),
+        leg_entry(flow, TO_UPSTREAM, leg_mode::FREEZE, &keys[1], None),
+        leg_entry(flow, TO_CLIENT, leg_mode::FREEZE, &keys[0], None),
     ];
     for (key, entry) in keys.iter().zip(entries) {
         if m.flows.insert(key, entry, 0).is_err() {
